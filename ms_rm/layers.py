@@ -1,0 +1,184 @@
+"""Building blocks shared by the diffusion backbones (SD3 MMDiT, FLUX).
+
+Attribute names follow diffusers' modules, so a Cell's parameter names are the checkpoint's
+tensor names (`attn.to_out.0.weight`, `ff.net.2.bias`, `norm1.linear.weight`, ...) and the
+converter maps nothing. Shapes: B batch, N image tokens, T text tokens, D width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn
+
+from . import ops
+
+
+def timestep_frequencies(channels: int = 256, downscale_freq_shift: float = 0.0,
+                         max_period: float = 10000.0) -> np.ndarray:
+    """The sinusoid frequencies of diffusers' get_timestep_embedding, as float32.
+
+    Computed in float64 and rounded once: MindSpore's float32 exp is off by tens of ulp, which
+    at t ~ 1000 moves the phase by 1e-3.
+    """
+    half = channels // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - downscale_freq_shift)     # the float32 steps torch takes
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
+class Timesteps(nn.Cell):
+    """Sinusoidal projection of (B,) timesteps to (B, channels), cos first (flip_sin_to_cos=True)."""
+
+    def __init__(self, channels: int = 256, downscale_freq_shift: float = 0.0):
+        super().__init__()
+        self.half = channels // 2
+        self.freqs = Tensor(timestep_frequencies(channels, downscale_freq_shift)[None, :])  # (1, C/2)
+
+    def construct(self, timestep: Tensor) -> Tensor:
+        args = timestep.astype(ms.float32)[:, None] * self.freqs          # (B, C/2)
+        return mint.cat([mint.cos(args), mint.sin(args)], dim=-1)          # (B, C)
+
+
+class MLPEmbedding(nn.Cell):
+    """linear_1 -> SiLU -> linear_2: diffusers' TimestepEmbedding and PixArtAlphaTextProjection(silu)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = mint.nn.Linear(in_dim, dim)
+        self.linear_2 = mint.nn.Linear(dim, dim)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.linear_2(ops.silu(self.linear_1(x)))
+
+
+class AdaLNModulation(nn.Cell):
+    """The `linear(silu(temb))` of adaLN-Zero, split into `chunks` (B, D) modulation vectors."""
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = mint.nn.Linear(dim, chunks * dim)
+
+    def construct(self, temb: Tensor) -> Tuple[Tensor, ...]:
+        return mint.chunk(self.linear(ops.silu(temb)), self.chunks, dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x (B, L, D) * (1 + scale) + shift, with (B, D) modulation vectors."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SiLU(nn.Cell):
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.silu(x)
+
+
+class GELU(nn.Cell):
+    def __init__(self, approximate: bool):
+        super().__init__()
+        self.approximate = approximate
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.gelu(x, self.approximate)
+
+
+class GELUProjection(nn.Cell):
+    """diffusers' activations.GELU: Linear then GELU (net.0 of FeedForward)."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: bool):
+        super().__init__()
+        self.approximate = approximate
+        self.proj = mint.nn.Linear(dim_in, dim_out)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.gelu(self.proj(x), self.approximate)
+
+
+class FeedForward(nn.Cell):
+    """diffusers FeedForward(activation_fn="gelu-approximate"): D -> 4D -> GELU(tanh) -> D."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Index 1 is diffusers' dropout, kept so that the second Linear is named net.2.
+        self.net = nn.SequentialCell([GELUProjection(dim, dim * mult, approximate=True), nn.Identity(),
+                                      mint.nn.Linear(dim * mult, dim)])
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class RMSNorm(nn.Cell):
+    """RMSNorm with a weight and a fixed eps (diffusers' qk-norm uses eps 1e-6)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(Tensor(np.ones(dim, np.float32)), name="weight")
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Cell):
+    """diffusers Attention with the joint (MMDiT) processor, or plain self-attention.
+
+    joint=True adds the text projections (add_q/k/v_proj, to_add_out): image and text tokens
+    attend together as one sequence [image, text] and the output is split back.
+    `context_out=False` skips to_add_out when the caller will not use the text output.
+    `qk_norm` is None or "rms_norm" (per-head RMSNorm).
+    """
+
+    def __init__(self, dim: int, heads: int, joint: bool, qk_norm: Optional[str],
+                 context_out: bool = True, eps: float = 1e-6):
+        super().__init__()
+        head_dim = dim // heads
+        self.heads = heads
+        self.joint = joint
+        self.context_out = context_out
+        self.use_qk_norm = qk_norm is not None
+        self.to_q = mint.nn.Linear(dim, dim)
+        self.to_k = mint.nn.Linear(dim, dim)
+        self.to_v = mint.nn.Linear(dim, dim)
+        self.to_out = nn.SequentialCell([mint.nn.Linear(dim, dim)])   # to_out.1 is diffusers' dropout
+        if self.use_qk_norm:
+            self.norm_q = RMSNorm(head_dim, eps)
+            self.norm_k = RMSNorm(head_dim, eps)
+        if joint:
+            self.add_q_proj = mint.nn.Linear(dim, dim)
+            self.add_k_proj = mint.nn.Linear(dim, dim)
+            self.add_v_proj = mint.nn.Linear(dim, dim)
+            if context_out:
+                self.to_add_out = mint.nn.Linear(dim, dim)
+            if self.use_qk_norm:
+                self.norm_added_q = RMSNorm(head_dim, eps)
+                self.norm_added_k = RMSNorm(head_dim, eps)
+
+    def _qkv(self, x: Tensor, to_q, to_k, to_v, norm_q, norm_k):
+        q = ops.split_heads(to_q(x), self.heads)                     # (B, H, L, d)
+        k = ops.split_heads(to_k(x), self.heads)
+        v = ops.split_heads(to_v(x), self.heads)
+        if self.use_qk_norm:
+            q, k = norm_q(q), norm_k(k)
+        return q, k, v
+
+    def construct(self, x: Tensor, context: Optional[Tensor] = None):
+        """x (B, N, D), context (B, T, D) -> out (B, N, D) [, context out (B, T, D) or None]."""
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v,
+                            self.norm_q if self.use_qk_norm else None,
+                            self.norm_k if self.use_qk_norm else None)
+        if not self.joint:
+            return self.to_out(ops.merge_heads(ops.attention(q, k, v)))
+        cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                               self.norm_added_q if self.use_qk_norm else None,
+                               self.norm_added_k if self.use_qk_norm else None)
+        n_image = x.shape[1]
+        q, k, v = mint.cat([q, cq], dim=2), mint.cat([k, ck], dim=2), mint.cat([v, cv], dim=2)
+        out = ops.merge_heads(ops.attention(q, k, v))                # (B, N+T, D)
+        image_out = self.to_out(out[:, :n_image])
+        if not self.context_out:
+            return image_out, None
+        return image_out, self.to_add_out(out[:, n_image:])

@@ -1,0 +1,211 @@
+"""DiffusionRM: the reward model object users call.
+
+    reward = model.reward(latents, encoder_hidden_states, pooled_projections, u=0.4, seed=0)
+
+One call: u -> (sigma, timestep) on the host; noise drawn on the host (or given);
+x_t = (1 - sigma) x0 + sigma eps; backbone -> taps; head -> raw; optional logistic squash.
+The tensor part runs compiled (`ms.jit`, once per input shape) in "graph" mode, eagerly in
+"pynative" mode, with the same numbers. It is differentiable with respect to the latents.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn
+from mindspore.common.initializer import initializer
+from mindspore.nn.utils import no_init_parameters
+
+from . import ops
+from .config import RewardModelConfig, config_from_any
+from .errors import InputError
+from .head import RewardHead
+from .inputs import noise_input, reward_inputs
+from .noise import ArrayLike, NoiseSchedule, draw_noise
+from .sd3 import SD3Backbone
+from .weights import load_parameters, random_parameter
+
+logger = logging.getLogger(__name__)
+
+MODES = ("graph", "pynative")
+ETA1, ETA2 = 2.0, -2.0                # the logistic's fixed bounds
+ETA3_INIT, ETA4_INIT = 0.0, 0.15      # its learnable centre and temperature at initialisation
+
+
+class DiffusionRM(nn.Cell):
+    """Backbone cut after the deepest tap + reward head (+ logistic squash).
+
+    Build it with `DiffusionRM.from_pretrained(dir)` (a converted checkpoint),
+    `DiffusionRM.from_reference(...)` (the reference files, converted in memory), or
+    `DiffusionRM(config)` followed by `load_state_dict` / `randomize`. Parameters start
+    unallocated and are filled by one of those.
+    """
+
+    def __init__(self, config: Any, dtype: ms.Type = ms.float32, mode: str = "graph"):
+        super().__init__()
+        self.config: RewardModelConfig = config_from_any(config)
+        self.compute_dtype = ops.compute_dtype(dtype)
+        self.mode = mode
+        with no_init_parameters():
+            self.backbone = SD3Backbone(self.config)
+            self.reward_head = RewardHead(self.config, self.compute_dtype)
+            if self.config.use_logistic:
+                self.eta3 = Parameter(initializer(ETA3_INIT, (), ms.float32), name="eta3")
+                self.eta4 = Parameter(initializer(ETA4_INIT, (), ms.float32), name="eta4")
+        for param in self.get_parameters():
+            param.set_dtype(self.compute_dtype)
+        self.schedule = NoiseSchedule(self.config.scheduler)
+        self._rng = np.random.default_rng()            # fresh noise when no seed is given
+        self._positions: Dict[Tuple[int, int], Tuple[Tensor, ...]] = {}
+        self._compiled: Dict[str, Any] = {}
+
+    # --- weights ---------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {value!r}")
+        self._mode = value
+
+    def load_state_dict(self, tensors, source: str = "state dict") -> None:
+        """Fill every parameter from a name -> array mapping, strictly (see weights.py)."""
+        load_parameters(self, lambda name: np.asarray(tensors[name]), tensors.keys(), source)
+
+    def randomize(self, seed: int = 0) -> "DiffusionRM":
+        """Random weights of realistic scale (weights.random_parameter), for demos and tests."""
+        rng = np.random.default_rng(seed)
+        arrays = {p.name: random_parameter(p.name, p.shape, rng)
+                  for p in sorted(self.get_parameters(), key=lambda p: p.name)}
+        self.load_state_dict(arrays, source=f"random weights (seed {seed})")
+        return self
+
+    # --- the tensor program ----------------------------------------------------------------
+    def embed(self, latents: Tensor, noise: Tensor, sigma: Tensor, timestep: Tensor,
+              encoder_hidden_states: Tensor, pooled_projections: Tensor, positions: Tensor):
+        """Noise the latents and run the backbone: -> temb (B, D), visual taps, text taps."""
+        x = latents.astype(ms.float32)
+        if self.config.add_noise:
+            s = sigma.reshape(-1, 1, 1, 1)
+            x = (1.0 - s) * x + s * noise                                  # (B, C, H, W)
+        dtype = self.compute_dtype
+        return self.backbone(x.astype(dtype), timestep, encoder_hidden_states.astype(dtype),
+                             pooled_projections.astype(dtype), positions)
+
+    def squash(self, raw: Tensor) -> Tensor:
+        """The optional logistic: raw -> (eta1 - eta2) / (1 + exp(-(raw - eta3) / (|eta4| + 1e-6))) + eta2."""
+        if not self.config.use_logistic:
+            return raw
+        z = -(raw - self.eta3) / (mint.abs(self.eta4) + 1e-6)
+        return (ETA1 - ETA2) / (1 + mint.exp(z)) + ETA2
+
+    def construct(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections,
+                  positions):
+        """All stages of one reward call: temb, visual taps, text taps, raw (B, out), reward (B, out)."""
+        temb, visual, text = self.embed(latents, noise, sigma, timestep, encoder_hidden_states,
+                                        pooled_projections, positions)
+        raw = self.reward_head(visual, text, temb)
+        return temb, visual, text, raw, self.squash(raw)
+
+    def level_tokens(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections,
+                     positions):
+        """One noise level of the ensemble: -> view tokens (visual (B, Nv, W), text (B, Nt, W))."""
+        temb, visual, text = self.embed(latents, noise, sigma, timestep, encoder_hidden_states,
+                                        pooled_projections, positions)
+        return self.reward_head.view_tokens(visual, text, temb)
+
+    def pool_tokens(self, visual_tokens: Tensor, text_tokens: Tensor):
+        """Ensemble tokens of all levels -> raw, reward."""
+        raw = self.reward_head.pool(visual_tokens, text_tokens)
+        return raw, self.squash(raw)
+
+    def _run(self, name: str, *args):
+        """Run method `name` compiled (graph mode; cached per method, MindSpore caches per shape) or eagerly."""
+        method = getattr(self, name)
+        if self._mode == "pynative":
+            return method(*args) if name != "construct" else self(*args)
+        if name not in self._compiled:
+            self._compiled[name] = ms.jit(method)
+        return self._compiled[name](*args)
+
+    # --- host-side preparation -----------------------------------------------------------
+    def _prepare(self, latents, encoder_hidden_states, pooled_projections, check_values: bool = True):
+        bb = self.config.backbone
+        latents, ehs, pooled = reward_inputs(latents, encoder_hidden_states, pooled_projections,
+                                             bb.in_channels, bb.joint_attention_dim,
+                                             bb.pooled_projection_dim, check_values)
+        height, width = latents.shape[2:]
+        if (height, width) not in self._positions:
+            self._positions[(height, width)] = tuple(Tensor(a) for a in self.backbone.positions(height, width))
+        return latents, ehs, pooled, self._positions[(height, width)]
+
+    def noise_level(self, u: ArrayLike, batch: int) -> Tuple[np.ndarray, np.ndarray]:
+        """u -> sigma (B,), timestep (B,) under this model's u convention."""
+        return self.schedule.lookup(u, batch, self.config.u_convention)
+
+    def _noise(self, shape, noise, seed) -> Tensor:
+        if noise is not None:
+            if seed is not None:
+                raise InputError("pass either noise or seed, not both")
+            return noise_input(noise, shape)
+        return Tensor(draw_noise(shape, seed=seed, rng=self._rng))
+
+    # --- public calls ---------------------------------------------------------------------
+    def reward_stages(self, latents, encoder_hidden_states, pooled_projections, u: ArrayLike,
+                      noise=None, seed: Optional[int] = None) -> Dict[str, Tensor]:
+        """Every stage of one reward call, by name: sigma, timestep, temb, visual_tap_{k},
+        text_tap_{k}, raw, reward. For parity checks and debugging."""
+        latents, ehs, pooled, positions = self._prepare(latents, encoder_hidden_states, pooled_projections)
+        batch = latents.shape[0]
+        sigma, timestep = self.noise_level(u, batch)
+        eps = self._noise(tuple(latents.shape), noise, seed)
+        temb, visual, text, raw, reward = self._run("construct", latents, eps, Tensor(sigma),
+                                                    Tensor(timestep), ehs, pooled, *positions)
+        stages = {"sigma": Tensor(sigma), "timestep": Tensor(timestep), "temb": temb}
+        stages.update({f"visual_tap_{k}": t for k, t in zip(self.config.visual_head_idx, visual)})
+        stages.update({f"text_tap_{k}": t for k, t in zip(self.config.text_head_idx, text)})
+        stages.update(raw=raw, reward=reward)
+        return stages
+
+    def reward(self, latents, encoder_hidden_states, pooled_projections, u: ArrayLike,
+               noise=None, seed: Optional[int] = None, check_values: bool = True) -> Tensor:
+        """The reward (B, out_dim) of latents (B, C, H, W) in the VAE's scaled space.
+
+        u: the noise level (a number or one per sample), read under the model's u convention.
+        noise: the eps to use (B, C, H, W); else drawn from `seed` (deterministic) or fresh.
+        check_values: refuse NaN/Inf inputs (one host sync per input).
+        """
+        latents, ehs, pooled, positions = self._prepare(latents, encoder_hidden_states,
+                                                        pooled_projections, check_values)
+        sigma, timestep = self.noise_level(u, latents.shape[0])
+        eps = self._noise(tuple(latents.shape), noise, seed)
+        return self._run("construct", latents, eps, Tensor(sigma), Tensor(timestep), ehs, pooled,
+                         *positions)[-1]
+
+    def reward_ensemble(self, latents, encoder_hidden_states, pooled_projections, us: Sequence[float],
+                        noise=None, seed: Optional[int] = None) -> Tensor:
+        """One reward from several noise levels at once (the reference's forward_ensemble).
+
+        Each level u_k noises the latents with its own eps (noise: (K, B, C, H, W), or drawn),
+        runs the backbone and builds view tokens with its own temb; the tokens of all levels
+        are concatenated and pooled by one pass of the head.
+        """
+        latents, ehs, pooled, positions = self._prepare(latents, encoder_hidden_states, pooled_projections)
+        levels = list(us) if isinstance(us, (list, tuple, np.ndarray)) else None
+        if not levels:
+            raise InputError(f"us must be a non-empty list of noise levels, got {us!r}")
+        shape = (len(levels),) + tuple(latents.shape)
+        eps = self._noise(shape, noise, seed)
+        visual_tokens, text_tokens = [], []
+        for k, u in enumerate(levels):
+            sigma, timestep = self.noise_level(u, latents.shape[0])
+            vis, txt = self._run("level_tokens", latents, eps[k], Tensor(sigma), Tensor(timestep),
+                                 ehs, pooled, *positions)
+            visual_tokens.append(vis)
+            text_tokens.append(txt)
+        return self._run("pool_tokens", mint.cat(visual_tokens, dim=1), mint.cat(text_tokens, dim=1))[-1]

@@ -1,0 +1,194 @@
+"""The SD3 / SD3.5 MMDiT backbone of Diffusion-RM, cut after its deepest tap.
+
+Mirrors diffusers' SD3Transformer2DModel up to block N: PatchEmbed with the cropped 2-D sin-cos
+position table, CombinedTimestepTextProjEmbeddings, context_embedder, JointTransformerBlocks
+(SD3.5's dual attention `attn2` with 9-chunk adaLN and RMS qk-norm included). norm_out and
+proj_out are never used. Parameter names equal diffusers' state-dict keys.
+
+Shapes: latents (B, C, H, W); N = H/p * W/p image tokens; T text tokens; D width.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn
+
+from . import ops
+from .config import RewardModelConfig
+from .errors import InputError
+from .layers import AdaLNModulation, Attention, FeedForward, MLPEmbedding, Timesteps, modulate
+
+
+@lru_cache(maxsize=16)
+def sd3_position_table(height: int, width: int, dim: int, max_size: int, base_size: int) -> np.ndarray:
+    """The crop of diffusers' 2-D sin-cos table for a (height, width) token grid: (1, h*w, D) float32.
+
+    Only the crop is computed (the full table is max_size^2 x D). As in diffusers: positions are
+    float32 arange(max_size) / (max_size / base_size); each token is [sincos(column), sincos(row)],
+    each half [sin(pos * omega), cos(pos * omega)] with omega computed in float64.
+    """
+    if height > max_size or width > max_size:
+        raise InputError(f"latents give a {height}x{width} token grid; the position table allows "
+                         f"at most {max_size}x{max_size} (pos_embed_max_size)")
+    top, left = (max_size - height) // 2, (max_size - width) // 2
+    grid = np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size)
+    rows, cols = grid[top:top + height], grid[left:left + width]
+
+    def sincos(pos: np.ndarray) -> np.ndarray:                      # (M,) -> (M, D/2)
+        omega = np.arange(dim // 4, dtype=np.float64) / (dim / 4.0)
+        omega = 1.0 / 10000 ** omega
+        out = pos.astype(np.float64)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    col_emb = np.broadcast_to(sincos(cols)[None, :, :], (height, width, dim // 2))
+    row_emb = np.broadcast_to(sincos(rows)[:, None, :], (height, width, dim // 2))
+    table = np.concatenate([col_emb, row_emb], axis=-1).reshape(1, height * width, dim)
+    return table.astype(np.float32)
+
+
+class PatchProjection(nn.Cell):
+    """The patch Conv2d as a Linear over flattened patches; weight kept in conv shape (D, C, p, p)."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.weight = Parameter(Tensor(np.zeros((dim, in_channels, patch, patch), np.float32)),
+                                name="weight")
+        self.bias = Parameter(Tensor(np.zeros(dim, np.float32)), name="bias")
+
+    def construct(self, latents: Tensor) -> Tensor:
+        patches = ops.patchify(latents, self.patch)                  # (B, N, C*p*p)
+        return mint.nn.functional.linear(patches, self.weight.reshape(self.weight.shape[0], -1),
+                                         self.bias)                  # (B, N, D)
+
+
+class PatchEmbed(nn.Cell):
+    """diffusers PatchEmbed (pos_embed): patch projection plus the cropped position table."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int):
+        super().__init__()
+        self.proj = PatchProjection(in_channels, dim, patch)
+
+    def construct(self, latents: Tensor, positions: Tensor) -> Tensor:
+        patches = self.proj(latents)                                 # (B, N, D)
+        # diffusers adds its float32 table in float32, then casts back.
+        return (patches.astype(ms.float32) + positions).astype(patches.dtype)
+
+
+class CombinedTimestepTextProjEmbeddings(nn.Cell):
+    """temb = MLP(sinusoid(timestep)) + MLP(pooled text): (B,), (B, P) -> (B, D)."""
+
+    def __init__(self, dim: int, pooled_dim: int):
+        super().__init__()
+        self.time_proj = Timesteps(256)
+        self.timestep_embedder = MLPEmbedding(256, dim)
+        self.text_embedder = MLPEmbedding(pooled_dim, dim)
+
+    def construct(self, timestep: Tensor, pooled: Tensor) -> Tensor:
+        time_emb = self.timestep_embedder(self.time_proj(timestep).astype(pooled.dtype))
+        return time_emb + self.text_embedder(pooled)
+
+
+class JointTransformerBlock(nn.Cell):
+    """One MMDiT block.
+
+    image_out / context_out False skip (and do not hold the weights of) the part of the block
+    whose output nobody reads: attn2 and ff for the image stream; to_add_out and ff_context for
+    the text stream. The joint attention itself always needs both streams' q, k, v.
+    """
+
+    def __init__(self, dim: int, heads: int, qk_norm, dual_attention: bool,
+                 image_out: bool = True, context_out: bool = True):
+        super().__init__()
+        self.dual_attention = dual_attention
+        self.image_out = image_out
+        self.context_out = context_out
+        self.norm1 = AdaLNModulation(dim, 9 if dual_attention else 6)
+        self.norm1_context = AdaLNModulation(dim, 6)
+        self.attn = Attention(dim, heads, joint=True, qk_norm=qk_norm, context_out=context_out)
+        if image_out:
+            if dual_attention:
+                self.attn2 = Attention(dim, heads, joint=False, qk_norm=qk_norm)
+            self.ff = FeedForward(dim)
+        if context_out:
+            self.ff_context = FeedForward(dim)
+
+    def construct(self, hidden: Tensor, context: Tensor, temb: Tensor):
+        """hidden (B, N, D), context (B, T, D), temb (B, D) -> (hidden, context), each maybe None."""
+        mod = self.norm1(temb)            # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, msa2 x3]
+        c_mod = self.norm1_context(temb)  # the same six for the text stream
+        normed = ops.layer_norm(hidden)
+        attn_out, context_attn_out = self.attn(modulate(normed, mod[0], mod[1]),
+                                               modulate(ops.layer_norm(context), c_mod[0], c_mod[1]))
+        if self.image_out:
+            hidden = hidden + mod[2][:, None] * attn_out
+            if self.dual_attention:
+                attn2_out = self.attn2(modulate(normed, mod[6], mod[7]))
+                hidden = hidden + mod[8][:, None] * attn2_out
+            ff_out = self.ff(modulate(ops.layer_norm(hidden), mod[3], mod[4]))
+            hidden = hidden + mod[5][:, None] * ff_out
+        else:
+            hidden = None
+        if self.context_out:
+            context = context + c_mod[2][:, None] * context_attn_out
+            ff_out = self.ff_context(modulate(ops.layer_norm(context), c_mod[3], c_mod[4]))
+            context = context + c_mod[5][:, None] * ff_out
+        else:
+            context = None
+        return hidden, context
+
+
+class SD3Backbone(nn.Cell):
+    """Blocks 1..depth of an SD3 transformer, returning temb and the tapped streams.
+
+    Tap depth 0 is the embedded input (patch embedding + positions for image tokens, the
+    context_embedder output for text); depth k >= 1 is the stream after block k.
+    """
+
+    def __init__(self, config: RewardModelConfig):
+        super().__init__()
+        bb = config.backbone
+        self.config = bb
+        self.visual_taps = tuple(config.visual_head_idx)
+        self.text_taps = tuple(config.text_head_idx)
+        dim = bb.inner_dim
+        self.pos_embed = PatchEmbed(bb.in_channels, dim, bb.patch_size)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, bb.pooled_projection_dim)
+        self.context_embedder = mint.nn.Linear(bb.joint_attention_dim, dim)
+        self.transformer_blocks = nn.CellList([
+            JointTransformerBlock(dim, bb.num_attention_heads, bb.qk_norm,
+                                  dual_attention=i in bb.dual_attention_layers,
+                                  image_out=config.block_streams(i)[0],
+                                  context_out=config.block_streams(i)[1])
+            for i in range(config.last_depth)])
+
+    def positions(self, height: int, width: int) -> Tuple[np.ndarray, ...]:
+        """Host-side position inputs for latents of spatial size (height, width)."""
+        c = self.config
+        p = c.patch_size
+        if height % p or width % p:
+            raise InputError(f"latents height and width must be multiples of the patch size {p}, "
+                             f"got {height}x{width}")
+        return (sd3_position_table(height // p, width // p, c.inner_dim, c.pos_embed_max_size,
+                                   c.sample_size // p),)
+
+    def construct(self, latents: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
+                  pooled_projections: Tensor, positions: Tensor):
+        """latents (B, C, H, W), timestep (B,), encoder_hidden_states (B, T, J), pooled (B, P),
+        positions (1, N, D) -> temb (B, D), visual taps ((B, N, D), ...), text taps ((B, T, D), ...)."""
+        hidden = self.pos_embed(latents, positions)                          # (B, N, D)
+        temb = self.time_text_embed(timestep, pooled_projections)            # (B, D)
+        context = self.context_embedder(encoder_hidden_states)               # (B, T, D)
+        visual = (hidden,) if 0 in self.visual_taps else ()
+        text = (context,) if 0 in self.text_taps else ()
+        for i, block in enumerate(self.transformer_blocks):
+            hidden, context = block(hidden, context, temb)
+            if i + 1 in self.visual_taps:
+                visual = visual + (hidden,)
+            if i + 1 in self.text_taps:
+                text = text + (context,)
+        return temb, visual, text

@@ -1,0 +1,96 @@
+"""Tiny random reference models, built on the spot (nothing is downloaded).
+
+`build_reference` makes a diffusers SD3Transformer2DModel from a config, our torch head, and
+optionally a peft LoRA, all with deterministic random weights of realistic scale
+(ms_rm.weights.random_parameter: every parameter random, none left at a zero init).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from ms_rm.weights import random_parameter
+
+from .reference import RewardHead, SD3Cut, TorchRewardModel
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter of `module` with ms_rm's random_parameter values (name order)."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, param in sorted(module.named_parameters()):
+            param.copy_(torch.from_numpy(random_parameter(name, param.shape, rng)).to(param.dtype))
+
+
+@dataclass
+class Reference:
+    """A torch reference model and the configs it was built from."""
+
+    model: TorchRewardModel
+    transformer: torch.nn.Module            # the whole diffusers transformer (blocks beyond N too)
+    rm_config: dict                         # the reference's config.json content
+    transformer_config: dict
+    scheduler_config: dict
+    lora_config: Optional[dict] = None      # peft LoraConfig kwargs, when a LoRA is active
+
+
+def lora_kwargs(rm_config: dict, **overrides) -> dict:
+    """peft LoraConfig kwargs the way the reference builds them from config.json."""
+    model = rm_config["model"]
+    n = model["num_transformer_layers"]
+    exclude = [f"transformer_blocks.{n - 1}.attn.{m}" for m in ("add_q_proj", "add_k_proj",
+                                                                "add_v_proj", "to_add_out")]
+    if model.get("use_text_features", True) and model["text_head_idx"][-1] == n:
+        exclude = None
+    kwargs = dict(r=model["lora_config"]["r"], lora_alpha=model["lora_config"]["lora_alpha"],
+                  init_lora_weights=model["lora_config"].get("init_lora_weights", True),
+                  target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                  "add_v_proj", "to_add_out"],
+                  exclude_modules=exclude)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def build_reference(rm_config: dict, transformer_config: dict, scheduler_config: dict, seed: int = 0,
+                    lora: Optional[dict] = None) -> Reference:
+    """A random reference model. `lora`: LoraConfig kwargs (see lora_kwargs) to wrap the backbone."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+    transformer = SD3Transformer2DModel(**config).eval()
+    randomize_(transformer, seed)
+    model_cfg = rm_config["model"]
+    backbone = SD3Cut(transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"],
+                      model_cfg["text_head_idx"])
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        backbone = get_peft_model(backbone, LoraConfig(**lora))
+        rng = np.random.default_rng(seed + 1)
+        with torch.no_grad():     # peft starts B at zero: make every delta non-trivial
+            for name, p in sorted(backbone.named_parameters()):
+                if "lora_" in name:
+                    p.copy_(torch.from_numpy(random_parameter(name, p.shape, rng)))
+    head_cfg = dict(model_cfg.get("reward_head", {}))
+    head = RewardHead(transformer.inner_dim, len(model_cfg["visual_head_idx"]),
+                      len(model_cfg["text_head_idx"]), **head_cfg)
+    model = TorchRewardModel(backbone, head, model_cfg.get("use_logistic", False)).eval()
+    randomize_(head, seed + 2)
+    if model.use_logistic:
+        with torch.no_grad():
+            model.eta3.fill_(0.1)     # off their init values, so a checkpoint that drops them shows
+            model.eta4.fill_(0.2)
+    return Reference(model, transformer, copy.deepcopy(rm_config), dict(transformer_config),
+                     dict(scheduler_config), lora)
+
+
+def plain_state(reference: Reference) -> Dict[str, np.ndarray]:
+    """The model's state dict as float32 numpy arrays, in the model namespace (no LoRA)."""
+    if reference.lora_config is not None:
+        raise ValueError("plain_state is for models without LoRA; convert LoRA checkpoints instead")
+    return {k: v.detach().float().numpy() for k, v in reference.model.state_dict().items()}

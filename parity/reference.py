@@ -1,0 +1,220 @@
+"""The torch reference of Diffusion-RM, for parity.
+
+* The backbone is diffusers' own SD3Transformer2DModel, cut after N blocks (wrapped by peft
+  when a LoRA is active), so every number on this side comes from diffusers' code.
+* The reward head is ours, written in torch from the spec (../shared/spec/diffusion-rm.md,
+  section 3) with the module names of the released `rm_head.pt`, so reference checkpoints
+  load into it unchanged.
+* The u -> sigma lookup reads diffusers' FlowMatchEulerDiscreteScheduler table.
+
+Shapes: B batch, N image tokens, T text tokens, D backbone width, W head width, Q queries.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# --- reward head ---------------------------------------------------------------------------
+class FiLMLayerAdapter(nn.Module):
+    def __init__(self, dim: int, width: int, use_proj_in: bool):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, width) if (use_proj_in or dim != width) else nn.Identity()
+        self.layer_embed = nn.Parameter(torch.zeros(1, 1, width))
+        self.cond_mlp = nn.Sequential(nn.Linear(dim, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width))
+        self.proj = nn.Linear(width, width // 4)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        x = self.proj_in(x)                                            # (B, L, W)
+        gamma, beta = self.cond_mlp(temb).chunk(2, dim=-1)             # (B, W) each
+        x = x * (1 + gamma[:, None]) + beta[:, None]
+        return self.proj(x + self.layer_embed)                         # (B, L, W/4)
+
+
+class CrossAttnBlockVGated(nn.Module):
+    def __init__(self, width: int, heads: int, use_text: bool, gated: bool, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.norm_q = nn.RMSNorm(width)     # eps=None: machine epsilon of the input dtype
+        self.norm_v = nn.RMSNorm(width)
+        self.norm_t = nn.RMSNorm(width) if use_text else None
+        self.to_q = nn.Linear(width, width)
+        self.to_k_vis = nn.Linear(width, width)
+        self.to_v_vis = nn.Linear(width, width)
+        self.to_k_text = nn.Linear(width, width) if use_text else None
+        self.to_v_text = nn.Linear(width, width) if use_text else None
+        self.to_out = nn.Sequential(nn.Linear(width, width), nn.Dropout(dropout))
+
+        def gate():
+            return nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+
+        self.gate_vis = gate() if gated else None
+        self.gate_text = gate() if (gated and use_text) else None
+
+    def _attend(self, q, k, v):
+        b = q.shape[0]
+        split = lambda x: x.view(b, x.shape[1], self.heads, -1).transpose(1, 2)   # (B, H, L, d)
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return out.transpose(1, 2).reshape(b, q.shape[1], -1)
+
+    def _branch(self, q, context, to_k, to_v, gate):
+        value = to_v(context)
+        if gate is not None:
+            value = value * torch.sigmoid(gate(context))               # (B, L, 1) gate
+        return self._attend(q, to_k(context), value)
+
+    def forward(self, queries, visual, text=None):
+        q = self.to_q(self.norm_q(queries))
+        out = self._branch(q, self.norm_v(visual), self.to_k_vis, self.to_v_vis, self.gate_vis)
+        if self.to_k_text is not None and text is not None:
+            out = out + self._branch(q, self.norm_t(text), self.to_k_text, self.to_v_text, self.gate_text)
+        return queries + self.to_out(out)
+
+
+class RewardHead(nn.Module):
+    def __init__(self, dim: int, n_visual: int, n_text: int, width: int = -1, out_dim: int = 1,
+                 num_queries: int = 4, num_attn_heads: int = 8, dropout: float = 0.0,
+                 use_proj_in: bool = False):
+        super().__init__()
+        width = dim if width == -1 else width
+        features = width // 4
+        self.layer_adapters_visual = nn.ModuleList(
+            [FiLMLayerAdapter(dim, width, use_proj_in) for _ in range(n_visual)])
+        self.layer_adapters_text = nn.ModuleList(
+            [FiLMLayerAdapter(dim, width, use_proj_in) for _ in range(n_text)])
+        self.agg_visual = nn.Linear(n_visual * features, width)
+        self.agg_text = nn.Linear(n_text * features, width)
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, width))
+        self.attn1 = CrossAttnBlockVGated(width, num_attn_heads, use_text=True, gated=True, dropout=dropout)
+        self.attn2 = CrossAttnBlockVGated(width, num_attn_heads, use_text=False, gated=False, dropout=dropout)
+        self.norm_ff = nn.RMSNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                                nn.Dropout(dropout))
+        self.head = nn.Linear(width, out_dim)
+
+    def view_tokens(self, visual: Sequence[torch.Tensor], text: Sequence[torch.Tensor], temb):
+        vis = torch.cat([a(x, temb) for a, x in zip(self.layer_adapters_visual, visual)], dim=-1)
+        txt = torch.cat([a(x, temb) for a, x in zip(self.layer_adapters_text, text)], dim=-1)
+        return self.agg_visual(vis), self.agg_text(txt)                # (B, Nv, W), (B, Nt, W)
+
+    def pool(self, visual_tokens, text_tokens):
+        queries = self.query_tokens.expand(visual_tokens.shape[0], -1, -1)
+        queries = self.attn1(queries, visual_tokens, text_tokens)
+        queries = self.attn2(queries, visual_tokens)
+        queries = queries + self.ff(self.norm_ff(queries))
+        return self.head(queries).mean(dim=1)                          # (B, out_dim)
+
+    def forward(self, visual, text, temb):
+        return self.pool(*self.view_tokens(visual, text, temb))
+
+
+# --- backbone: diffusers' transformer cut after N blocks ------------------------------------
+class SD3Cut(nn.Module):
+    """pos_embed, time_text_embed, context_embedder and transformer_blocks[:N] of a diffusers
+    SD3Transformer2DModel, returning temb and the streams at the tap depths."""
+
+    def __init__(self, transformer, num_layers: int, visual_taps: Sequence[int], text_taps: Sequence[int]):
+        super().__init__()
+        self.pos_embed = transformer.pos_embed
+        self.time_text_embed = transformer.time_text_embed
+        self.context_embedder = transformer.context_embedder
+        self.transformer_blocks = nn.ModuleList(transformer.transformer_blocks[:num_layers])
+        self.visual_taps, self.text_taps = list(visual_taps), list(text_taps)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        hidden = self.pos_embed(hidden_states)
+        temb = self.time_text_embed(timestep, pooled_projections)
+        context = self.context_embedder(encoder_hidden_states)
+        visual = [hidden] if 0 in self.visual_taps else []
+        text = [context] if 0 in self.text_taps else []
+        for i, block in enumerate(self.transformer_blocks):
+            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+            if i + 1 in self.visual_taps:
+                visual.append(hidden)
+            if i + 1 in self.text_taps:
+                text.append(context)
+        return temb, visual, text
+
+
+class TorchRewardModel(nn.Module):
+    """backbone (maybe peft-wrapped) + reward_head (+ eta3, eta4): the reference's module layout,
+    so its state dict has the keys of a reference full_model.pt."""
+
+    def __init__(self, backbone: nn.Module, reward_head: RewardHead, use_logistic: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.reward_head = reward_head
+        self.use_logistic = use_logistic
+        if use_logistic:
+            self.eta3 = nn.Parameter(torch.tensor(0.0))
+            self.eta4 = nn.Parameter(torch.tensor(0.15))
+
+    def squash(self, raw):
+        if not self.use_logistic:
+            return raw
+        return (2.0 - (-2.0)) / (1 + torch.exp(-(raw - self.eta3) / (torch.abs(self.eta4) + 1e-6))) + (-2.0)
+
+    def features(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections,
+                 add_noise: bool, dtype: torch.dtype):
+        x = latents.float()
+        if add_noise:
+            s = sigma.float().view(-1, 1, 1, 1)
+            x = (1.0 - s) * x + s * noise.float()
+        return self.backbone(x.to(dtype), encoder_hidden_states.to(dtype),
+                             pooled_projections.to(dtype), timestep)
+
+    def stages(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections,
+               add_noise: bool = True, dtype: torch.dtype = torch.float32,
+               visual_taps: Sequence[int] = (), text_taps: Sequence[int] = ()) -> Dict[str, np.ndarray]:
+        """Every stage as float32 numpy arrays, named as DiffusionRM.reward_stages names them."""
+        temb, visual, text = self.features(latents, noise, sigma, timestep, encoder_hidden_states,
+                                           pooled_projections, add_noise, dtype)
+        raw = self.reward_head(visual, text, temb)
+        out = {"sigma": sigma, "timestep": timestep, "temb": temb}
+        out.update({f"visual_tap_{k}": t for k, t in zip(visual_taps, visual)})
+        out.update({f"text_tap_{k}": t for k, t in zip(text_taps, text)})
+        out.update(raw=raw, reward=self.squash(raw))
+        return {k: v.detach().float().numpy() for k, v in out.items()}
+
+    def ensemble(self, latents, noises, sigmas, timesteps, encoder_hidden_states, pooled_projections,
+                 add_noise: bool = True, dtype: torch.dtype = torch.float32) -> np.ndarray:
+        """forward_ensemble: per level tokens with that level's temb, concatenated, pooled once."""
+        vis_all, txt_all = [], []
+        for noise, sigma, timestep in zip(noises, sigmas, timesteps):
+            temb, visual, text = self.features(latents, noise, sigma, timestep, encoder_hidden_states,
+                                               pooled_projections, add_noise, dtype)
+            vis, txt = self.reward_head.view_tokens(visual, text, temb)
+            vis_all.append(vis)
+            txt_all.append(txt)
+        raw = self.reward_head.pool(torch.cat(vis_all, dim=1), torch.cat(txt_all, dim=1))
+        return self.squash(raw).detach().float().numpy()
+
+
+# --- noise levels, as the reference code computes them ----------------------------------------
+def scheduler_table(scheduler_config: dict):
+    """(sigmas, timesteps) of diffusers' FlowMatchEulerDiscreteScheduler built from the config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    return scheduler.sigmas, scheduler.timesteps
+
+
+def lookup_u(scheduler_config: dict, u: Sequence[float], convention: str):
+    """The reference's u -> (sigma, timestep): nearest sigma ("sigma") or row int(u*n) ("index")."""
+    sigmas, timesteps = scheduler_table(scheduler_config)
+    u = torch.tensor(list(u), dtype=torch.float32)
+    if convention == "sigma":
+        idx = torch.argmin((sigmas[None, :] - u[:, None]).abs(), dim=1)
+    else:
+        idx = (u * len(sigmas)).long()
+    return sigmas[idx], timesteps[idx]
+
+
+def as_torch(array: np.ndarray, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return tensor if dtype is None else tensor.to(dtype)

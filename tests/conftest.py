@@ -1,0 +1,37 @@
+"""Test setup: MindSpore on the CPU with blocking dispatch, torch on 2 threads, --run-slow."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("GLOG_v", "3")          # keep MindSpore's C++ logging quiet
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run tests marked slow (real-size shapes, multi-GB conversions)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:   # deselected, not skipped: a slow test is never reported as a pass it did not earn
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mindspore_cpu():
+    import mindspore as ms
+
+    ms.set_device("CPU")
+    # With asynchronous dispatch a missing kernel is reported by a later op; block instead.
+    ms.runtime.launch_blocking()
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:
+        pass
+    yield

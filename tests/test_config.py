@@ -1,0 +1,89 @@
+"""Config parsing: the reference's files, our own format, and the errors that name the key."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ms_rm.config import RewardModelConfig, SD3BackboneConfig, load_config, read_config_file
+from ms_rm.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _release():
+    return (read_config_file(CONFIGS / "sd35m" / "dina-lrm-12layers.json"),
+            read_config_file(CONFIGS / "sd35m" / "transformer_config.json"),
+            read_config_file(CONFIGS / "sd35m" / "scheduler_config.json"))
+
+
+def test_release_config_parses():
+    config = RewardModelConfig.from_reference(*_release())
+    assert config.backbone.inner_dim == 1536 and config.backbone.qk_norm == "rms_norm"
+    assert config.num_transformer_layers == 12 and config.last_depth == 12
+    assert config.visual_head_idx == (4, 8, 12) and config.text_head_idx == (4, 8, 12)
+    assert config.width == 1536 and config.head.num_attn_heads == 8
+    assert config.scheduler.shift == 3.0 and config.add_noise and config.u_convention == "sigma"
+
+
+def test_our_format_round_trips(tmp_path):
+    config = RewardModelConfig.from_reference(*_release(), u_convention="index")
+    path = tmp_path / "ms_rm_config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert load_config(path) == config
+
+
+def test_yaml_reference_config(tmp_path):
+    rm, tr, sc = _release()
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(rm))
+    assert RewardModelConfig.from_reference(read_config_file(path), tr, sc).num_transformer_layers == 12
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("num_transformer_layers"), "missing required key 'num_transformer_layers'"),
+    (lambda m: m.update(num_transformer_layers="12"), "'num_transformer_layers' must be int"),
+    (lambda m: m.update(num_transformer_layers=24), r"must be in 1\.\.23"),
+    (lambda m: m.update(visual_head_idx=[8, 4, 12]), "strictly increasing"),
+    (lambda m: m.update(text_head_idx=[4, 8, 13]), r"must lie in 0\.\.12"),
+    (lambda m: m.update(text_head_idx=[]), "at least one tap"),
+    (lambda m: m["reward_head"].update(num_attn_heads=7), "not divisible by num_attn_heads 7"),
+    (lambda m: m.update(use_logistic="yes"), "'use_logistic' must be bool"),
+])
+def test_bad_reference_config_names_the_key(change, message):
+    rm, tr, sc = _release()
+    change(rm["model"])
+    with pytest.raises(ConfigError, match=message) as info:
+        RewardModelConfig.from_reference(rm, tr, sc)
+    assert "config.json" in str(info.value)
+
+
+def test_bad_transformer_config_names_the_file():
+    rm, tr, sc = _release()
+    with pytest.raises(ConfigError, match="transformer config.json: caption_projection_dim"):
+        RewardModelConfig.from_reference(rm, dict(tr, caption_projection_dim=1024), sc)
+    with pytest.raises(ConfigError, match="expected 'SD3Transformer2DModel'"):
+        RewardModelConfig.from_reference(rm, dict(tr, _class_name="FluxTransformer2DModel"), sc)
+    with pytest.raises(ConfigError, match="qk_norm 'layer_norm' is not supported"):
+        SD3BackboneConfig.from_diffusers(dict(tr, qk_norm="layer_norm"))
+
+
+def test_our_format_refuses_unknown_keys_and_versions():
+    config = RewardModelConfig.from_reference(*_release()).to_dict()
+    with pytest.raises(ConfigError, match=r"unknown keys \['extra'\]"):
+        RewardModelConfig.from_dict(dict(config, extra=1))
+    with pytest.raises(ConfigError, match="format_version 2 is not supported"):
+        RewardModelConfig.from_dict(dict(config, format_version=2))
+    with pytest.raises(ConfigError, match="is this a reference config"):
+        RewardModelConfig.from_dict({"model": {}})
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        read_config_file(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json: invalid JSON"):
+        read_config_file(bad)

@@ -1,0 +1,1 @@
+"""Command-line entry points (`ms-rm ...`): thin wrappers over library code."""
