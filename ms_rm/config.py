@@ -108,6 +108,9 @@ class SD3BackboneConfig:
     sample_size: int = 128
     dual_attention_layers: Tuple[int, ...] = ()
     qk_norm: Optional[str] = None
+    # Not a diffusers setting: the dtype the checkpoint stores the position table in (diffusers
+    # loads the stored table back, so a bf16 checkpoint adds bf16-rounded positions).
+    position_table_dtype: str = "float32"
     family: str = field(default="sd3", init=False)
 
     CLASS_NAME = "SD3Transformer2DModel"
@@ -131,7 +134,8 @@ class SD3BackboneConfig:
         qk_norm = _get(d, "qk_norm", str, source, None)
         config = cls(pos_embed_max_size=pos_max,
                      dual_attention_layers=_int_tuple(d, "dual_attention_layers", source, ()),
-                     qk_norm=qk_norm, **ints)
+                     qk_norm=qk_norm, position_table_dtype=_get(d, "position_table_dtype", str, source, "float32"),
+                     **ints)
         config.validate(source)
         return config
 
@@ -146,6 +150,9 @@ class SD3BackboneConfig:
         if self.pos_embed_max_size <= 0:
             raise ConfigError(f"{source}: pos_embed_max_size must be positive (SD3 crops a "
                               f"fixed table), got {self.pos_embed_max_size}")
+        if self.position_table_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{source}: position_table_dtype must be float32, bfloat16 or float16, "
+                              f"got {self.position_table_dtype!r}")
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ConfigError(f"{source}: dual_attention_layers {bad} outside 0..{self.num_layers - 1}")

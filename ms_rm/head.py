@@ -21,11 +21,14 @@ from .config import RewardModelConfig
 from .layers import GELU, RMSNorm, SiLU, modulate
 
 
-def head_norm_eps(dtype: ms.Type) -> float:
-    """The head's RMSNorm eps: torch nn.RMSNorm(eps=None) uses the machine epsilon of the
-    input dtype, so fp32, fp16 and bf16 runs of the reference differ (1.2e-7, 9.8e-4, 7.8e-3)."""
-    return {ms.float32: float(np.finfo(np.float32).eps), ms.float16: float(np.finfo(np.float16).eps),
-            ms.bfloat16: 2.0 ** -7}[dtype]
+# The head's norms are torch.nn.RMSNorm(width) with eps=None. torch (2.5 and later, so the
+# reference's 2.6 too) then upcasts fp16/bf16 inputs to float32 and uses float32's machine
+# epsilon whatever the input dtype: eps is 2^-23 at every precision.
+HEAD_NORM_EPS = float(np.finfo(np.float32).eps)
+
+
+def head_norm(width: int) -> RMSNorm:
+    return RMSNorm(width, HEAD_NORM_EPS, scale_in_float32=True)
 
 
 def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.SequentialCell:
@@ -60,20 +63,20 @@ class CrossAttention(nn.Cell):
     With `gated`, each context token's value is scaled by sigmoid(MLP(token)).
     """
 
-    def __init__(self, width: int, heads: int, use_text: bool, gated: bool, eps: float):
+    def __init__(self, width: int, heads: int, use_text: bool, gated: bool):
         super().__init__()
         self.heads = heads
         self.use_text = use_text
         self.gated = gated
-        self.norm_q = RMSNorm(width, eps)
-        self.norm_v = RMSNorm(width, eps)
+        self.norm_q = head_norm(width)
+        self.norm_v = head_norm(width)
         self.to_q = mint.nn.Linear(width, width)
         self.to_k_vis = mint.nn.Linear(width, width)
         self.to_v_vis = mint.nn.Linear(width, width)
         if gated:
             self.gate_vis = mlp(width, width, 1)
         if use_text:
-            self.norm_t = RMSNorm(width, eps)
+            self.norm_t = head_norm(width)
             self.to_k_text = mint.nn.Linear(width, width)
             self.to_v_text = mint.nn.Linear(width, width)
             if gated:
@@ -83,7 +86,7 @@ class CrossAttention(nn.Cell):
     def _branch(self, q: Tensor, context: Tensor, to_k, to_v, gate) -> Tensor:
         value = to_v(context)                                            # (B, L, W)
         if self.gated:
-            value = value * mint.sigmoid(gate(context))                  # gate (B, L, 1)
+            value = value * ops.sigmoid(gate(context))                  # gate (B, L, 1)
         return ops.attention(q, ops.split_heads(to_k(context), self.heads),
                              ops.split_heads(value, self.heads))         # (B, H, Q, W/H)
 
@@ -101,12 +104,11 @@ class CrossAttention(nn.Cell):
 class RewardHead(nn.Cell):
     """Tapped backbone streams + temb -> raw reward (B, out_dim)."""
 
-    def __init__(self, config: RewardModelConfig, dtype: ms.Type = ms.float32):
+    def __init__(self, config: RewardModelConfig):
         super().__init__()
         dim, width, head = config.backbone.inner_dim, config.width, config.head
         features = width // 4
         n_visual, n_text = len(config.visual_head_idx), len(config.text_head_idx)
-        eps = head_norm_eps(dtype)
         self.layer_adapters_visual = nn.CellList(
             [FiLMAdapter(dim, width, head.use_proj_in) for _ in range(n_visual)])
         self.layer_adapters_text = nn.CellList(
@@ -115,9 +117,9 @@ class RewardHead(nn.Cell):
         self.agg_text = mint.nn.Linear(n_text * features, width)
         self.query_tokens = Parameter(Tensor(np.zeros((1, head.num_queries, width), np.float32)),
                                       name="query_tokens")
-        self.attn1 = CrossAttention(width, head.num_attn_heads, use_text=True, gated=True, eps=eps)
-        self.attn2 = CrossAttention(width, head.num_attn_heads, use_text=False, gated=False, eps=eps)
-        self.norm_ff = RMSNorm(width, eps)
+        self.attn1 = CrossAttention(width, head.num_attn_heads, use_text=True, gated=True)
+        self.attn2 = CrossAttention(width, head.num_attn_heads, use_text=False, gated=False)
+        self.norm_ff = head_norm(width)
         # ff.3 is the reference's dropout.
         self.ff = nn.SequentialCell([mint.nn.Linear(width, 4 * width), GELU(approximate=False),
                                      mint.nn.Linear(4 * width, width), nn.Identity()])

@@ -19,7 +19,8 @@ _BLOCK = re.compile(r"backbone\.transformer_blocks\.(\d+)\.(.+)")
 def unused_reason(key: str, config: RewardModelConfig) -> Optional[str]:
     """Why the model does not read checkpoint tensor `key`, or None if it should."""
     if key == "backbone.pos_embed.pos_embed":
-        return "fixed sin-cos position table; ms_rm computes the crop it needs"
+        return ("fixed sin-cos position table: ms_rm computes the crop it needs, rounded to this "
+                "table's stored dtype (checked against it at conversion)")
     if key.startswith(("backbone.norm_out.", "backbone.proj_out.")):
         return "output layers of the full transformer, not part of the cut"
     match = _BLOCK.match(key)

@@ -112,15 +112,17 @@ class FeedForward(nn.Cell):
 
 
 class RMSNorm(nn.Cell):
-    """RMSNorm with a weight and a fixed eps (diffusers' qk-norm uses eps 1e-6)."""
+    """RMSNorm with a weight: diffusers' (qk-norm, eps 1e-6) or, with scale_in_float32,
+    torch.nn.RMSNorm's (see ops.rms_norm)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, scale_in_float32: bool = False):
         super().__init__()
         self.eps = eps
+        self.scale_in_float32 = scale_in_float32
         self.weight = Parameter(Tensor(np.ones(dim, np.float32)), name="weight")
 
     def construct(self, x: Tensor) -> Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps, self.scale_in_float32)
 
 
 class Attention(nn.Cell):

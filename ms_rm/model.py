@@ -51,7 +51,7 @@ class DiffusionRM(nn.Cell):
         self.mode = mode
         with no_init_parameters():
             self.backbone = SD3Backbone(self.config)
-            self.reward_head = RewardHead(self.config, self.compute_dtype)
+            self.reward_head = RewardHead(self.config)
             if self.config.use_logistic:
                 self.eta3 = Parameter(initializer(ETA3_INIT, (), ms.float32), name="eta3")
                 self.eta4 = Parameter(initializer(ETA4_INIT, (), ms.float32), name="eta4")
@@ -61,6 +61,34 @@ class DiffusionRM(nn.Cell):
         self._rng = np.random.default_rng()            # fresh noise when no seed is given
         self._positions: Dict[Tuple[int, int], Tuple[Tensor, ...]] = {}
         self._compiled: Dict[str, Any] = {}
+
+    # --- construction from checkpoints -------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
+                        verify: bool = False) -> "DiffusionRM":
+        """Load a checkpoint directory written by `ms-rm convert`. verify: check its sha256 first."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, mode=mode, verify=verify)
+
+    @classmethod
+    def from_reference(cls, src: str, transformer: str, scheduler: str, config: Optional[str] = None,
+                       u_convention: str = "sigma", dtype: ms.Type = ms.float32, storage_dtype: str = "keep",
+                       mode: str = "graph") -> "DiffusionRM":
+        """Build the model straight from the reference files, converting in memory (nothing is
+        written). Same plan as `ms-rm convert`; storage_dtype plays the role of its --dtype."""
+        from .convert import ConversionPlan, open_reference
+
+        sources = open_reference(src, transformer, scheduler, config)
+        try:
+            plan = ConversionPlan.build(sources, u_convention)
+            plan.out_dtype(plan.tensors[0], storage_dtype)
+            model = cls(plan.config, dtype=dtype, mode=mode)
+            load_parameters(model, lambda name: plan.tensor(name, storage_dtype), plan.names,
+                            sources.checkpoint_dir)
+        finally:
+            sources.close()
+        return model
 
     # --- weights ---------------------------------------------------------------------------
     @property

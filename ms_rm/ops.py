@@ -11,6 +11,8 @@ Accuracy notes (measured on the CPU against float64, see tests/test_ops.py):
   where torch has ~1e-6. Anything that can be computed once on the host in float64 (timestep
   frequencies, position tables) is computed there instead.
 * sin/cos/rsqrt/GELU are within 2 ulp.
+* For fp16/bf16 inputs torch's CPU kernels compute norms, softmax and activations in float32
+  internally; the helpers here do the same explicitly (a no-op in fp32).
 """
 
 from __future__ import annotations
@@ -40,18 +42,33 @@ def compute_dtype(requested: ms.Type = ms.float32) -> ms.Type:
     return requested
 
 
+def _float32(x: ms.Tensor) -> ms.Tensor:
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)
+
+
 def layer_norm(x: ms.Tensor, eps: float = 1e-6) -> ms.Tensor:
-    """LayerNorm over the last axis without affine parameters (diffusers' elementwise_affine=False)."""
-    # (x - mean) / sqrt(var + eps), biased variance, as torch computes it.
-    mean = mint.mean(x, -1, True)
-    centred = x - mean
-    var = mint.mean(centred * centred, -1, True)
-    return centred * mint.rsqrt(var + eps)
+    """LayerNorm over the last axis without affine parameters (diffusers' elementwise_affine=False).
+
+    Statistics in float32, result cast back to x's dtype, as torch's kernels do for fp16/bf16.
+    """
+    x32 = _float32(x)
+    mean = mint.mean(x32, -1, True)
+    centred = x32 - mean
+    var = mint.mean(centred * centred, -1, True)              # biased, as torch
+    return (centred * mint.rsqrt(var + eps)).astype(x.dtype)
 
 
-def rms_norm(x: ms.Tensor, weight: ms.Tensor, eps: float) -> ms.Tensor:
-    """RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) * weight (torch/diffusers order)."""
-    return x * mint.rsqrt(mint.mean(x * x, -1, True) + eps) * weight
+def rms_norm(x: ms.Tensor, weight: ms.Tensor, eps: float, scale_in_float32: bool = False) -> ms.Tensor:
+    """RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) * weight, normalised in float32.
+
+    scale_in_float32=False is diffusers' RMSNorm (cast to the weight's dtype, then scaled);
+    True is torch.nn.RMSNorm (scaled in float32, then cast to x's dtype). Same in fp32.
+    """
+    x32 = _float32(x)
+    normed = x32 * mint.rsqrt(mint.mean(x32 * x32, -1, True) + eps)
+    if scale_in_float32:
+        return (normed * _float32(weight)).astype(x.dtype)
+    return normed.astype(weight.dtype) * weight
 
 
 def gelu(x: ms.Tensor, approximate: bool) -> ms.Tensor:
@@ -60,7 +77,13 @@ def gelu(x: ms.Tensor, approximate: bool) -> ms.Tensor:
 
 
 def silu(x: ms.Tensor) -> ms.Tensor:
-    return mint.nn.functional.silu(x)
+    """SiLU computed in float32 (MindSpore's fp16 kernel is ~2x less accurate than torch's)."""
+    return mint.nn.functional.silu(_float32(x)).astype(x.dtype)
+
+
+def sigmoid(x: ms.Tensor) -> ms.Tensor:
+    """Sigmoid computed in float32, like silu."""
+    return mint.sigmoid(_float32(x)).astype(x.dtype)
 
 
 def split_heads(x: ms.Tensor, heads: int) -> ms.Tensor:
@@ -80,7 +103,9 @@ def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor) -> ms.Tensor:
     scale = q.shape[-1] ** -0.5
     # Scaling q rather than the (Lq, Lk) scores is cheaper, and exact for power-of-two d.
     scores = mint.matmul(q * scale, k.permute(0, 1, 3, 2))   # (B, H, Lq, Lk)
-    return mint.matmul(mint.softmax(scores, dim=-1), v)
+    # Softmax in float32 (torch's fused attention keeps scores in float32 for fp16/bf16 inputs).
+    probs = mint.softmax(_float32(scores), dim=-1).astype(q.dtype)
+    return mint.matmul(probs, v)
 
 
 def patchify(x: ms.Tensor, patch: int) -> ms.Tensor:

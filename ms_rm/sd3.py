@@ -23,31 +23,43 @@ from .errors import InputError
 from .layers import AdaLNModulation, Attention, FeedForward, MLPEmbedding, Timesteps, modulate
 
 
-@lru_cache(maxsize=16)
-def sd3_position_table(height: int, width: int, dim: int, max_size: int, base_size: int) -> np.ndarray:
-    """The crop of diffusers' 2-D sin-cos table for a (height, width) token grid: (1, h*w, D) float32.
+POSITION_TABLE_KEY = "pos_embed.pos_embed"
 
-    Only the crop is computed (the full table is max_size^2 x D). As in diffusers: positions are
-    float32 arange(max_size) / (max_size / base_size); each token is [sincos(column), sincos(row)],
-    each half [sin(pos * omega), cos(pos * omega)] with omega computed in float64.
+
+def sd3_position_rows(rows: np.ndarray, dim: int, max_size: int, base_size: int) -> np.ndarray:
+    """Rows of diffusers' full 2-D sin-cos table (flat indices into max_size x max_size), float64.
+
+    As in diffusers: positions are float32 arange(max_size) / (max_size / base_size); row r of
+    the table is [sincos(column of r), sincos(grid row of r)], each half [sin(pos * omega),
+    cos(pos * omega)] with omega = 1 / 10000^(k / (D/4)) in float64.
+    """
+    grid = np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size)
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+
+    def sincos(pos: np.ndarray) -> np.ndarray:                       # (M,) -> (M, D/2)
+        out = pos.astype(np.float64)[:, None] * omega[None, :]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows = np.asarray(rows, dtype=np.int64)
+    return np.concatenate([sincos(grid[rows % max_size]), sincos(grid[rows // max_size])], axis=1)
+
+
+@lru_cache(maxsize=16)
+def sd3_position_table(height: int, width: int, dim: int, max_size: int, base_size: int,
+                       stored_dtype: str = "float32") -> np.ndarray:
+    """The centre crop of the table for a (height, width) token grid: (1, h*w, D) float32.
+
+    Only the crop is computed (the full table is max_size^2 x D). diffusers saves the table in
+    the checkpoint and loads it back, so a bf16 checkpoint's model adds bf16-rounded positions
+    even when it computes in fp32: `stored_dtype` reproduces that rounding.
     """
     if height > max_size or width > max_size:
         raise InputError(f"latents give a {height}x{width} token grid; the position table allows "
                          f"at most {max_size}x{max_size} (pos_embed_max_size)")
     top, left = (max_size - height) // 2, (max_size - width) // 2
-    grid = np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size)
-    rows, cols = grid[top:top + height], grid[left:left + width]
-
-    def sincos(pos: np.ndarray) -> np.ndarray:                      # (M,) -> (M, D/2)
-        omega = np.arange(dim // 4, dtype=np.float64) / (dim / 4.0)
-        omega = 1.0 / 10000 ** omega
-        out = pos.astype(np.float64)[:, None] * omega[None, :]
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    col_emb = np.broadcast_to(sincos(cols)[None, :, :], (height, width, dim // 2))
-    row_emb = np.broadcast_to(sincos(rows)[:, None, :], (height, width, dim // 2))
-    table = np.concatenate([col_emb, row_emb], axis=-1).reshape(1, height * width, dim)
-    return table.astype(np.float32)
+    rows = ((top + np.arange(height))[:, None] * max_size + (left + np.arange(width))[None, :]).reshape(-1)
+    table = sd3_position_rows(rows, dim, max_size, base_size).astype(np.float32)
+    return table.astype(np.dtype(stored_dtype)).astype(np.float32).reshape(1, height * width, dim)
 
 
 class PatchProjection(nn.Cell):
@@ -174,7 +186,7 @@ class SD3Backbone(nn.Cell):
             raise InputError(f"latents height and width must be multiples of the patch size {p}, "
                              f"got {height}x{width}")
         return (sd3_position_table(height // p, width // p, c.inner_dim, c.pos_embed_max_size,
-                                   c.sample_size // p),)
+                                   c.sample_size // p, c.position_table_dtype),)
 
     def construct(self, latents: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                   pooled_projections: Tensor, positions: Tensor):

@@ -65,7 +65,9 @@ def build_reference(rm_config: dict, transformer_config: dict, scheduler_config:
     transformer = SD3Transformer2DModel(**config).eval()
     randomize_(transformer, seed)
     model_cfg = rm_config["model"]
-    backbone = SD3Cut(transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"],
+    # peft swaps the Linears it adapts in place: keep `transformer` plain by cutting a copy.
+    backbone = SD3Cut(copy.deepcopy(transformer) if lora is not None else transformer,
+                      model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"],
                       model_cfg["text_head_idx"])
     if lora is not None:
         from peft import LoraConfig, get_peft_model

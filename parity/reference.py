@@ -179,7 +179,7 @@ class TorchRewardModel(nn.Module):
         out.update({f"visual_tap_{k}": t for k, t in zip(visual_taps, visual)})
         out.update({f"text_tap_{k}": t for k, t in zip(text_taps, text)})
         out.update(raw=raw, reward=self.squash(raw))
-        return {k: v.detach().float().numpy() for k, v in out.items()}
+        return {k: v.detach().float().cpu().numpy() for k, v in out.items()}
 
     def ensemble(self, latents, noises, sigmas, timesteps, encoder_hidden_states, pooled_projections,
                  add_noise: bool = True, dtype: torch.dtype = torch.float32) -> np.ndarray:
@@ -192,7 +192,7 @@ class TorchRewardModel(nn.Module):
             vis_all.append(vis)
             txt_all.append(txt)
         raw = self.reward_head.pool(torch.cat(vis_all, dim=1), torch.cat(txt_all, dim=1))
-        return self.squash(raw).detach().float().numpy()
+        return self.squash(raw).detach().float().cpu().numpy()
 
 
 # --- noise levels, as the reference code computes them ----------------------------------------
@@ -218,3 +218,53 @@ def lookup_u(scheduler_config: dict, u: Sequence[float], convention: str):
 def as_torch(array: np.ndarray, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     return tensor if dtype is None else tensor.to(dtype)
+
+
+# --- loading a reference checkpoint the way the reference's inferencer does ------------------
+def load_reference_model(src: str, transformer_dir: str, scheduler_path: str, config: Optional[str] = None):
+    """(TorchRewardModel, rm_config, scheduler_config) from reference-format files on disk.
+
+    diffusers loads the base transformer, peft loads the adapter (active, not merged), the head
+    and full_model.pt load with load_state_dict(strict=True); in LoRA and head mode eta3/eta4
+    stay at their init values, as in the reference.
+    """
+    import json
+    import os
+
+    from diffusers import SD3Transformer2DModel
+
+    from ms_rm.config import read_config_file
+    from ms_rm.convert import FULL, LORA, checkpoint_mode
+
+    config_path = config or os.path.join(src, "config.json")
+    ckpt = src if config else os.path.join(src, "checkpoint")
+    rm_config = read_config_file(config_path)
+    mode = checkpoint_mode(rm_config, config_path)
+    if os.path.isdir(os.path.join(transformer_dir, "transformer")) and \
+            not os.path.isfile(os.path.join(transformer_dir, "config.json")):
+        transformer_dir = os.path.join(transformer_dir, "transformer")
+    if os.path.isdir(scheduler_path):
+        scheduler_path = os.path.join(scheduler_path, "scheduler_config.json")
+    with open(scheduler_path) as f:
+        scheduler_config = json.load(f)
+    if mode == FULL:
+        transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(transformer_dir))
+    else:
+        transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32)
+    model_cfg = rm_config["model"]
+    backbone = SD3Cut(transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"],
+                      model_cfg["text_head_idx"])
+    if mode == LORA:
+        from peft import PeftModel
+
+        backbone = PeftModel.from_pretrained(backbone, os.path.join(ckpt, "backbone_lora"))
+    head = RewardHead(transformer.inner_dim, len(model_cfg["visual_head_idx"]), len(model_cfg["text_head_idx"]),
+                      **dict(model_cfg.get("reward_head", {})))
+    model = TorchRewardModel(backbone, head, model_cfg.get("use_logistic", False))
+    if mode == FULL:
+        model.load_state_dict(torch.load(os.path.join(ckpt, "full_model.pt"), map_location="cpu",
+                                         weights_only=True))
+    else:
+        state = torch.load(os.path.join(ckpt, "rm_head.pt"), map_location="cpu", weights_only=True)
+        head.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.float().eval(), rm_config, scheduler_config

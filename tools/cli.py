@@ -27,6 +27,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ms_rm.checkpoint import convert
+
+    out = convert(args.src, args.transformer, args.scheduler, args.out, config=args.config, dtype=args.dtype,
+                  u_convention=args.u_convention, force=args.force, progress=not args.no_progress)
+    print(out)
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from ms_rm import DiffusionRM
+    from ms_rm.score import read_inputs, score_arrays, write_npz
+
+    arrays = read_inputs(args.inputs)
+    model = DiffusionRM.from_pretrained(args.model, mode=args.mode, verify=args.verify)
+    result = score_arrays(model, arrays, args.u if len(args.u) > 1 else args.u[0], args.seed, args.features)
+    write_npz(args.out, result)
+    for i, value in enumerate(result["reward"][:, 0]):
+        print(f"{i}\t{value:.6f}")
+    return 0
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    try:
+        from parity.cli import run
+    except ImportError as e:
+        from ms_rm.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"ms-rm parity needs the reference side ({e}); install it with "
+                                     "pip install 'ms-rm[reference]'") from None
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ms-rm", description="MindSpore Diffusion-RM tools.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -41,6 +74,50 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--mode", choices=["graph", "pynative"], default="graph")
     demo.set_defaults(func=_cmd_demo)
+
+    conv = sub.add_parser(
+        "convert", help="convert a reference (torch) Diffusion-RM checkpoint to MindSpore",
+        description="Convert a reference-format Diffusion-RM checkpoint (config.json + checkpoint/ with "
+                    "backbone_lora/ + rm_head.pt, full_model.pt, or rm_head.pt) and its base transformer "
+                    "into a MindSpore checkpoint folder (ms_rm_config.json, model.safetensors, manifest.json).")
+    conv.add_argument("src", help="model directory (config.json + checkpoint/), or a checkpoints/step_N "
+                                  "folder together with --config")
+    conv.add_argument("--transformer", required=True,
+                      help="diffusers transformer folder of the base model (or the pipeline folder)")
+    conv.add_argument("--scheduler", required=True,
+                      help="scheduler folder, its scheduler_config.json, or the pipeline folder")
+    conv.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
+    conv.add_argument("--config", help="the run's config.json, when SRC is a checkpoint folder")
+    conv.add_argument("--dtype", choices=["keep", "fp32", "bf16", "fp16"], default="keep",
+                      help="stored dtype: keep each tensor's source dtype (default), or cast all; "
+                           "LoRA merges run in fp32 either way")
+    conv.add_argument("--u-convention", choices=["sigma", "index"], default="sigma",
+                      help="how u maps to a noise level for this checkpoint (default: sigma, as the "
+                           "released DiNa-LRM); recorded in the output")
+    conv.add_argument("--force", action="store_true", help="replace an existing output folder")
+    conv.add_argument("--no-progress", action="store_true", help="no progress bars")
+    conv.set_defaults(func=_cmd_convert)
+
+    score = sub.add_parser("score", help="score latents from an .npz file with a converted model",
+                           description="Score latents (latents, encoder_hidden_states, pooled_projections "
+                                       "[, noise] in an .npz) and write reward (and features) to an .npz.")
+    score.add_argument("model", help="a folder written by ms-rm convert")
+    score.add_argument("--inputs", required=True, help="input .npz")
+    score.add_argument("--u", type=float, nargs="+", required=True, help="noise level, or one per sample")
+    score.add_argument("--out", required=True, help="output .npz")
+    score.add_argument("--seed", type=int, default=None, help="noise seed when the inputs hold no noise")
+    score.add_argument("--features", action="store_true", help="also write temb, the taps and raw")
+    score.add_argument("--verify", action="store_true", help="check the model files' sha256 first")
+    score.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    score.set_defaults(func=_cmd_score)
+
+    parity = sub.add_parser("parity", help="stage-by-stage parity against the torch reference",
+                            description="Compare ms_rm with the torch reference stage by stage, on built-in "
+                                        "tiny cases or on a user checkpoint and its conversion.")
+    from parity.cli import add_arguments   # argparse only: torch is imported when the command runs
+
+    add_arguments(parity)
+    parity.set_defaults(func=_cmd_parity)
     return parser
 
 

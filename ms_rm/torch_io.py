@@ -1,0 +1,95 @@
+"""Reading the reference's torch `.pt` state dicts (rm_head.pt, full_model.pt), safely.
+
+This is the one place ms_rm imports torch, inside `TorchStateFile`, and only ever with
+`torch.load(..., weights_only=True)`: a pickle that asks for anything but tensors and plain
+containers is refused before any of it runs. Files in torch's zip format are memory-mapped.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from .errors import CheckpointError, MissingDependencyError
+
+
+def _first_reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported" in line or "global" in line.lower():
+            return line
+    return lines[0] if lines else type(error).__name__
+
+
+class TorchStateFile:
+    """A torch state dict file: {name: tensor}, read tensor by tensor as numpy arrays."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError(
+                f"{self.path}: reading .pt checkpoints needs torch; install it with "
+                "pip install 'ms-rm[reference]' (or torch==2.13.0)") from None
+        self._torch = torch
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"{self.path}: file not found")
+        try:
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{self.path}: refused: not a plain weights file, torch.load("
+                                  f"weights_only=True) rejected it ({_first_reason(e)})") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: cannot read: corrupt or truncated torch file "
+                                  f"({_first_reason(e)})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.path}: expected a state dict (name -> tensor), "
+                                  f"got {type(state).__name__}")
+        bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            hint = " (a nested dict: save model.state_dict() itself)" if any(
+                isinstance(state.get(k), dict) for k in bad) else ""
+            raise CheckpointError(f"{self.path}: entries that are not named tensors: {bad[:5]}{hint}")
+        not_float = [k for k, v in state.items() if not v.is_floating_point()]
+        if not_float:
+            raise CheckpointError(f"{self.path}: tensors with a non-float dtype: {not_float[:5]}")
+        self._state: Dict[str, "torch.Tensor"] = state
+
+    def keys(self) -> List[str]:
+        return list(self._state)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._state
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._state[name].shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(str(self._state[name].dtype).replace("torch.", ""))
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as numpy in its stored dtype (bf16 included, bit for bit)."""
+        tensor = self._state[name].detach().contiguous()
+        if tensor.dtype == self._torch.bfloat16:
+            return tensor.view(self._torch.int16).numpy().view(np.dtype("bfloat16"))
+        return tensor.numpy()
+
+    def read_rows(self, name: str, rows) -> np.ndarray:
+        """Rows of the tensor seen as (prod(shape[:-1]), shape[-1])."""
+        tensor = self._state[name]
+        picked = tensor.reshape(-1, tensor.shape[-1])[self._torch.as_tensor(list(rows), dtype=self._torch.long)]
+        if picked.dtype == self._torch.bfloat16:
+            return picked.contiguous().view(self._torch.int16).numpy().view(np.dtype("bfloat16"))
+        return picked.numpy()
+
+    def close(self) -> None:
+        self._state = {}

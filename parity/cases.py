@@ -1,0 +1,86 @@
+"""The built-in parity cases: one line each, tiny models built on the spot.
+
+Every case builds a random reference model (diffusers transformer + our torch head [+ peft
+LoRA]), saves it in the reference's on-disk formats, converts it with ms_rm, and compares the
+two sides stage by stage on the same inputs and the same noise.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+# A tiny SD3.5-Medium: dual attention in the first blocks, RMS qk-norm. D = 4 heads x 16.
+TINY_SD35 = {"_class_name": "SD3Transformer2DModel", "sample_size": 32, "patch_size": 2, "in_channels": 16,
+             "num_layers": 4, "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 48,
+             "caption_projection_dim": 64, "pooled_projection_dim": 40, "out_channels": 16,
+             "pos_embed_max_size": 24, "dual_attention_layers": [0, 1, 2], "qk_norm": "rms_norm"}
+TINY_SD3 = dict(TINY_SD35, dual_attention_layers=[], qk_norm=None)
+# SD3.5-Medium's real width, heads, embedding sizes and position table; 3 blocks instead of 24.
+SD35M_WIDTH = {"_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": 2, "in_channels": 16,
+               "num_layers": 3, "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+               "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "out_channels": 16,
+               "pos_embed_max_size": 384, "dual_attention_layers": [0, 1, 2], "qk_norm": "rms_norm"}
+MODEL = {"num_transformer_layers": 3, "visual_head_idx": [1, 2, 3], "text_head_idx": [1, 2, 3],
+         "use_logistic": False, "use_text_features": True, "lora_config": {"r": 4, "lora_alpha": 8},
+         "reward_head": {"width": -1, "out_dim": 1, "num_queries": 4, "num_attn_heads": 4, "dropout": 0.0,
+                         "use_proj_in": False}}
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    description: str
+    transformer: dict = field(default_factory=lambda: TINY_SD35)
+    model: dict = field(default_factory=dict)          # overrides of MODEL
+    mode: str = "lora"                                 # checkpoint mode: lora, full, head
+    lora: dict = field(default_factory=dict)           # overrides of the reference's LoraConfig
+    add_noise: bool = True
+    u: Tuple[float, ...] = (0.4, 0.9)
+    u_convention: str = "sigma"
+    ensemble: Optional[Tuple[float, ...]] = None       # noise levels of reward_ensemble
+    latent_hw: Tuple[int, int] = (16, 12)
+    text_tokens: int = 7
+    batch: int = 2
+    base_dtype: str = "fp32"                           # dtype the transformer is saved in
+    shard_size: Optional[str] = None                   # diffusers max_shard_size
+    storage: str = "keep"                              # ms-rm convert --dtype
+    slow: bool = False
+
+    def rm_config(self) -> dict:
+        model = copy.deepcopy(MODEL)
+        for key, value in self.model.items():
+            if isinstance(value, dict):
+                model[key] = dict(model[key], **value)
+            else:
+                model[key] = value
+        return {"model": model, "training": {"add_noise": self.add_noise}}
+
+
+CASES: Dict[str, Case] = {c.name: c for c in [
+    Case("tiny-sd35", "SD3.5-style (dual attention, RMS qk-norm), LoRA checkpoint"),
+    Case("tiny-sd3", "SD3-style (no dual attention, no qk-norm), full_model.pt", transformer=TINY_SD3, mode="full"),
+    Case("logistic", "logistic squash, eta3/eta4 read from full_model.pt", model={"use_logistic": True}, mode="full"),
+    Case("logistic-lora", "logistic squash, eta3/eta4 at init (LoRA checkpoints lack them)",
+         model={"use_logistic": True}),
+    Case("depth0-tap", "taps at depth 0 (embedded input), frozen backbone: rm_head.pt only",
+         model={"visual_head_idx": [0, 2, 3], "text_head_idx": [0, 3]}, mode="head"),
+    Case("last-block-visual", "deepest tap visual only: the last block skips its text stream and the "
+         "reference's LoRA excludes its add_*/to_add_out",
+         model={"visual_head_idx": [1, 3], "text_head_idx": [2]}),
+    Case("ensemble", "three noise levels, tokens of all levels pooled in one head pass", ensemble=(0.2, 0.5, 0.7)),
+    Case("lora-rslora-exclude", "rsLoRA, an exclude list, rank and alpha patterns",
+         lora={"use_rslora": True, "rank_pattern": {"to_q": 2, "attn2.to_v": 6}, "alpha_pattern": {"add_k_proj": 3},
+               "exclude_modules": ["transformer_blocks.0.attn.to_k", "transformer_blocks.2.attn.add_q_proj"]}),
+    Case("index-u", "u convention 'index' (u=0.9 -> sigma 0.25)", u=(0.9, 0.99), u_convention="index"),
+    Case("no-noise", "training.add_noise=false: clean latents go in at the timestep of u", add_noise=False),
+    Case("bf16-sharded", "bf16 base transformer in shards, merged LoRA stored fp32",
+         base_dtype="bf16", shard_size="60KB", storage="fp32"),
+    Case("sd35m-width", "SD3.5-M width and heads (1536 = 24 x 64, 8 head heads), 2 blocks, 8x8 latents",
+         transformer=SD35M_WIDTH, latent_hw=(8, 8), text_tokens=11,
+         model={"num_transformer_layers": 2, "visual_head_idx": [1, 2], "text_head_idx": [2],
+                "lora_config": {"r": 8, "lora_alpha": 16}, "reward_head": {"num_attn_heads": 8}},
+         batch=1, slow=True),
+]}

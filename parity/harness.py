@@ -1,0 +1,271 @@
+"""Run the torch reference and ms_rm on identical weights, inputs and noise; compare every stage.
+
+Tolerance policy (enforced here, documented in the README):
+* fp32: every stage within FP32_BOUND = 1e-5 max relative error (max|diff| / max|ref|).
+* bf16 / fp16: ms_rm at that precision is compared with torch fp32; its error at each stage
+  may be at most LOW_PRECISION_FACTOR = 2x the error torch itself makes at that precision
+  (torch low vs torch fp32, same inputs) at that stage or any earlier one in data-flow order,
+  and never needs to beat the fp32 bound. So the bound is measured, not guessed. (The running
+  maximum matters for the last stages: a raw reward of two numbers gives a noisy estimate of
+  torch's own error, while it carries the dtype noise of the taps it is computed from.)
+  On the CPU MindSpore has no bf16 compute: "bf16" there means bf16-stored weights computed
+  in fp32, and the report says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .cases import SCHEDULER, Case
+from .compare import StageResult, compare_stages, first_failure, stages_as_numpy
+
+FP32_BOUND = 1e-5
+LOW_PRECISION_FACTOR = 2.0
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Inputs:
+    latents: np.ndarray                  # (B, C, H, W)
+    encoder_hidden_states: np.ndarray    # (B, T, J)
+    pooled_projections: np.ndarray       # (B, P)
+    noise: np.ndarray                    # (B, C, H, W), or (K, B, C, H, W) with an ensemble
+    u: Sequence[float]                   # one per sample
+    ensemble: Optional[Sequence[float]] = None
+
+    @classmethod
+    def random(cls, batch: int, channels: int, hw, tokens: int, joint_dim: int, pooled_dim: int,
+               u: Sequence[float], seed: int, ensemble=None) -> "Inputs":
+        rng = np.random.default_rng(seed)
+        shape = (batch, channels) + tuple(hw)
+        draw = lambda *s: rng.standard_normal(s, dtype=np.float32)
+        latents, ehs, pooled = draw(*shape), draw(batch, tokens, joint_dim), draw(batch, pooled_dim)
+        noise = draw(*((len(ensemble),) + shape if ensemble else shape))
+        u = list(u) * batch if len(u) == 1 else list(u)[:batch]
+        return cls(latents, ehs, pooled, noise, u, ensemble)
+
+    @classmethod
+    def load(cls, path: str, u: Sequence[float], seed: int) -> "Inputs":
+        with np.load(path) as data:
+            missing = [k for k in ("latents", "encoder_hidden_states", "pooled_projections") if k not in data]
+            if missing:
+                raise ValueError(f"{path}: missing arrays {missing}")
+            arrays = {k: np.asarray(data[k], dtype=np.float32) for k in data.files}
+        latents = arrays["latents"]
+        noise = arrays.get("noise")
+        if noise is None:
+            noise = np.random.default_rng(seed).standard_normal(latents.shape, dtype=np.float32)
+        u = list(u) * latents.shape[0] if len(u) == 1 else list(u)
+        return cls(latents, arrays["encoder_hidden_states"], arrays["pooled_projections"], noise, u)
+
+
+@dataclass
+class Report:
+    case: str
+    description: str
+    mode: str
+    dtype: str
+    seed: int
+    stages: List[StageResult]
+    notes: List[str] = field(default_factory=list)
+    environment: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.stages)
+
+    @property
+    def first_failure(self) -> Optional[str]:
+        failure = first_failure(self.stages)
+        return None if failure is None else failure.stage
+
+    def to_dict(self) -> dict:
+        return {"case": self.case, "description": self.description, "mode": self.mode, "dtype": self.dtype,
+                "seed": self.seed, "passed": self.passed, "first_failure": self.first_failure,
+                "stages": [r.to_dict() for r in self.stages], "notes": self.notes,
+                "environment": self.environment}
+
+
+def environment(ms_device: str, torch_device: str) -> Dict[str, str]:
+    import diffusers
+    import mindspore
+    import peft
+
+    import ms_rm
+
+    return {"ms_rm": ms_rm.__version__, "mindspore": mindspore.__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "peft": peft.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "machine": platform.machine(),
+            "mindspore_device": ms_device, "torch_device": torch_device}
+
+
+# --- the two sides -----------------------------------------------------------------------------
+def torch_stages(model, rm_config: dict, scheduler_config: dict, inputs: Inputs, u_convention: str,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> Dict[str, np.ndarray]:
+    from .reference import as_torch, lookup_u
+
+    model = model.to(device=device, dtype=dtype)
+    cfg = rm_config["model"]
+    add_noise = (rm_config.get("training") or {}).get("add_noise", True)
+    put = lambda a: as_torch(a).to(device)
+    sigma, timestep = lookup_u(scheduler_config, inputs.u, u_convention)
+    with torch.no_grad():
+        noise = inputs.noise[0] if inputs.ensemble else inputs.noise
+        out = model.stages(put(inputs.latents), put(noise), sigma.to(device), timestep.to(device),
+                           put(inputs.encoder_hidden_states), put(inputs.pooled_projections), add_noise, dtype,
+                           cfg["visual_head_idx"], cfg["text_head_idx"])
+        if inputs.ensemble:
+            levels = [lookup_u(scheduler_config, [u] * len(inputs.u), u_convention) for u in inputs.ensemble]
+            out["ensemble_reward"] = model.ensemble(
+                put(inputs.latents), [put(n) for n in inputs.noise], [s.to(device) for s, _ in levels],
+                [t.to(device) for _, t in levels], put(inputs.encoder_hidden_states),
+                put(inputs.pooled_projections), add_noise, dtype)
+    return out
+
+
+def ms_stages(model, inputs: Inputs) -> Dict[str, np.ndarray]:
+    noise = inputs.noise[0] if inputs.ensemble else inputs.noise
+    out = stages_as_numpy(model.reward_stages(inputs.latents, inputs.encoder_hidden_states,
+                                              inputs.pooled_projections, u=inputs.u, noise=noise))
+    if inputs.ensemble:
+        out["ensemble_reward"] = stages_as_numpy({"r": model.reward_ensemble(
+            inputs.latents, inputs.encoder_hidden_states, inputs.pooled_projections,
+            us=list(inputs.ensemble), noise=inputs.noise)})["r"]
+    return out
+
+
+def bounds_for(dtype: str, torch32: Dict[str, np.ndarray], torch_low: Optional[Dict[str, np.ndarray]]):
+    """Per-stage bounds on the max relative error under the tolerance policy."""
+    if dtype == "fp32":
+        return {"default": FP32_BOUND}
+    bounds, budget = {"default": FP32_BOUND}, 0.0
+    for r in compare_stages(torch_low, torch32, {"default": np.inf}):     # data-flow order
+        budget = max(budget, r.max_rel)
+        bounds[r.stage] = max(LOW_PRECISION_FACTOR * budget, FP32_BOUND)
+    return bounds
+
+
+def compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs: Inputs, u_convention: str,
+                  dtype: str, torch_device: str) -> List[StageResult]:
+    torch32 = torch_stages(torch_model, rm_config, scheduler_config, inputs, u_convention, torch.float32,
+                           torch_device)
+    torch_low = None
+    if dtype != "fp32":
+        torch_low = torch_stages(copy.deepcopy(torch_model), rm_config, scheduler_config, inputs, u_convention,
+                                 TORCH_DTYPES[dtype], torch_device)
+    return compare_stages(ms_stages(ms_model, inputs), torch32, bounds_for(dtype, torch32, torch_low))
+
+
+# --- built-in cases and user checkpoints -------------------------------------------------------
+@dataclass
+class PreparedCase:
+    case: Case
+    paths: "object"              # parity.checkpoints.ReferencePaths
+    converted: Dict[str, str]    # storage dtype -> converted checkpoint directory
+
+
+def prepare_case(case: Case, workdir: str, seed: int = 0) -> PreparedCase:
+    """Build the case's random reference model, save it as the reference saves, and convert it."""
+    from ms_rm.checkpoint import convert
+
+    from .builders import build_reference, lora_kwargs
+    from .checkpoints import round_to_, save_reference
+
+    rm_config = case.rm_config()
+    lora = lora_kwargs(rm_config, **case.lora) if case.mode == "lora" else None
+    reference = build_reference(rm_config, case.transformer, SCHEDULER, seed=seed, lora=lora)
+    base_dtype = TORCH_DTYPES[case.base_dtype]
+    if base_dtype != torch.float32:
+        round_to_(reference.transformer, base_dtype)
+    paths = save_reference(reference, os.path.join(workdir, "reference"), case.mode, base_dtype, case.shard_size)
+    out = os.path.join(workdir, f"converted-{case.storage}")
+    convert(paths.src, paths.transformer, paths.scheduler, out, dtype=case.storage,
+            u_convention=case.u_convention, progress=False)
+    return PreparedCase(case, paths, {"fp32": out})
+
+
+def run_prepared(prepared: PreparedCase, mode: str = "graph", dtype: str = "fp32", seed: int = 0,
+                 ms_device: str = "CPU", torch_device: str = "cpu") -> Report:
+    import mindspore as ms
+
+    from ms_rm import DiffusionRM
+    from ms_rm.checkpoint import convert
+
+    from .reference import load_reference_model
+
+    case, paths = prepared.case, prepared.paths
+    if dtype not in prepared.converted:
+        out = os.path.join(os.path.dirname(prepared.converted["fp32"]), f"converted-{dtype}")
+        convert(paths.src, paths.transformer, paths.scheduler, out, dtype=dtype,
+                u_convention=case.u_convention, progress=False)
+        prepared.converted[dtype] = out
+    ms_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[dtype]
+    ms_model = DiffusionRM.from_pretrained(prepared.converted[dtype], dtype=ms_dtype, mode=mode, verify=True)
+    torch_model, rm_config, scheduler_config = load_reference_model(paths.src, paths.transformer, paths.scheduler)
+    bb = ms_model.config.backbone
+    inputs = Inputs.random(case.batch, bb.in_channels, case.latent_hw, case.text_tokens, bb.joint_attention_dim,
+                           bb.pooled_projection_dim, case.u, seed, case.ensemble)
+    stages = compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs, case.u_convention,
+                           dtype, torch_device)
+    return Report(case.name, case.description, mode, dtype, seed, stages,
+                  _precision_notes(dtype, ms_model), environment(ms_device, torch_device))
+
+
+def _precision_notes(dtype: str, ms_model) -> List[str]:
+    if dtype == "fp32":
+        return []
+    import mindspore as ms
+
+    computed = {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16"}[ms_model.compute_dtype]
+    note = (f"ms_rm: {dtype}-stored weights computed in {computed}; torch: {dtype} weights and compute. "
+            f"Bound per stage: {LOW_PRECISION_FACTOR:g} x torch-{dtype}'s own error vs torch fp32 "
+            f"(floor {FP32_BOUND:g}).")
+    if computed != dtype:
+        note += f" (The MindSpore {ms.get_context('device_target')} backend has no {dtype} compute.)"
+    return [note]
+
+
+def run_case(case: Case, modes: Sequence[str] = ("graph",), dtype: str = "fp32", seed: int = 0,
+             ms_device: str = "CPU", torch_device: str = "cpu") -> List[Report]:
+    with tempfile.TemporaryDirectory(prefix=f"ms_rm-parity-{case.name}-") as workdir:
+        prepared = prepare_case(case, workdir, seed)
+        return [run_prepared(prepared, mode, dtype, seed, ms_device, torch_device) for mode in modes]
+
+
+def run_checkpoint(src: str, transformer: str, scheduler: str, converted: str, config: Optional[str] = None,
+                   inputs_path: Optional[str] = None, u: Sequence[float] = (0.4,), batch: int = 1,
+                   latent_hw=(64, 64), text_tokens: int = 333, modes: Sequence[str] = ("graph",),
+                   dtype: str = "fp32", seed: int = 0, ms_device: str = "CPU", torch_device: str = "cpu"
+                   ) -> List[Report]:
+    """A user's reference checkpoint against its ms-rm convert output, on generated or given inputs."""
+    import mindspore as ms
+
+    from ms_rm import DiffusionRM
+
+    from .reference import load_reference_model
+
+    torch_model, rm_config, scheduler_config = load_reference_model(src, transformer, scheduler, config)
+    ms_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[dtype]
+    reports = []
+    for mode in modes:
+        ms_model = DiffusionRM.from_pretrained(converted, dtype=ms_dtype, mode=mode)
+        bb = ms_model.config.backbone
+        if inputs_path:
+            inputs = Inputs.load(inputs_path, u, seed)
+        else:
+            inputs = Inputs.random(batch, bb.in_channels, latent_hw, text_tokens, bb.joint_attention_dim,
+                                   bb.pooled_projection_dim, u, seed)
+        stages = compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs,
+                               ms_model.config.u_convention, dtype, torch_device)
+        reports.append(Report(f"checkpoint:{os.path.basename(os.path.normpath(src))}",
+                              f"{src} vs {converted}", mode, dtype, seed, stages,
+                              _precision_notes(dtype, ms_model), environment(ms_device, torch_device)))
+    return reports
