@@ -245,7 +245,8 @@ class ConversionPlan:
         size, dim = bb.pos_embed_max_size, bb.inner_dim
         if tuple(source.shape(key)) != (1, size * size, dim):
             raise CheckpointError(f"{where} has shape {tuple(source.shape(key))}, expected {(1, size * size, dim)} "
-                                  "from the transformer config (pos_embed_max_size, width)")
+                                  "from the transformer config (pos_embed_max_size, width): does the transformer "
+                                  "config.json match these weights?")
         dtype = source.dtype(key)
         if dtype.name not in TABLE_EPS:
             raise CheckpointError(f"{where} has dtype {dtype}, expected float32, bfloat16 or float16")
@@ -392,7 +393,8 @@ class ConversionPlan:
             return stored
         if plan.lora is not None:
             values = values + self.sources.lora.delta(plan.lora_module, plan.lora[2])
-        result = values.astype(out)
+        with np.errstate(over="ignore"):                    # overflow is checked right below
+            result = values.astype(out)
         if not np.isfinite(result.astype(np.float32)).all():
             merged = " LoRA-merged" if plan.lora is not None else ""
             raise CheckpointError(f"{where}: the{merged} values overflow {out}")

@@ -1,0 +1,33 @@
+"""The converter at the real SD3.5-Medium size (several GB on disk): memory bound and a real-size load."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from parity.synthetic import MEMORY_BOUND, measured_convert, write_reference
+
+
+@pytest.mark.slow
+def test_real_size_conversion_stays_within_its_memory_bound(tmp_path):
+    paths = write_reference(str(tmp_path / "reference"))
+    out = str(tmp_path / "converted")
+    m = measured_convert(paths, out)
+    gib = 1024 ** 3
+    print(f"\nreal-size convert: {m['seconds']:.1f} s, peak RSS {m['peak_rss'] / gib:.2f} GiB, "
+          f"bound {m['bound'] / gib:.2f} GiB")
+    assert m["largest_tensor"] == 13824 * 1536 * 2            # norm1.linear.weight, 9 x 1536 rows, bf16
+    assert m["peak_rss"] <= MEMORY_BOUND + m["largest_tensor"]
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["lora"]["merged_modules"] == 12 * 12
+    assert sum(1 for k in manifest["unused"]["transformer"] if k.startswith("transformer_blocks.")) > 12 * 30
+
+    from ms_rm import DiffusionRM
+
+    model = DiffusionRM.from_pretrained(out, verify=True)      # every one of 1.37e9 parameters filled
+    rng = np.random.default_rng(0)
+    reward = model.reward(rng.standard_normal((1, 16, 16, 16), dtype=np.float32),
+                          rng.standard_normal((1, 10, 4096), dtype=np.float32),
+                          rng.standard_normal((1, 2048), dtype=np.float32), u=0.4, seed=0)
+    assert reward.shape == (1, 1) and np.isfinite(reward.asnumpy()).all()
