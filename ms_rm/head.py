@@ -15,10 +15,11 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
+from mindspore.common.initializer import initializer
 
 from . import ops
 from .config import RewardModelConfig
-from .layers import GELU, RMSNorm, SiLU, modulate
+from .layers import GELU, Linear, RMSNorm, SiLU, modulate
 
 
 # The head's norms are torch.nn.RMSNorm(width) with eps=None. torch (2.5 and later, so the
@@ -33,7 +34,7 @@ def head_norm(width: int) -> RMSNorm:
 
 def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.SequentialCell:
     """Linear -> SiLU -> Linear, its Linears named 0 and 2 like the reference's nn.Sequential."""
-    return nn.SequentialCell([mint.nn.Linear(dim_in, hidden), SiLU(), mint.nn.Linear(hidden, dim_out)])
+    return nn.SequentialCell([Linear(dim_in, hidden), SiLU(), Linear(hidden, dim_out)])
 
 
 class FiLMAdapter(nn.Cell):
@@ -43,16 +44,17 @@ class FiLMAdapter(nn.Cell):
         super().__init__()
         self.has_proj_in = use_proj_in or dim != width
         if self.has_proj_in:
-            self.proj_in = mint.nn.Linear(dim, width)
-        self.layer_embed = Parameter(Tensor(np.zeros((1, 1, width), np.float32)), name="layer_embed")
+            self.proj_in = Linear(dim, width)
+        self.layer_embed = Parameter(initializer("zeros", (1, 1, width), ms.float32), name="layer_embed")
         self.cond_mlp = mlp(dim, 2 * width, 2 * width)
-        self.proj = mint.nn.Linear(width, width // 4)
+        self.proj = Linear(width, width // 4)
 
     def construct(self, x: Tensor, temb: Tensor) -> Tensor:
         if self.has_proj_in:
             x = self.proj_in(x)                                          # (B, L, W)
         gamma, beta = mint.chunk(self.cond_mlp(temb), 2, dim=-1)         # (B, W) each
-        x = modulate(x, beta, gamma) + self.layer_embed
+        x = modulate(x, beta, gamma)
+        x = x + ops.expand(self.layer_embed, x)
         return self.proj(x)                                              # (B, L, F)
 
 
@@ -70,23 +72,23 @@ class CrossAttention(nn.Cell):
         self.gated = gated
         self.norm_q = head_norm(width)
         self.norm_v = head_norm(width)
-        self.to_q = mint.nn.Linear(width, width)
-        self.to_k_vis = mint.nn.Linear(width, width)
-        self.to_v_vis = mint.nn.Linear(width, width)
+        self.to_q = Linear(width, width)
+        self.to_k_vis = Linear(width, width)
+        self.to_v_vis = Linear(width, width)
         if gated:
             self.gate_vis = mlp(width, width, 1)
         if use_text:
             self.norm_t = head_norm(width)
-            self.to_k_text = mint.nn.Linear(width, width)
-            self.to_v_text = mint.nn.Linear(width, width)
+            self.to_k_text = Linear(width, width)
+            self.to_v_text = Linear(width, width)
             if gated:
                 self.gate_text = mlp(width, width, 1)
-        self.to_out = nn.SequentialCell([mint.nn.Linear(width, width)])  # to_out.1 is dropout
+        self.to_out = nn.SequentialCell([Linear(width, width)])  # to_out.1 is dropout
 
     def _branch(self, q: Tensor, context: Tensor, to_k, to_v, gate) -> Tensor:
         value = to_v(context)                                            # (B, L, W)
         if self.gated:
-            value = value * ops.sigmoid(gate(context))                  # gate (B, L, 1)
+            value = value * ops.expand(ops.sigmoid(gate(context)), value)   # gate (B, L, 1)
         return ops.attention(q, ops.split_heads(to_k(context), self.heads),
                              ops.split_heads(value, self.heads))         # (B, H, Q, W/H)
 
@@ -113,17 +115,17 @@ class RewardHead(nn.Cell):
             [FiLMAdapter(dim, width, head.use_proj_in) for _ in range(n_visual)])
         self.layer_adapters_text = nn.CellList(
             [FiLMAdapter(dim, width, head.use_proj_in) for _ in range(n_text)])
-        self.agg_visual = mint.nn.Linear(n_visual * features, width)
-        self.agg_text = mint.nn.Linear(n_text * features, width)
-        self.query_tokens = Parameter(Tensor(np.zeros((1, head.num_queries, width), np.float32)),
+        self.agg_visual = Linear(n_visual * features, width)
+        self.agg_text = Linear(n_text * features, width)
+        self.query_tokens = Parameter(initializer("zeros", (1, head.num_queries, width), ms.float32),
                                       name="query_tokens")
         self.attn1 = CrossAttention(width, head.num_attn_heads, use_text=True, gated=True)
         self.attn2 = CrossAttention(width, head.num_attn_heads, use_text=False, gated=False)
         self.norm_ff = head_norm(width)
         # ff.3 is the reference's dropout.
-        self.ff = nn.SequentialCell([mint.nn.Linear(width, 4 * width), GELU(approximate=False),
-                                     mint.nn.Linear(4 * width, width), nn.Identity()])
-        self.head = mint.nn.Linear(width, head.out_dim)
+        self.ff = nn.SequentialCell([Linear(width, 4 * width), GELU(approximate=False),
+                                     Linear(4 * width, width), nn.Identity()])
+        self.head = Linear(width, head.out_dim)
 
     def view_tokens(self, visual: Sequence[Tensor], text: Sequence[Tensor], temb: Tensor
                     ) -> Tuple[Tensor, Tensor]:

@@ -13,21 +13,49 @@ from typing import Optional, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
+from mindspore.common.initializer import initializer
 
 from . import ops
 
 
+# diffusers computes the frequencies with torch's float32 exp (also in a float64 model). On the
+# CPU that exp (SLEEF, 1-ulp accurate) lands one ulp above the correctly rounded value at two of
+# the 128 frequencies of SD3 / FLUX's 256-channel projection; at t ~ 1000 one ulp is a 3e-5
+# phase difference, which shows in every later stage (5x the error of temb otherwise). The
+# reference computes with torch's values, so ms_rm does too; tests/test_ops.py pins them.
+_TORCH_EXP_ROUNDS_UP = {(256, 0.0, 10000.0): (12, 106)}
+
+
 def timestep_frequencies(channels: int = 256, downscale_freq_shift: float = 0.0,
                          max_period: float = 10000.0) -> np.ndarray:
-    """The sinusoid frequencies of diffusers' get_timestep_embedding, as float32.
+    """The sinusoid frequencies of diffusers' get_timestep_embedding, float32, as torch has them.
 
-    Computed in float64 and rounded once: MindSpore's float32 exp is off by tens of ulp, which
-    at t ~ 1000 moves the phase by 1e-3.
+    exp is computed on the host (MindSpore's float32 exp is off by tens of ulp, 1e-3 of phase at
+    t ~ 1000): correctly rounded from float64, then torch's known one-ulp differences applied.
     """
     half = channels // 2
     exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
     exponent = exponent / np.float32(half - downscale_freq_shift)     # the float32 steps torch takes
-    return np.exp(exponent.astype(np.float64)).astype(np.float32)
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    for i in _TORCH_EXP_ROUNDS_UP.get((channels, float(downscale_freq_shift), float(max_period)), ()):
+        freqs[i] = np.nextafter(freqs[i], np.float32(np.inf))
+    return freqs
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b with weight (out, in) and bias (out,), torch's layout and names.
+
+    Through ops.linear (MatMul + BiasAdd) rather than mint.nn.Linear: faster on the CPU, and
+    its memory is reused inside compiled graphs.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.weight = Parameter(initializer("zeros", (out_features, in_features), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias") if bias else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
 
 
 class Timesteps(nn.Cell):
@@ -48,8 +76,8 @@ class MLPEmbedding(nn.Cell):
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
-        self.linear_1 = mint.nn.Linear(in_dim, dim)
-        self.linear_2 = mint.nn.Linear(dim, dim)
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def construct(self, x: Tensor) -> Tensor:
         return self.linear_2(ops.silu(self.linear_1(x)))
@@ -61,7 +89,7 @@ class AdaLNModulation(nn.Cell):
     def __init__(self, dim: int, chunks: int):
         super().__init__()
         self.chunks = chunks
-        self.linear = mint.nn.Linear(dim, chunks * dim)
+        self.linear = Linear(dim, chunks * dim)
 
     def construct(self, temb: Tensor) -> Tuple[Tensor, ...]:
         return mint.chunk(self.linear(ops.silu(temb)), self.chunks, dim=1)
@@ -69,7 +97,12 @@ class AdaLNModulation(nn.Cell):
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """x (B, L, D) * (1 + scale) + shift, with (B, D) modulation vectors."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return x * ops.expand((1 + scale)[:, None], x) + ops.expand(shift[:, None], x)
+
+
+def gated_residual(residual: Tensor, gate: Tensor, x: Tensor) -> Tensor:
+    """residual + gate * x, with x (B, L, D) and a (B, D) gate (adaLN-Zero's gated residual)."""
+    return residual + ops.expand(gate[:, None], x) * x
 
 
 class SiLU(nn.Cell):
@@ -92,7 +125,7 @@ class GELUProjection(nn.Cell):
     def __init__(self, dim_in: int, dim_out: int, approximate: bool):
         super().__init__()
         self.approximate = approximate
-        self.proj = mint.nn.Linear(dim_in, dim_out)
+        self.proj = Linear(dim_in, dim_out)
 
     def construct(self, x: Tensor) -> Tensor:
         return ops.gelu(self.proj(x), self.approximate)
@@ -105,7 +138,7 @@ class FeedForward(nn.Cell):
         super().__init__()
         # Index 1 is diffusers' dropout, kept so that the second Linear is named net.2.
         self.net = nn.SequentialCell([GELUProjection(dim, dim * mult, approximate=True), nn.Identity(),
-                                      mint.nn.Linear(dim * mult, dim)])
+                                      Linear(dim * mult, dim)])
 
     def construct(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -119,7 +152,7 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.eps = eps
         self.scale_in_float32 = scale_in_float32
-        self.weight = Parameter(Tensor(np.ones(dim, np.float32)), name="weight")
+        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
 
     def construct(self, x: Tensor) -> Tensor:
         return ops.rms_norm(x, self.weight, self.eps, self.scale_in_float32)
@@ -142,27 +175,29 @@ class Attention(nn.Cell):
         self.joint = joint
         self.context_out = context_out
         self.use_qk_norm = qk_norm is not None
-        self.to_q = mint.nn.Linear(dim, dim)
-        self.to_k = mint.nn.Linear(dim, dim)
-        self.to_v = mint.nn.Linear(dim, dim)
-        self.to_out = nn.SequentialCell([mint.nn.Linear(dim, dim)])   # to_out.1 is diffusers' dropout
+        self.to_q = Linear(dim, dim)
+        self.to_k = Linear(dim, dim)
+        self.to_v = Linear(dim, dim)
+        self.to_out = nn.SequentialCell([Linear(dim, dim)])   # to_out.1 is diffusers' dropout
         if self.use_qk_norm:
             self.norm_q = RMSNorm(head_dim, eps)
             self.norm_k = RMSNorm(head_dim, eps)
         if joint:
-            self.add_q_proj = mint.nn.Linear(dim, dim)
-            self.add_k_proj = mint.nn.Linear(dim, dim)
-            self.add_v_proj = mint.nn.Linear(dim, dim)
+            self.add_q_proj = Linear(dim, dim)
+            self.add_k_proj = Linear(dim, dim)
+            self.add_v_proj = Linear(dim, dim)
             if context_out:
-                self.to_add_out = mint.nn.Linear(dim, dim)
+                self.to_add_out = Linear(dim, dim)
             if self.use_qk_norm:
                 self.norm_added_q = RMSNorm(head_dim, eps)
                 self.norm_added_k = RMSNorm(head_dim, eps)
 
     def _qkv(self, x: Tensor, to_q, to_k, to_v, norm_q, norm_k):
-        q = ops.split_heads(to_q(x), self.heads)                     # (B, H, L, d)
-        k = ops.split_heads(to_k(x), self.heads)
-        v = ops.split_heads(to_v(x), self.heads)
+        """Projections in token-major head layout (B, L, H, d); the qk-norm acts on d there."""
+        b, length, _ = x.shape
+        q = to_q(x).reshape(b, length, self.heads, -1)
+        k = to_k(x).reshape(b, length, self.heads, -1)
+        v = to_v(x).reshape(b, length, self.heads, -1)
         if self.use_qk_norm:
             q, k = norm_q(q), norm_k(k)
         return q, k, v
@@ -171,15 +206,17 @@ class Attention(nn.Cell):
         """x (B, N, D), context (B, T, D) -> out (B, N, D) [, context out (B, T, D) or None]."""
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v,
                             self.norm_q if self.use_qk_norm else None,
-                            self.norm_k if self.use_qk_norm else None)
+                            self.norm_k if self.use_qk_norm else None)          # (B, N, H, d)
+        if self.joint:   # one sequence [image, text], joined before the heads move to axis 1
+            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                   self.norm_added_q if self.use_qk_norm else None,
+                                   self.norm_added_k if self.use_qk_norm else None)
+            q, k, v = mint.cat([q, cq], dim=1), mint.cat([k, ck], dim=1), mint.cat([v, cv], dim=1)
+        q, k, v = ops.heads_first(q), ops.heads_first(k), ops.heads_first(v)      # (B, H, L, d)
+        out = ops.merge_heads(ops.attention(q, k, v))                            # (B, L, D)
         if not self.joint:
-            return self.to_out(ops.merge_heads(ops.attention(q, k, v)))
-        cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                               self.norm_added_q if self.use_qk_norm else None,
-                               self.norm_added_k if self.use_qk_norm else None)
+            return self.to_out(out)
         n_image = x.shape[1]
-        q, k, v = mint.cat([q, cq], dim=2), mint.cat([k, ck], dim=2), mint.cat([v, cv], dim=2)
-        out = ops.merge_heads(ops.attention(q, k, v))                # (B, N+T, D)
         image_out = self.to_out(out[:, :n_image])
         if not self.context_out:
             return image_out, None

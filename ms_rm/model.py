@@ -106,11 +106,10 @@ class DiffusionRM(nn.Cell):
         load_parameters(self, lambda name: np.asarray(tensors[name]), tensors.keys(), source)
 
     def randomize(self, seed: int = 0) -> "DiffusionRM":
-        """Random weights of realistic scale (weights.random_parameter), for demos and tests."""
-        rng = np.random.default_rng(seed)
-        arrays = {p.name: random_parameter(p.name, p.shape, rng)
-                  for p in sorted(self.get_parameters(), key=lambda p: p.name)}
-        self.load_state_dict(arrays, source=f"random weights (seed {seed})")
+        """Random weights of realistic scale (weights.random_parameter), one tensor at a time."""
+        shapes = {p.name: p.shape for p in self.get_parameters()}
+        load_parameters(self, lambda name: random_parameter(name, shapes[name], seed), shapes,
+                        f"random weights (seed {seed})")
         return self
 
     # --- the tensor program ----------------------------------------------------------------
@@ -176,11 +175,11 @@ class DiffusionRM(nn.Cell):
         """u -> sigma (B,), timestep (B,) under this model's u convention."""
         return self.schedule.lookup(u, batch, self.config.u_convention)
 
-    def _noise(self, shape, noise, seed) -> Tensor:
+    def _noise(self, shape, noise, seed, check_values: bool = True) -> Tensor:
         if noise is not None:
             if seed is not None:
                 raise InputError("pass either noise or seed, not both")
-            return noise_input(noise, shape)
+            return noise_input(noise, shape, check_values=check_values)
         return Tensor(draw_noise(shape, seed=seed, rng=self._rng))
 
     # --- public calls ---------------------------------------------------------------------
@@ -211,7 +210,7 @@ class DiffusionRM(nn.Cell):
         latents, ehs, pooled, positions = self._prepare(latents, encoder_hidden_states,
                                                         pooled_projections, check_values)
         sigma, timestep = self.noise_level(u, latents.shape[0])
-        eps = self._noise(tuple(latents.shape), noise, seed)
+        eps = self._noise(tuple(latents.shape), noise, seed, check_values)
         return self._run("construct", latents, eps, Tensor(sigma), Tensor(timestep), ehs, pooled,
                          *positions)[-1]
 

@@ -15,12 +15,14 @@ from typing import Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, mint, nn
+from mindspore import Parameter, Tensor, nn
+from mindspore.common.initializer import initializer
 
 from . import ops
 from .config import RewardModelConfig
 from .errors import InputError
-from .layers import AdaLNModulation, Attention, FeedForward, MLPEmbedding, Timesteps, modulate
+from .layers import (AdaLNModulation, Attention, FeedForward, Linear, MLPEmbedding, Timesteps,
+                     gated_residual, modulate)
 
 
 POSITION_TABLE_KEY = "pos_embed.pos_embed"
@@ -68,14 +70,12 @@ class PatchProjection(nn.Cell):
     def __init__(self, in_channels: int, dim: int, patch: int):
         super().__init__()
         self.patch = patch
-        self.weight = Parameter(Tensor(np.zeros((dim, in_channels, patch, patch), np.float32)),
-                                name="weight")
-        self.bias = Parameter(Tensor(np.zeros(dim, np.float32)), name="bias")
+        self.weight = Parameter(initializer("zeros", (dim, in_channels, patch, patch), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
 
     def construct(self, latents: Tensor) -> Tensor:
         patches = ops.patchify(latents, self.patch)                  # (B, N, C*p*p)
-        return mint.nn.functional.linear(patches, self.weight.reshape(self.weight.shape[0], -1),
-                                         self.bias)                  # (B, N, D)
+        return ops.linear(patches, self.weight.reshape(self.weight.shape[0], -1), self.bias)   # (B, N, D)
 
 
 class PatchEmbed(nn.Cell):
@@ -88,7 +88,8 @@ class PatchEmbed(nn.Cell):
     def construct(self, latents: Tensor, positions: Tensor) -> Tensor:
         patches = self.proj(latents)                                 # (B, N, D)
         # diffusers adds its float32 table in float32, then casts back.
-        return (patches.astype(ms.float32) + positions).astype(patches.dtype)
+        patches32 = patches.astype(ms.float32)
+        return (patches32 + ops.expand(positions, patches32)).astype(patches.dtype)
 
 
 class CombinedTimestepTextProjEmbeddings(nn.Cell):
@@ -137,18 +138,16 @@ class JointTransformerBlock(nn.Cell):
         attn_out, context_attn_out = self.attn(modulate(normed, mod[0], mod[1]),
                                                modulate(ops.layer_norm(context), c_mod[0], c_mod[1]))
         if self.image_out:
-            hidden = hidden + mod[2][:, None] * attn_out
+            hidden = gated_residual(hidden, mod[2], attn_out)
             if self.dual_attention:
-                attn2_out = self.attn2(modulate(normed, mod[6], mod[7]))
-                hidden = hidden + mod[8][:, None] * attn2_out
-            ff_out = self.ff(modulate(ops.layer_norm(hidden), mod[3], mod[4]))
-            hidden = hidden + mod[5][:, None] * ff_out
+                hidden = gated_residual(hidden, mod[8], self.attn2(modulate(normed, mod[6], mod[7])))
+            hidden = gated_residual(hidden, mod[5], self.ff(modulate(ops.layer_norm(hidden), mod[3], mod[4])))
         else:
             hidden = None
         if self.context_out:
-            context = context + c_mod[2][:, None] * context_attn_out
-            ff_out = self.ff_context(modulate(ops.layer_norm(context), c_mod[3], c_mod[4]))
-            context = context + c_mod[5][:, None] * ff_out
+            context = gated_residual(context, c_mod[2], context_attn_out)
+            context = gated_residual(context, c_mod[5],
+                                     self.ff_context(modulate(ops.layer_norm(context), c_mod[3], c_mod[4])))
         else:
             context = None
         return hidden, context
@@ -170,7 +169,7 @@ class SD3Backbone(nn.Cell):
         dim = bb.inner_dim
         self.pos_embed = PatchEmbed(bb.in_channels, dim, bb.patch_size)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, bb.pooled_projection_dim)
-        self.context_embedder = mint.nn.Linear(bb.joint_attention_dim, dim)
+        self.context_embedder = Linear(bb.joint_attention_dim, dim)
         self.transformer_blocks = nn.CellList([
             JointTransformerBlock(dim, bb.num_attention_heads, bb.qk_norm,
                                   dual_attention=i in bb.dual_attention_layers,

@@ -6,6 +6,7 @@ the caller, with a reason), shapes must match and values must be finite. Errors 
 
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Iterable, Mapping, Optional
 
 import numpy as np
@@ -75,14 +76,17 @@ NORM_WEIGHT_SUFFIXES = ("norm_q.weight", "norm_k.weight", "norm_added_q.weight",
                         "norm_v.weight", "norm_t.weight", "norm_ff.weight")
 
 
-def random_parameter(name: str, shape, rng: np.random.Generator) -> np.ndarray:
-    """A random value of realistic scale for parameter `name`, for demos and parity models.
+def random_parameter(name: str, shape, seed: int) -> np.ndarray:
+    """A random value of realistic scale for parameter `name`, for demos, parity models and benchmarks.
 
-    Matrices (and conv kernels, LoRA factors) ~ N(0, 1/fan_in), norm weights ~ 1 + N(0, 0.01),
-    eta4 ~ 0.15 + N(0, 0.0025), other vectors ~ N(0, 0.01). Every value is random: the released
-    init zeroes some layers, which would hide bugs in a parity check.
+    Drawn from a generator seeded by (seed, name), so any process, framework or parameter order
+    gets the same values for the same name. Matrices (and conv kernels, LoRA factors) ~
+    N(0, 1/fan_in), norm weights ~ 1 + N(0, 0.01), eta4 ~ 0.15 + N(0, 0.0025), other vectors ~
+    N(0, 0.01). Every value is random: the released init zeroes some layers, which would hide
+    bugs in a parity check.
     """
-    noise = rng.standard_normal(tuple(shape)).astype(np.float32)
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    noise = rng.standard_normal(tuple(shape), dtype=np.float32)
     if name.endswith(NORM_WEIGHT_SUFFIXES):
         return 1.0 + 0.1 * noise
     if name.endswith("eta4"):

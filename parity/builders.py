@@ -18,12 +18,12 @@ from ms_rm.weights import random_parameter
 
 from .reference import RewardHead, SD3Cut, TorchRewardModel
 
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Overwrite every parameter of `module` with ms_rm's random_parameter values (name order)."""
-    rng = np.random.default_rng(seed)
+def randomize_(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
+    """Overwrite every parameter of `module` with ms_rm's random_parameter values, named as the
+    reward model names them (`prefix` + name), so ms_rm's `randomize(seed)` draws the same."""
     with torch.no_grad():
-        for name, param in sorted(module.named_parameters()):
-            param.copy_(torch.from_numpy(random_parameter(name, param.shape, rng)).to(param.dtype))
+        for name, param in module.named_parameters():
+            param.copy_(torch.from_numpy(random_parameter(prefix + name, param.shape, seed)).to(param.dtype))
 
 
 @dataclass
@@ -63,7 +63,7 @@ def build_reference(rm_config: dict, transformer_config: dict, scheduler_config:
     torch.manual_seed(seed)
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     transformer = SD3Transformer2DModel(**config).eval()
-    randomize_(transformer, seed)
+    randomize_(transformer, seed, prefix="backbone.")
     model_cfg = rm_config["model"]
     # peft swaps the Linears it adapts in place: keep `transformer` plain by cutting a copy.
     backbone = SD3Cut(copy.deepcopy(transformer) if lora is not None else transformer,
@@ -73,16 +73,15 @@ def build_reference(rm_config: dict, transformer_config: dict, scheduler_config:
         from peft import LoraConfig, get_peft_model
 
         backbone = get_peft_model(backbone, LoraConfig(**lora))
-        rng = np.random.default_rng(seed + 1)
         with torch.no_grad():     # peft starts B at zero: make every delta non-trivial
-            for name, p in sorted(backbone.named_parameters()):
+            for name, p in backbone.named_parameters():
                 if "lora_" in name:
-                    p.copy_(torch.from_numpy(random_parameter(name, p.shape, rng)))
+                    p.copy_(torch.from_numpy(random_parameter(name, p.shape, seed + 1)))
     head_cfg = dict(model_cfg.get("reward_head", {}))
     head = RewardHead(transformer.inner_dim, len(model_cfg["visual_head_idx"]),
                       len(model_cfg["text_head_idx"]), **head_cfg)
     model = TorchRewardModel(backbone, head, model_cfg.get("use_logistic", False)).eval()
-    randomize_(head, seed + 2)
+    randomize_(head, seed, prefix="reward_head.")
     if model.use_logistic:
         with torch.no_grad():
             model.eta3.fill_(0.1)     # off their init values, so a checkpoint that drops them shows

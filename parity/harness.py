@@ -1,15 +1,23 @@
 """Run the torch reference and ms_rm on identical weights, inputs and noise; compare every stage.
 
-Tolerance policy (enforced here, documented in the README):
-* fp32: every stage within FP32_BOUND = 1e-5 max relative error (max|diff| / max|ref|).
-* bf16 / fp16: ms_rm at that precision is compared with torch fp32; its error at each stage
-  may be at most LOW_PRECISION_FACTOR = 2x the error torch itself makes at that precision
-  (torch low vs torch fp32, same inputs) at that stage or any earlier one in data-flow order,
-  and never needs to beat the fp32 bound. So the bound is measured, not guessed. (The running
-  maximum matters for the last stages: a raw reward of two numbers gives a noisy estimate of
-  torch's own error, while it carries the dtype noise of the taps it is computed from.)
-  On the CPU MindSpore has no bf16 compute: "bf16" there means bf16-stored weights computed
-  in fp32, and the report says so.
+Tolerance policy (enforced here, documented in the README). ms_rm is always compared with
+torch fp32, by max relative error (max|diff| / max|ref|), and each stage's bound is measured:
+
+* bound(stage) = max(FP32_BOUND, FACTOR[dtype] x the dtype noise of torch itself at that stage
+  or any earlier one in data-flow order), with FP32_BOUND = 1e-5.
+* fp32: torch's own noise is torch fp32 against torch float64 (same weights and inputs). It is
+  1e-7 to 2e-6 on well-conditioned stages, so their bound is 1e-5; an output that cancels (a
+  reward of 0.06 summed from activations of 1) has a higher floor, and the report names it.
+  FACTOR 5: ms_rm's own fp32 noise is measured at 1.6x torch's (median; p90 2.4x, max 3.8x,
+  every case, two seeds: MindSpore's CPU exp is up to 76 ulp off), and comparing with torch
+  fp32 adds torch's noise to ours: |ms - t32| <= |ms - t64| + |t32 - t64| <= (4 + 1) x floor.
+* bf16 / fp16: torch's own noise is torch at that precision against torch fp32, and torch fp32
+  is exact at that scale: FACTOR 2 (ms_rm measured at up to 1.65x torch's). On the CPU
+  MindSpore has no bf16 compute: "bf16" there means bf16-stored weights computed in fp32, and
+  the report says so.
+
+The running maximum matters for the last stages: a reward of two numbers gives a noisy
+estimate of torch's own error, while it carries the noise of the taps it is computed from.
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ from .cases import SCHEDULER, Case
 from .compare import StageResult, compare_stages, first_failure, stages_as_numpy
 
 FP32_BOUND = 1e-5
-LOW_PRECISION_FACTOR = 2.0
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FACTOR = {"fp32": 5.0, "bf16": 2.0, "fp16": 2.0}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 @dataclass
@@ -142,26 +150,34 @@ def ms_stages(model, inputs: Inputs) -> Dict[str, np.ndarray]:
     return out
 
 
-def bounds_for(dtype: str, torch32: Dict[str, np.ndarray], torch_low: Optional[Dict[str, np.ndarray]]):
-    """Per-stage bounds on the max relative error under the tolerance policy."""
-    if dtype == "fp32":
-        return {"default": FP32_BOUND}
+def bounds_for(dtype: str, reference: Dict[str, np.ndarray], torch_run: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Per-stage bounds under the tolerance policy, from torch's own dtype noise: `torch_run`
+    (torch at the checked precision) against `reference` (torch one precision up)."""
     bounds, budget = {"default": FP32_BOUND}, 0.0
-    for r in compare_stages(torch_low, torch32, {"default": np.inf}):     # data-flow order
+    for r in compare_stages(torch_run, reference, {"default": np.inf}):     # data-flow order
         budget = max(budget, r.max_rel)
-        bounds[r.stage] = max(LOW_PRECISION_FACTOR * budget, FP32_BOUND)
+        bounds[r.stage] = max(FACTOR[dtype] * budget, FP32_BOUND)
     return bounds
+
+
+def _fp32_epsilon_norms_(model) -> None:
+    """Pin eps=None RMSNorms to float32's epsilon, what they use in fp32, before a float64 run."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm) and module.eps is None:
+            module.eps = float(torch.finfo(torch.float32).eps)
 
 
 def compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs: Inputs, u_convention: str,
                   dtype: str, torch_device: str) -> List[StageResult]:
-    torch32 = torch_stages(torch_model, rm_config, scheduler_config, inputs, u_convention, torch.float32,
-                           torch_device)
-    torch_low = None
-    if dtype != "fp32":
-        torch_low = torch_stages(copy.deepcopy(torch_model), rm_config, scheduler_config, inputs, u_convention,
-                                 TORCH_DTYPES[dtype], torch_device)
-    return compare_stages(ms_stages(ms_model, inputs), torch32, bounds_for(dtype, torch32, torch_low))
+    run = lambda model, d: torch_stages(model, rm_config, scheduler_config, inputs, u_convention, TORCH_DTYPES[d],
+                                        torch_device)
+    torch32 = run(torch_model, "fp32")
+    if dtype == "fp32":
+        _fp32_epsilon_norms_(torch_model)
+        bounds = bounds_for(dtype, run(torch_model, "fp64"), torch32)      # converts the model in place
+    else:
+        bounds = bounds_for(dtype, torch32, run(copy.deepcopy(torch_model), dtype))
+    return compare_stages(ms_stages(ms_model, inputs), torch32, bounds)
 
 
 # --- built-in cases and user checkpoints -------------------------------------------------------
@@ -216,18 +232,19 @@ def run_prepared(prepared: PreparedCase, mode: str = "graph", dtype: str = "fp32
     stages = compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs, case.u_convention,
                            dtype, torch_device)
     return Report(case.name, case.description, mode, dtype, seed, stages,
-                  _precision_notes(dtype, ms_model), environment(ms_device, torch_device))
+                  _precision_notes(dtype, ms_model, stages), environment(ms_device, torch_device))
 
 
-def _precision_notes(dtype: str, ms_model) -> List[str]:
-    if dtype == "fp32":
-        return []
+def _precision_notes(dtype: str, ms_model, stages: List[StageResult]) -> List[str]:
     import mindspore as ms
 
+    raised = [f"{r.stage} {r.bound:.1e}" for r in stages if r.bound > FP32_BOUND]
+    if dtype == "fp32":
+        return [f"bound raised by torch's own fp32 noise (fp32 vs float64, x{FACTOR[dtype]:g}): " + ", ".join(raised)] \
+            if raised else []
     computed = {ms.float32: "fp32", ms.float16: "fp16", ms.bfloat16: "bf16"}[ms_model.compute_dtype]
     note = (f"ms_rm: {dtype}-stored weights computed in {computed}; torch: {dtype} weights and compute. "
-            f"Bound per stage: {LOW_PRECISION_FACTOR:g} x torch-{dtype}'s own error vs torch fp32 "
-            f"(floor {FP32_BOUND:g}).")
+            f"Bound per stage: {FACTOR[dtype]:g} x torch-{dtype}'s own error vs torch fp32 (floor {FP32_BOUND:g}).")
     if computed != dtype:
         note += f" (The MindSpore {ms.get_context('device_target')} backend has no {dtype} compute.)"
     return [note]
@@ -267,5 +284,5 @@ def run_checkpoint(src: str, transformer: str, scheduler: str, converted: str, c
                                ms_model.config.u_convention, dtype, torch_device)
         reports.append(Report(f"checkpoint:{os.path.basename(os.path.normpath(src))}",
                               f"{src} vs {converted}", mode, dtype, seed, stages,
-                              _precision_notes(dtype, ms_model), environment(ms_device, torch_device)))
+                              _precision_notes(dtype, ms_model, stages), environment(ms_device, torch_device)))
     return reports

@@ -41,7 +41,13 @@ def assert_fp32_parity(report, name):
     table = format_table(report.stages)
     assert [r.stage for r in report.stages] == expected_stages(name), table
     for r in report.stages:
-        assert r.max_rel <= FP32_BOUND, f"{name} [{report.mode}] stage {r.stage}: {r.max_rel:.2e}\n{table}"
+        assert r.max_rel <= r.bound, f"{name} [{report.mode}] stage {r.stage}: {r.max_rel:.2e}\n{table}"
+        # Embeddings and taps are well-conditioned: their bound is the flat 1e-5. Only the scalar
+        # outputs may get a raised bound, from torch's own measured fp32 noise, and then it is noted.
+        if r.stage in ("sigma", "timestep", "temb") or "_tap_" in r.stage:
+            assert r.bound == FP32_BOUND, table
+        elif r.bound > FP32_BOUND:
+            assert any(r.stage in note for note in report.notes), report.notes
     assert report.passed and report.first_failure is None
 
 

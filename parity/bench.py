@@ -1,0 +1,296 @@
+"""`ms-rm bench` / `python -m parity.bench`: ms_rm's reward forward against the torch reference.
+
+Each framework runs in its own child process (so each one's peak RSS is its own), on the same
+machine, thread count, weights and inputs: random weights drawn per parameter name
+(ms_rm.weights.random_parameter, so both sides hold the same numbers and their rewards must
+agree) and seeded inputs.
+
+* ms_rm: DiffusionRM.reward in graph mode (ms.jit), fp32.
+* torch: diffusers' SD3Transformer2DModel cut after N blocks + our torch head, fp32, no_grad.
+  Random weights are what a merged LoRA looks like: no adapter runs at forward time.
+
+Reported per size: median and spread (min-max) of the timed runs after one warm-up call, the
+first call (MindSpore compiles the graph there), ms/torch time ratio, peak RSS of each process,
+achieved GFLOP/s from an analytic FLOP count (every matmul; elementwise work not counted),
+and that as a share of a measured matmul peak (the FFN GEMM of the same size, in each
+framework; the best of the two is the machine's peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sd35m")
+
+
+def _json(name: str) -> dict:
+    with open(os.path.join(CONFIGS, name)) as f:
+        return json.load(f)
+
+
+def sizes() -> Dict[str, dict]:
+    """The benchmarked configurations: reference config.json, transformer config, input sizes."""
+    real = {"rm": _json("dina-lrm-12layers.json"), "transformer": _json("transformer_config.json"),
+            "latent_hw": (64, 64), "text_tokens": 333}
+    small_transformer = dict(real["transformer"], num_layers=5, num_attention_heads=8, caption_projection_dim=512,
+                             dual_attention_layers=[0, 1, 2, 3], pos_embed_max_size=96, sample_size=64)
+    small_rm = json.loads(json.dumps(real["rm"]))
+    small_rm["model"].update(num_transformer_layers=4, visual_head_idx=[2, 4], text_head_idx=[2, 4])
+    small = {"rm": small_rm, "transformer": small_transformer, "latent_hw": (32, 32), "text_tokens": 64}
+    return {"real": real, "small": small}
+
+
+def reward_flops(config, height: int, width: int, text_tokens: int) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one sample's reward: every matmul of backbone and head."""
+    bb, head = config.backbone, config.head
+    d, p = bb.inner_dim, bb.patch_size
+    n, t = (height // p) * (width // p), text_tokens
+    flops = 2 * n * bb.in_channels * p * p * d + 2 * t * bb.joint_attention_dim * d          # patch, context
+    flops += 2 * (256 * d + d * d) + 2 * (bb.pooled_projection_dim * d + d * d)              # temb
+    for i in range(config.last_depth):
+        image_out, context_out = config.block_streams(i)
+        dual = i in bb.dual_attention_layers
+        flops += 2 * d * d * (9 if dual else 6) + 2 * d * d * 6                                # adaLN
+        flops += 2 * d * d * (4 * n + 3 * t + (t if context_out else 0))                       # qkv, outs
+        flops += 4 * (n + t) ** 2 * d                                                          # joint attention
+        if image_out:
+            flops += 16 * n * d * d + (8 * n * d * d + 4 * n * n * d if dual else 0)           # ff, attn2
+        if context_out:
+            flops += 16 * t * d * d                                                            # ff_context
+    w, f, q = config.width, config.width // 4, head.num_queries
+    for taps, length in ((config.visual_head_idx, n), (config.text_head_idx, t)):
+        per_tap = (2 * length * d * w if (head.use_proj_in or d != w) else 0) + 2 * (d * 2 * w + 4 * w * w) \
+            + 2 * length * w * f
+        flops += len(taps) * per_tap + 2 * length * len(taps) * f * w                          # adapters, agg
+        flops += 2 * length * w * w * 3 + 2 * length * w + 4 * q * length * w                 # k, v, gate; attend
+    flops += 2 * q * w * w * 2 + 2 * n * w * w * 2 + 4 * q * n * w + 2 * q * w * w * 2         # attn1 q/out, attn2
+    flops += 16 * q * w * w + 2 * q * w * head.out_dim                                         # ffn, head
+    return int(flops)
+
+
+# --- children ---------------------------------------------------------------------------------
+def _inputs(spec: dict, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    h, w = spec["latent_hw"]
+    tr = spec["transformer"]
+    return (rng.standard_normal((batch, tr["in_channels"], h, w), dtype=np.float32),
+            rng.standard_normal((batch, spec["text_tokens"], tr["joint_attention_dim"]), dtype=np.float32),
+            rng.standard_normal((batch, tr["pooled_projection_dim"]), dtype=np.float32),
+            rng.standard_normal((batch, tr["in_channels"], h, w), dtype=np.float32))
+
+
+def _ms_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
+    import mindspore as ms
+
+    from ms_rm import DiffusionRM, RewardModelConfig
+
+    ms.set_device("CPU")
+    ms.set_context(runtime_num_threads=threads)
+    config = RewardModelConfig.from_reference(spec["rm"], spec["transformer"], _json("scheduler_config.json"))
+    start = time.perf_counter()
+    model = DiffusionRM(config).randomize(0)
+    build = time.perf_counter() - start
+    latents, ehs, pooled, noise = _inputs(spec, batch)
+
+    def call():
+        return model.reward(latents, ehs, pooled, u=0.4, noise=noise, check_values=False).asnumpy()
+
+    return _timed(call, runs) | {"build_seconds": build}
+
+
+def _torch_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from .builders import randomize_
+    from .reference import RewardHead, SD3Cut, TorchRewardModel, as_torch, lookup_u
+
+    torch.set_num_threads(threads)
+    model_cfg = spec["rm"]["model"]
+    start = time.perf_counter()
+    cfg = {k: v for k, v in spec["transformer"].items() if not k.startswith("_")}
+    cfg["num_layers"] = model_cfg["num_transformer_layers"] + 1        # diffusers' last block is text-less
+    transformer = SD3Transformer2DModel(**cfg).eval()
+    backbone = SD3Cut(transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"],
+                      model_cfg["text_head_idx"])
+    del transformer                                                    # only the cut stays alive
+    randomize_(backbone, 0, prefix="backbone.")
+    head = RewardHead(cfg["num_attention_heads"] * cfg["attention_head_dim"], len(model_cfg["visual_head_idx"]),
+                      len(model_cfg["text_head_idx"]), **model_cfg["reward_head"])
+    randomize_(head, 0, prefix="reward_head.")
+    model = TorchRewardModel(backbone, head, model_cfg.get("use_logistic", False)).eval()
+    build = time.perf_counter() - start
+    latents, ehs, pooled, noise = (as_torch(a) for a in _inputs(spec, batch))
+    sigma, timestep = lookup_u(_json("scheduler_config.json"), [0.4] * batch, "sigma")
+
+    def call():
+        with torch.no_grad():
+            temb, visual, text = model.features(latents, noise, sigma, timestep, ehs, pooled, True, torch.float32)
+            return model.squash(model.reward_head(visual, text, temb)).numpy()
+
+    return _timed(call, runs) | {"build_seconds": build}
+
+
+def _gemm_worker(framework: str, m: int, k: int, n: int, threads: int, runs: int = 5) -> dict:
+    """GFLOP/s of (m, k) @ (k, n)^T through each framework's Linear, the spelling the models use."""
+    a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+    w = np.random.default_rng(1).standard_normal((n, k), dtype=np.float32) / np.sqrt(k)
+    if framework == "ms":
+        import mindspore as ms
+        from mindspore import mint
+
+        ms.set_device("CPU")
+        ms.set_context(runtime_num_threads=threads)
+        x, weight = ms.Tensor(a), ms.Tensor(w)
+
+        def linear(x):
+            return mint.nn.functional.linear(x, weight)
+
+        compiled = ms.jit(linear)
+        call = lambda: compiled(x).asnumpy()
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        x, weight = torch.from_numpy(a), torch.from_numpy(w)
+        call = lambda: torch.nn.functional.linear(x, weight).numpy()
+    timed = _timed(call, runs)
+    return {"gflops": 2 * m * k * n / timed["median"] / 1e9}
+
+
+def _timed(call, runs: int) -> dict:
+    start = time.perf_counter()
+    result = call()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return {"first_call": first, "times": times, "median": float(np.median(times)),
+            "reward": np.asarray(result, dtype=np.float64).ravel().tolist()}
+
+
+def _child(args: List[str]) -> dict:
+    """Run this module as a child with `args`; its JSON result plus its peak RSS in bytes."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "parity.bench", "--child-out", out, *args],
+                                 cwd=os.path.dirname(CONFIGS.rstrip(os.sep)).rsplit(os.sep, 1)[0] or ".")
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"benchmark child {args} failed with status {os.waitstatus_to_exitcode(status)}")
+        with open(out) as f:
+            result = json.load(f)
+    finally:
+        os.remove(out)
+    result["peak_rss"] = usage.ru_maxrss * 1024
+    return result
+
+
+# --- the report ---------------------------------------------------------------------------------
+def run(size_names: List[str], runs: int, threads: int, batch_scaling: bool) -> dict:
+    from ms_rm import RewardModelConfig
+
+    report = {"threads": threads, "sizes": {}}
+    for name in size_names:
+        spec = sizes()[name]
+        config = RewardModelConfig.from_reference(spec["rm"], spec["transformer"], _json("scheduler_config.json"))
+        h, w = spec["latent_hw"]
+        tokens = (h // 2) * (w // 2) + spec["text_tokens"]
+        d = config.backbone.inner_dim
+        gemm = {fw: _child(["--gemm", fw, "--shape", str(tokens), str(d), str(4 * d), "--threads", str(threads)])["gflops"]
+                for fw in ("torch", "ms")}
+        entry = {"flops": reward_flops(config, h, w, spec["text_tokens"]), "gemm_gflops": gemm, "runs": {}}
+        for fw in ("torch", "ms"):
+            entry["runs"][fw] = _child(["--worker", fw, "--size", name, "--batch", "1", "--runs", str(runs),
+                                        "--threads", str(threads)])
+        if batch_scaling and name == "small":
+            entry["batch_scaling"] = {fw: {b: _child(["--worker", fw, "--size", name, "--batch", str(b), "--runs",
+                                                      str(max(3, runs // 2)), "--threads", str(threads)])["median"]
+                                           for b in (1, 2, 4, 8)} for fw in ("torch", "ms")}
+        report["sizes"][name] = entry
+    return report
+
+
+def format_report(report: dict) -> str:
+    gib = 1024 ** 3
+    lines = [f"threads: {report['threads']}",
+             "| size | framework | median s | spread s | first call s | ms/torch | peak RSS GiB | GFLOP/s | % matmul peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in report["sizes"].items():
+        peak = max(entry["gemm_gflops"].values())
+        torch_median = entry["runs"]["torch"]["median"]
+        for fw, label in (("torch", "torch"), ("ms", "ms_rm (graph)")):
+            r = entry["runs"][fw]
+            gflops = entry["flops"] / r["median"] / 1e9
+            ratio = f"{r['median'] / torch_median:.2f}" if fw == "ms" else ""
+            lines.append(f"| {name} | {label} | {r['median']:.3f} | {min(r['times']):.3f}-{max(r['times']):.3f} | "
+                         f"{r['first_call']:.2f} | {ratio} | {r['peak_rss'] / gib:.2f} | {gflops:.0f} | "
+                         f"{100 * gflops / peak:.0f}% |")
+    for name, entry in report["sizes"].items():
+        ms_r, t_r = np.array(entry["runs"]["ms"]["reward"]), np.array(entry["runs"]["torch"]["reward"])
+        rel = float(np.abs(ms_r - t_r).max() / max(np.abs(t_r).max(), 1e-30))
+        lines.append(f"{name}: {entry['flops'] / 1e9:.1f} GFLOP per sample; matmul peak torch "
+                     f"{entry['gemm_gflops']['torch']:.0f}, MindSpore {entry['gemm_gflops']['ms']:.0f} GFLOP/s; "
+                     f"ms_rm reward vs torch: max rel diff {rel:.1e}")
+        if "batch_scaling" in entry:
+            lines.append(f"{name} batch scaling (samples/s): " + "; ".join(
+                f"{fw} " + ", ".join(f"b{b}={int(b) / s:.2f}" for b, s in entry["batch_scaling"][fw].items())
+                for fw in ("torch", "ms")))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ms", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--gemm", choices=["ms", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--shape", type=int, nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="small", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker or args.gemm:
+        if args.worker:
+            work = _ms_worker if args.worker == "ms" else _torch_worker
+            result = work(sizes()[args.size], args.batch, args.runs, args.threads)
+        else:
+            result = _gemm_worker(args.gemm, *args.shape, args.threads)
+        with open(args.child_out, "w") as f:
+            json.dump(result, f)
+        return 0
+    return run_command(args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", nargs="+", choices=["small", "real"], default=["small"],
+                        help="configurations: small (seconds) and/or real (SD3.5-M 12 layers, minutes)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after the warm-up call")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both frameworks")
+    parser.add_argument("--batch-scaling", action="store_true", help="throughput at batch 1, 2, 4, 8 (small size)")
+    parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    report = run(args.sizes, args.runs, args.threads, args.batch_scaling)
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
