@@ -48,3 +48,24 @@ def run_demo(us: Sequence[float] = (0.1, 0.4, 0.9), batch: int = 2, seed: int = 
         rows.append({"u": float(u), "sigma": float(sigma[0]), "seconds": seconds,
                      "reward": reward.asnumpy()[:, 0].tolist()})
     return rows
+
+
+def noise_spread(us: Sequence[float] = (0.1, 0.4, 0.9), draws: int = 32, ks: Sequence[int] = (1, 4, 16),
+                 seed: int = 0) -> List[dict]:
+    """How much the reward moves with the noise: the std over `draws` repetitions of the score of
+    the same latents and prompt, scoring with the mean of k noise draws (k in `ks`), per u."""
+    from .scorers import DiffusionRMSD3Scorer
+
+    model = DiffusionRM(RewardModelConfig.from_dict(TINY_SD35)).randomize(seed)
+    bb = model.config.backbone
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal((1, bb.in_channels, 32, 32), dtype=np.float32)
+    prompt = rng.standard_normal((1, 20, bb.joint_attention_dim), dtype=np.float32)
+    pooled = rng.standard_normal((1, bb.pooled_projection_dim), dtype=np.float32)
+    rows = []
+    for u in us:
+        for k in ks:
+            scorer = DiffusionRMSD3Scorer(model=model, u=u, seed=seed, num_noise_draws=k)
+            scores = [scorer.score_latents(latents, prompt, pooled)[0] for _ in range(draws)]
+            rows.append({"u": float(u), "k": int(k), "mean": float(np.mean(scores)), "std": float(np.std(scores))})
+    return rows

@@ -15,7 +15,14 @@ logger = logging.getLogger("ms_rm.cli")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from ms_rm.demo import run_demo
+    from ms_rm.demo import noise_spread, run_demo
+
+    if args.spread:
+        print("Score spread across noise draws (tiny random model, one sample, 32 repetitions):")
+        print(f"{'u':>5} {'k':>3} {'mean':>9} {'std':>9}")
+        for row in noise_spread():
+            print(f"{row['u']:>5.2f} {row['k']:>3} {row['mean']:>+9.5f} {row['std']:>9.5f}")
+        return 0
 
     rows = run_demo(us=args.u, batch=args.batch, seed=args.seed, mode=args.mode)
     print(f"Tiny random SD3.5-style Diffusion-RM ({args.mode} mode), {args.batch} random latents 16x32x32")
@@ -60,6 +67,17 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from parity.bench import run_command
+    except ImportError as e:
+        from ms_rm.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"ms-rm bench needs the reference side ({e}); install it with "
+                                     "pip install 'ms-rm[reference]'") from None
+    return run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ms-rm", description="MindSpore Diffusion-RM tools.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -73,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=2)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    demo.add_argument("--spread", action="store_true",
+                      help="instead: how much the score moves with the noise, averaging k = 1, 4, 16 draws")
     demo.set_defaults(func=_cmd_demo)
 
     conv = sub.add_parser(
@@ -118,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(parity)
     parity.set_defaults(func=_cmd_parity)
+
+    from parity.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="time and memory of the reward forward against the torch reference",
+                           description="Time ms_rm's reward forward (graph mode, fp32) and the torch reference "
+                                       "on this machine, each in its own process: median, spread, first call, "
+                                       "peak RSS, GFLOP/s against a measured matmul peak.")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,259 @@
+"""Diffusion-RM as a Flow-GRPO-MS scorer, and a MultiScorer that can hand it latents.
+
+Flow-GRPO-MS calls scorers as `scorer(images, prompts) -> list[float]` and combines them with
+`MultiScorer({name: weight}, scorer_configs)` into `{name: [B floats], ..., "avg": weighted
+sum}`. Diffusion-RM scores latents, so at the scoring call a trainer that already holds the
+final latents and prompt embeddings can skip the VAE decode, the image round trip, the VAE
+re-encode and three text encoders: `scorer.score_latents(latents, prompt_embeds, pooled)`, or
+`multi(images, prompts, latents=..., prompt_embeds=..., pooled_prompt_embeds=...)`.
+
+The reward is stochastic through its noise. The scorer's noise policy:
+* `noise="fresh"` (default, as the reference): new noise on every call, from a generator
+  seeded once with `seed` when given (a reproducible sequence);
+* `noise="fixed"`: the same noise on every call (drawn from `seed`);
+* `common_noise=True`: samples with the same prompt share their noise within a call (common
+  random numbers, what GRPO's per-prompt advantages want);
+* `num_noise_draws=K`: the mean reward over K independent noises;
+* `ensemble_u=[...]`: the reference's multi-level ensemble forward instead of one u.
+Noise is drawn for the whole batch before `max_batch` splits it, so splitting changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint
+
+from .errors import ConfigError, InputError
+from .inputs import as_float_tensor
+from .model import DiffusionRM
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATIONS = {
+    "none": (1.0, 0.0),            # the raw head output
+    "reference": (0.1, 1.0),       # (raw + 10) / 10, the reference README's display form
+    "flow-grpo-ms": (0.2, 0.0),    # raw / 5, the Flow-GRPO-MS integration's scale
+}
+DEFAULT_U = {"sigma": 0.4, "index": 0.9}   # recommended for sampler latents under each convention
+NOISE_POLICIES = ("fresh", "fixed")
+
+
+def _normalization(value) -> Tuple[float, float]:
+    if isinstance(value, str):
+        if value not in NORMALIZATIONS:
+            raise ConfigError(f"normalize must be one of {sorted(NORMALIZATIONS)} or (scale, offset), got {value!r}")
+        return NORMALIZATIONS[value]
+    try:
+        scale, offset = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"normalize must be a name or a (scale, offset) pair, got {value!r}") from None
+    return scale, offset
+
+
+class DiffusionRMScorer:
+    """A Diffusion-RM reward model with a noise policy, as a Flow-GRPO-MS scorer.
+
+    checkpoint_path: a folder written by `ms-rm convert`; or pass `model=` (a DiffusionRM).
+    u: the noise level (default: 0.4 under the sigma convention, 0.9 under the index one, the
+       recommended values for sampler latents); ignored when `ensemble_u` is given.
+    normalize: "none" (raw), "reference" ((raw + 10) / 10), "flow-grpo-ms" (raw / 5), or a
+       (scale, offset) pair applied as raw * scale + offset.
+    max_batch: split larger batches into chunks of this size (None: never split).
+    encoder: an object with `encode_images(images) -> latents` and `encode_prompts(prompts) ->
+       (prompt_embeds, pooled_prompt_embeds)`; needed only for `__call__(images, prompts)`.
+    """
+
+    name = "diffusion-rm"
+    family = None                       # the backbone family this scorer class expects, if any
+
+    def __init__(self, checkpoint_path: Optional[str] = None, *, model: Optional[DiffusionRM] = None,
+                 u: Optional[float] = None, normalize: Union[str, Sequence[float]] = "none",
+                 seed: Optional[int] = None, noise: str = "fresh", common_noise: bool = False,
+                 num_noise_draws: int = 1, ensemble_u: Optional[Sequence[float]] = None,
+                 max_batch: Optional[int] = None, encoder: Any = None, dtype: ms.Type = ms.float32,
+                 mode: str = "graph", verify: bool = False):
+        if (checkpoint_path is None) == (model is None):
+            raise ConfigError("pass exactly one of checkpoint_path (a folder written by ms-rm convert) or model")
+        self.model = model if model is not None else DiffusionRM.from_pretrained(
+            checkpoint_path, dtype=dtype, mode=mode, verify=verify)
+        family = self.model.config.backbone.family
+        if self.family is not None and family != self.family:
+            raise ConfigError(f"{type(self).__name__} scores {self.family} models; this checkpoint's backbone is "
+                              f"{family}: use the scorer of that family")
+        if noise not in NOISE_POLICIES:
+            raise ConfigError(f"noise must be one of {NOISE_POLICIES}, got {noise!r}")
+        if noise == "fixed" and seed is None:
+            raise ConfigError("noise='fixed' needs a seed")
+        if not isinstance(num_noise_draws, int) or isinstance(num_noise_draws, bool) or num_noise_draws < 1:
+            raise ConfigError(f"num_noise_draws must be a positive integer, got {num_noise_draws!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise ConfigError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+        convention = self.model.config.u_convention
+        if u is None and ensemble_u is None:
+            u = DEFAULT_U[convention]
+            logger.info("u not given: using %s, the recommended level for sampler latents under the '%s' "
+                        "convention", u, convention)
+        self.u = u
+        self.ensemble_u = None if ensemble_u is None else [float(v) for v in ensemble_u]
+        if self.ensemble_u is not None and not self.ensemble_u:
+            raise ConfigError("ensemble_u must list at least one noise level")
+        self.scale, self.offset = _normalization(normalize)
+        self.seed, self.noise, self.common_noise = seed, noise, common_noise
+        self.num_noise_draws, self.max_batch, self.encoder = num_noise_draws, max_batch, encoder
+        self._rng = np.random.default_rng(seed)
+
+    # --- noise ---------------------------------------------------------------------------
+    def draw_noise(self, shape: Tuple[int, ...], groups: Optional[Sequence[Any]] = None) -> np.ndarray:
+        """Noise for one call: (draws, levels, B, C, H, W) under the scorer's policy.
+
+        `groups` (one key per sample) makes samples with equal keys share their noise.
+        """
+        rng = np.random.default_rng(self.seed) if self.noise == "fixed" else self._rng
+        levels = len(self.ensemble_u) if self.ensemble_u is not None else 1
+        batch = shape[0]
+        if groups is None:
+            return rng.standard_normal((self.num_noise_draws, levels) + tuple(shape), dtype=np.float32)
+        if len(groups) != batch:
+            raise InputError(f"groups must have one key per sample ({batch}), got {len(groups)}")
+        keys = {}
+        index = np.array([keys.setdefault(g, len(keys)) for g in groups])
+        unique = rng.standard_normal((self.num_noise_draws, levels, len(keys)) + tuple(shape[1:]), dtype=np.float32)
+        return unique[:, :, index]
+
+    # --- scoring -----------------------------------------------------------------------------
+    def reward(self, latents, text_conds: Mapping[str, Any], u: Optional[float] = None,
+               groups: Optional[Sequence[Any]] = None) -> Tensor:
+        """Normalized rewards (B, 1) of latents (B, C, H, W); text_conds holds the prompt embeddings
+        under `encoder_hidden_states` and `pooled_projections`. Differentiable w.r.t. the latents."""
+        missing = [k for k in ("encoder_hidden_states", "pooled_projections") if k not in text_conds]
+        if missing:
+            raise InputError(f"text_conds lacks {missing}; it must hold encoder_hidden_states and pooled_projections")
+        latents = as_float_tensor(latents, "latents")
+        if latents.ndim != 4:
+            raise InputError(f"latents must have shape (B, C, H, W), got {tuple(latents.shape)}")
+        ehs, pooled = text_conds["encoder_hidden_states"], text_conds["pooled_projections"]
+        if self.common_noise and groups is None:
+            groups = _row_keys(pooled)
+        noise = self.draw_noise(tuple(latents.shape), groups)
+        batch = latents.shape[0]
+        step = self.max_batch or batch
+        chunks = []
+        for start in range(0, batch, step):
+            part = slice(start, min(start + step, batch))
+            chunks.append(self._score_chunk(latents[part], ehs[part], pooled[part], noise[:, :, part], u))
+        raw = chunks[0] if len(chunks) == 1 else mint.cat(chunks, dim=0)
+        return raw * self.scale + self.offset
+
+    def _score_chunk(self, latents, ehs, pooled, noise: np.ndarray, u) -> Tensor:
+        total = None
+        for draw in noise:                                       # (levels, b, C, H, W) per draw
+            if self.ensemble_u is not None:
+                r = self.model.reward_ensemble(latents, ehs, pooled, us=self.ensemble_u, noise=draw)
+            else:
+                r = self.model.reward(latents, ehs, pooled, u=self.u if u is None else u, noise=draw[0])
+            total = r if total is None else total + r
+        return total / len(noise) if len(noise) > 1 else total
+
+    def score_latents(self, latents, prompt_embeds, pooled_prompt_embeds,
+                      groups: Optional[Sequence[Any]] = None) -> List[float]:
+        """One float per sample: the scorer contract, from latents and prompt embeddings."""
+        rewards = self.reward(latents, {"encoder_hidden_states": prompt_embeds,
+                                        "pooled_projections": pooled_prompt_embeds}, groups=groups)
+        return [float(v) for v in rewards.astype(ms.float32).asnumpy()[:, 0]]
+
+    def __call__(self, images, prompts: Optional[Sequence[str]] = None) -> List[float]:
+        """Flow-GRPO-MS's scorer call: images (PIL list, or float arrays in [0, 1]) and prompts."""
+        if self.encoder is None:
+            raise ConfigError(
+                f"{type(self).__name__} scores latents: pass encoder= (ms_rm.encoders, or "
+                "MindOneSD3Encoder(pipeline) for a mindone pipeline) to score images, or call "
+                "score_latents(latents, prompt_embeds, pooled_prompt_embeds) with what the trainer holds")
+        if prompts is None:
+            raise InputError("prompts are required: Diffusion-RM scores an image against its prompt")
+        latents = self.encoder.encode_images(images)
+        prompt_embeds, pooled = self.encoder.encode_prompts(list(prompts))
+        groups = list(prompts) if self.common_noise else None
+        return self.score_latents(latents, prompt_embeds, pooled, groups=groups)
+
+
+class DiffusionRMSD3Scorer(DiffusionRMScorer):
+    """Diffusion-RM on an SD3 / SD3.5 backbone (the released DiNa-LRM)."""
+
+    name = "diffusion-rm-sd3"
+    family = "sd3"
+
+
+def _row_keys(pooled) -> List[bytes]:
+    """A hashable key per sample: equal pooled prompt embeddings mean the same prompt."""
+    array = pooled.astype(ms.float32).asnumpy() if isinstance(pooled, Tensor) else np.asarray(pooled, np.float32)
+    return [row.tobytes() for row in array]
+
+
+SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer,)}
+
+
+class MultiScorer:
+    """Flow-GRPO-MS's MultiScorer, extended so a call can carry latents and prompt embeddings.
+
+    scorers: {name: weight}. scorer_configs: {name: kwargs for the registered class, or a ready
+    scorer instance}. Names not in the registry (pixel scorers such as pickscore) must come as
+    instances. A call returns {name: [B floats], ..., "avg": the weighted sum}; "avg" is reserved.
+    Latent-aware scorers (those with score_latents) use latents and prompt embeddings when the
+    call carries them; the others get images and prompts, so images may be None when every
+    scorer reads latents.
+    """
+
+    def __init__(self, scorers: Mapping[str, float], scorer_configs: Optional[Mapping[str, Any]] = None):
+        scorer_configs = dict(scorer_configs or {})
+        if "avg" in scorers:
+            raise ConfigError("'avg' is reserved for the weighted sum; name the scorer otherwise")
+        unknown = sorted(set(scorer_configs) - set(scorers))
+        if unknown:
+            raise ConfigError(f"scorer_configs names scorers without a weight: {unknown}")
+        self.scorers = dict(scorers)
+        self.score_fn: Dict[str, Any] = {}
+        for name, weight in self.scorers.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ConfigError(f"weight of scorer '{name}' must be a number, got {weight!r}")
+            config = scorer_configs.get(name)
+            if config is not None and not isinstance(config, Mapping):
+                if not callable(config):
+                    raise ConfigError(f"scorer '{name}': expected a dict of arguments or a scorer instance, "
+                                      f"got {type(config).__name__}")
+                self.score_fn[name] = config
+            elif name in SCORERS:
+                self.score_fn[name] = SCORERS[name](**dict(config or {}))
+            else:
+                raise ConfigError(f"unknown scorer '{name}': registered are {sorted(SCORERS)}; pass other "
+                                  "scorers as instances in scorer_configs")
+
+    def __call__(self, images=None, prompts: Optional[Sequence[str]] = None, latents=None, prompt_embeds=None,
+                 pooled_prompt_embeds=None) -> Dict[str, List[float]]:
+        details: Dict[str, List[float]] = {}
+        total: Optional[List[float]] = None
+        batch = None
+        for name, weight in self.scorers.items():
+            scorer = self.score_fn[name]
+            if hasattr(scorer, "score_latents") and latents is not None:
+                if prompt_embeds is None or pooled_prompt_embeds is None:
+                    raise InputError(f"scorer '{name}' reads latents: pass prompt_embeds and pooled_prompt_embeds "
+                                     "with them")
+                scores = scorer.score_latents(latents, prompt_embeds, pooled_prompt_embeds)
+            else:
+                if images is None:
+                    raise InputError(f"scorer '{name}' scores images, and this call carries none")
+                scores = scorer(images, prompts=prompts)
+            scores = [float(s) for s in scores]
+            if batch is None:
+                batch = len(scores)
+            elif len(scores) != batch:
+                raise InputError(f"scorer '{name}' returned {len(scores)} scores, the others {batch}")
+            details[name] = scores
+            weighted = [weight * s for s in scores]
+            total = weighted if total is None else [t + w for t, w in zip(total, weighted)]
+        details["avg"] = total if total is not None else []
+        return details
