@@ -4,9 +4,12 @@
       ms_rm_config.json   the model config (format ms_rm.diffusion_rm, version 1): backbone
                           dimensions, cut, taps, head, scheduler shift, add_noise, u convention
       model.safetensors   every parameter, named as DiffusionRM names it
-      manifest.json       source files with sha256; every tensor's shape, dtype, origin and LoRA
-                          merge; the source keys not used and why; converter version; the sha256
-                          of the two files above
+      manifest.json       source files with sha256; every tensor's shape, dtype, CRC32, origin and
+                          LoRA merge; the source keys not used and why; converter version; the
+                          sha256 of the two files above
+
+Loading always checks every tensor's CRC32 as it is read (3.7 GB/s: a corrupted or mixed-up
+file cannot load silently); verify=True also checks the two files' sha256 (0.3 GB/s).
 
 The directory is assembled in a hidden sibling folder and renamed into place at the end, so an
 interrupted or failed conversion leaves no output; an existing output is replaced only with
@@ -20,7 +23,10 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from typing import Optional
+
+import numpy as np
 
 import mindspore as ms
 from tqdm import tqdm
@@ -108,7 +114,7 @@ def _write(plan: ConversionPlan, sources, folder: str, dtype: str, progress: boo
         for t, (_, out_dtype, _) in zip(plan.tensors, specs):
             array = plan.tensor(t.name, dtype)
             writer.write(t.name, array)
-            tensors[t.name] = dict(t.describe(), dtype=DTYPE_NAMES[out_dtype])
+            tensors[t.name] = dict(t.describe(), dtype=DTYPE_NAMES[out_dtype], crc32=crc32(array))
             bar.update(array.nbytes)
     weights_sha = writer.close()
     config_sha = _write_json(os.path.join(folder, CONFIG_FILE), plan.config.to_dict())
@@ -193,5 +199,18 @@ def load_pretrained(path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
                 raise CheckpointError(f"{weights_path}: tensor '{name}' does not match {MANIFEST_FILE} "
                                       "(files from different conversions?)")
         model = DiffusionRM(config, dtype=dtype, mode=mode)
-        load_parameters(model, weights.read, weights.keys(), weights_path)
+
+        def read_checked(name: str):
+            array = weights.read(name)
+            if crc32(array) != listed[name].get("crc32"):
+                raise CheckpointError(f"{weights_path}: tensor '{name}' fails its CRC32 check against "
+                                      f"{MANIFEST_FILE}: the file was modified or corrupted; convert again")
+            return array
+
+        load_parameters(model, read_checked, weights.keys(), weights_path)
     return model
+
+
+def crc32(array) -> int:
+    """CRC32 of an array's bytes (as stored)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple, Union
@@ -56,9 +57,12 @@ def _int_tuple(d: Mapping, key: str, source: str, default=_MISSING) -> Tuple[int
     return tuple(value)
 
 
-def _positive(value: int, key: str, source: str) -> int:
-    if value <= 0:
-        raise ConfigError(f"{source}: key '{key}' must be positive, got {value}")
+MAX_SIZE = 1 << 16     # no width, head count, length or channel count of these models comes near it
+
+
+def _positive(value: int, key: str, source: str, limit: int = MAX_SIZE) -> int:
+    if not 0 < value <= limit:
+        raise ConfigError(f"{source}: key '{key}' must be in 1..{limit}, got {value}")
     return value
 
 
@@ -84,12 +88,14 @@ class SchedulerConfig:
                               "FlowMatchEulerDiscreteScheduler")
         # Only these three enter the table built in the scheduler's __init__; the others
         # (shift_terminal, karras/exponential/beta sigmas, ...) act in set_timesteps only.
-        return cls(
-            num_train_timesteps=_positive(_get(d, "num_train_timesteps", int, source, 1000),
-                                          "num_train_timesteps", source),
-            shift=_get(d, "shift", float, source, 1.0),
-            use_dynamic_shifting=_get(d, "use_dynamic_shifting", bool, source, False),
-        )
+        steps = _get(d, "num_train_timesteps", int, source, 1000)
+        if not 1 <= steps <= 100_000:
+            raise ConfigError(f"{source}: num_train_timesteps must be in 1..100000, got {steps}")
+        shift = _get(d, "shift", float, source, 1.0)
+        if not (math.isfinite(shift) and 0 < shift <= 1e4):
+            raise ConfigError(f"{source}: shift must be a finite number in (0, 1e4], got {shift}")
+        return cls(num_train_timesteps=steps, shift=shift,
+                   use_dynamic_shifting=_get(d, "use_dynamic_shifting", bool, source, False))
 
 
 @dataclass(frozen=True)
@@ -147,9 +153,12 @@ class SD3BackboneConfig:
             raise ConfigError(
                 f"{source}: caption_projection_dim ({self.caption_projection_dim}) must equal "
                 f"num_attention_heads * attention_head_dim ({self.inner_dim}) for joint attention")
-        if self.pos_embed_max_size <= 0:
-            raise ConfigError(f"{source}: pos_embed_max_size must be positive (SD3 crops a "
+        if not 0 < self.pos_embed_max_size <= MAX_SIZE:
+            raise ConfigError(f"{source}: pos_embed_max_size must be in 1..{MAX_SIZE} (SD3 crops a "
                               f"fixed table), got {self.pos_embed_max_size}")
+        if self.inner_dim > MAX_SIZE:
+            raise ConfigError(f"{source}: num_attention_heads * attention_head_dim = {self.inner_dim} exceeds "
+                              f"{MAX_SIZE}")
         if self.position_table_dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{source}: position_table_dtype must be float32, bfloat16 or float16, "
                               f"got {self.position_table_dtype!r}")
@@ -191,8 +200,8 @@ class HeadConfig:
             dropout=_get(d, "dropout", float, source, defaults.dropout),
             use_proj_in=_get(d, "use_proj_in", bool, source, defaults.use_proj_in),
         )
-        if config.width != -1 and config.width <= 0:
-            raise ConfigError(f"{source}: key 'width' must be -1 (backbone width) or positive, "
+        if config.width != -1 and not 0 < config.width <= MAX_SIZE:
+            raise ConfigError(f"{source}: key 'width' must be -1 (backbone width) or in 1..{MAX_SIZE}, "
                               f"got {config.width}")
         return config
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -84,7 +85,7 @@ class SafetensorsFile:
     def _check_entry(self, name: str, info, data_size: int):
         if not isinstance(info, dict):
             raise self._fail(f"entry '{name}' is not an object")
-        dtype = DTYPES.get(info.get("dtype"))
+        dtype = DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
         if dtype is None:
             raise self._fail(f"tensor '{name}' has unsupported dtype {info.get('dtype')!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -95,7 +96,7 @@ class SafetensorsFile:
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise self._fail(f"tensor '{name}' has invalid data_offsets {offsets!r}")
         begin, end = offsets
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize          # Python ints: an absurd shape cannot overflow
         if not 0 <= begin <= end or end - begin != nbytes:
             raise self._fail(f"tensor '{name}': data_offsets {offsets} do not hold {nbytes} bytes "
                              f"of shape {shape} {info['dtype']}")
@@ -234,7 +235,7 @@ class SafetensorsWriter:
         header: Dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
         offset = 0
         for name, dtype, shape in self._specs:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             offset += nbytes

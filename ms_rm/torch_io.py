@@ -48,9 +48,9 @@ class TorchStateFile:
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{self.path}: refused: not a plain weights file, torch.load("
                                   f"weights_only=True) rejected it ({_first_reason(e)})") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except Exception as e:   # on corrupt bytes torch's reader can raise almost anything
             raise CheckpointError(f"{self.path}: cannot read: corrupt or truncated torch file "
-                                  f"({_first_reason(e)})") from None
+                                  f"({type(e).__name__}: {_first_reason(e)})") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: expected a state dict (name -> tensor), "
                                   f"got {type(state).__name__}")

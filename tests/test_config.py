@@ -87,3 +87,16 @@ def test_unreadable_config_files(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="bad.json: invalid JSON"):
         read_config_file(bad)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_train_timesteps": 2 ** 63}, r"num_train_timesteps must be in 1\.\.100000"),
+    ({"shift": float("nan")}, r"shift must be a finite number in \(0, 1e4\]"),
+    ({"shift": -1.0}, r"shift must be a finite number"),
+    ({"_class_name": "DDPMScheduler"}, "needs FlowMatchEulerDiscreteScheduler"),
+])
+def test_bad_scheduler_config(change, message):
+    from ms_rm.config import SchedulerConfig
+
+    with pytest.raises(ConfigError, match=message):
+        SchedulerConfig.from_diffusers(dict({"num_train_timesteps": 1000, "shift": 3.0}, **change))

@@ -408,3 +408,43 @@ def test_score_refuses_incomplete_inputs(lora_ref, tmp_path, capsys):
     assert cli(["score", out, "--inputs", str(tmp_path / "in.npz"), "--u", "0.4", "--out", str(tmp_path / "o.npz")]) == 2
     assert "missing arrays ['encoder_hidden_states', 'pooled_projections']" in capsys.readouterr().err
     assert not (tmp_path / "o.npz").exists()
+
+
+def test_source_folder_without_config(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli(["convert", str(tmp_path / "empty"), "--transformer", str(tmp_path), "--scheduler", str(tmp_path),
+                "--out", str(tmp_path / "out")]) == 2
+    assert "no config.json; pass the model directory" in capsys.readouterr().err
+
+
+def test_truncated_torch_file(tmp_path):
+    from ms_rm.torch_io import TorchStateFile
+
+    torch.save({"w": torch.zeros(64, 64)}, tmp_path / "head.pt")
+    data = (tmp_path / "head.pt").read_bytes()
+    (tmp_path / "head.pt").write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="cannot read: corrupt or truncated torch file"):
+        TorchStateFile(str(tmp_path / "head.pt"))
+
+
+def test_reading_pt_without_torch_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from ms_rm import MissingDependencyError
+    from ms_rm.torch_io import TorchStateFile
+
+    monkeypatch.setitem(sys.modules, "torch", None)          # as if torch were not installed
+    with pytest.raises(MissingDependencyError, match=r"reading \.pt checkpoints needs torch; install it with"):
+        TorchStateFile(str(tmp_path / "rm_head.pt"))
+
+
+def test_corrupted_weights_fail_their_crc_even_without_verify(lora_ref, tmp_path):
+    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
+    path = os.path.join(out, WEIGHTS_FILE)
+    with open(path, "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(CheckpointError, match="fails its CRC32 check"):
+        DiffusionRM.from_pretrained(out)
