@@ -125,6 +125,15 @@ class SD3BackboneConfig:
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels
+
+    @property
+    def max_cut(self) -> int:
+        """The deepest usable cut: diffusers' last SD3 block has no text output."""
+        return self.num_layers - 1
+
     @classmethod
     def from_diffusers(cls, d: Mapping, source: str = "transformer config") -> "SD3BackboneConfig":
         name = d.get("_class_name", cls.CLASS_NAME)
@@ -172,8 +181,87 @@ class SD3BackboneConfig:
         return d
 
 
-BackboneConfig = Union[SD3BackboneConfig]
-_BACKBONES = {"sd3": SD3BackboneConfig}
+@dataclass(frozen=True)
+class FluxBackboneConfig:
+    """diffusers FluxTransformer2DModel config (FLUX.1 dev and schnell); defaults are diffusers' own.
+
+    Only the double-stream blocks are used; latents are the 16-channel VAE latents, packed 2x2
+    into in_channels = 64 inside the backbone.
+    """
+
+    num_layers: int = 19
+    num_single_layers: int = 38
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    in_channels: int = 64
+    patch_size: int = 1
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: Tuple[int, ...] = (16, 56, 56)
+    family: str = field(default="flux", init=False)
+
+    CLASS_NAME = "FluxTransformer2DModel"
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels // 4
+
+    @property
+    def max_cut(self) -> int:
+        return self.num_layers
+
+    @classmethod
+    def from_diffusers(cls, d: Mapping, source: str = "transformer config") -> "FluxBackboneConfig":
+        name = d.get("_class_name", cls.CLASS_NAME)
+        if name != cls.CLASS_NAME:
+            raise ConfigError(f"{source}: _class_name is '{name}', expected '{cls.CLASS_NAME}'")
+        defaults = cls()
+        ints = {key: _positive(_get(d, key, int, source, getattr(defaults, key)), key, source)
+                for key in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size",
+                            "joint_attention_dim", "pooled_projection_dim")}
+        single = _get(d, "num_single_layers", int, source, defaults.num_single_layers)
+        config = cls(num_single_layers=single, guidance_embeds=_get(d, "guidance_embeds", bool, source, False),
+                     axes_dims_rope=_int_tuple(d, "axes_dims_rope", source, defaults.axes_dims_rope), **ints)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str) -> None:
+        if self.patch_size != 1:
+            raise ConfigError(f"{source}: patch_size {self.patch_size} is not supported (FLUX.1 packs 2x2 "
+                              "latent patches itself and uses patch_size 1)")
+        if self.in_channels % 4:
+            raise ConfigError(f"{source}: in_channels {self.in_channels} must be 4 x the latent channels")
+        if self.inner_dim > MAX_SIZE:
+            raise ConfigError(f"{source}: num_attention_heads * attention_head_dim = {self.inner_dim} exceeds "
+                              f"{MAX_SIZE}")
+        if (len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim
+                or any(a <= 0 or a % 2 for a in self.axes_dims_rope)):
+            raise ConfigError(f"{source}: axes_dims_rope {list(self.axes_dims_rope)} must be three positive even "
+                              f"sizes summing to attention_head_dim {self.attention_head_dim}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["axes_dims_rope"] = list(self.axes_dims_rope)
+        return d
+
+
+BackboneConfig = Union[SD3BackboneConfig, FluxBackboneConfig]
+_BACKBONES = {"sd3": SD3BackboneConfig, "flux": FluxBackboneConfig}
+_BY_CLASS_NAME = {cls.CLASS_NAME: cls for cls in _BACKBONES.values()}
+
+
+def backbone_from_diffusers(d: Mapping, source: str) -> BackboneConfig:
+    """The backbone config of a diffusers transformer config, by its _class_name."""
+    name = d.get("_class_name", SD3BackboneConfig.CLASS_NAME)
+    if name not in _BY_CLASS_NAME:
+        raise ConfigError(f"{source}: _class_name '{name}' is not a supported backbone; expected one of "
+                          f"{sorted(_BY_CLASS_NAME)}")
+    return _BY_CLASS_NAME[name].from_diffusers(d, source)
 
 
 @dataclass(frozen=True)
@@ -219,6 +307,7 @@ class RewardModelConfig:
     add_noise: bool = True
     scheduler: SchedulerConfig = SchedulerConfig()
     u_convention: str = "sigma"
+    guidance_scale: Optional[float] = None      # FLUX.1-dev-style backbones embed it; None otherwise
 
     def __post_init__(self):
         problem = self.problem()
@@ -247,10 +336,17 @@ class RewardModelConfig:
     def problem(self) -> Optional[str]:
         """What is wrong with this combination of settings, or None."""
         n = self.num_transformer_layers
-        if not 1 <= n < self.backbone.num_layers:
-            return (f"num_transformer_layers ({n}) must be in 1..{self.backbone.num_layers - 1}: the "
-                    f"base transformer has {self.backbone.num_layers} blocks and its last one has no "
-                    "text output")
+        top = self.backbone.max_cut
+        if not 1 <= n <= top:
+            why = (f": the base transformer has {self.backbone.num_layers} blocks and its last one has no text "
+                   "output") if top < self.backbone.num_layers else f" (the base transformer's {top} blocks)"
+            return f"num_transformer_layers ({n}) must be in 1..{top}{why}"
+        needs_guidance = getattr(self.backbone, "guidance_embeds", False)
+        if needs_guidance and (self.guidance_scale is None or not math.isfinite(self.guidance_scale)):
+            return ("the backbone embeds a guidance scale (guidance_embeds): set model.guidance_scale to the value "
+                    "the reward model was trained with (FLUX.1-dev samples with 3.5)")
+        if not needs_guidance and self.guidance_scale is not None:
+            return f"guidance_scale {self.guidance_scale} is set, but the backbone does not embed guidance"
         for key, taps in (("visual_head_idx", self.visual_head_idx), ("text_head_idx", self.text_head_idx)):
             if not taps:
                 return f"{key} is empty; the reference needs at least one tap"
@@ -292,7 +388,8 @@ class RewardModelConfig:
             raise ConfigError(f"{rm_src}: key 'training' must be a mapping, got {training!r}")
         return cls._build(
             model_src,
-            backbone=SD3BackboneConfig.from_diffusers(transformer_config, tr_src),
+            backbone=backbone_from_diffusers(transformer_config, tr_src),
+            guidance_scale=_get(model, "guidance_scale", float, model_src, None),
             num_transformer_layers=_get(model, "num_transformer_layers", int, model_src),
             visual_head_idx=_int_tuple(model, "visual_head_idx", model_src),
             text_head_idx=_int_tuple(model, "text_head_idx", model_src),
@@ -318,6 +415,7 @@ class RewardModelConfig:
             "add_noise": self.add_noise,
             "scheduler": dataclasses.asdict(self.scheduler),
             "u_convention": self.u_convention,
+            "guidance_scale": self.guidance_scale,
         }
 
     @classmethod
@@ -355,6 +453,7 @@ class RewardModelConfig:
             add_noise=_get(d, "add_noise", bool, source),
             scheduler=SchedulerConfig.from_diffusers(sched_d, f"{source} [scheduler]"),
             u_convention=_get(d, "u_convention", str, source),
+            guidance_scale=_get(d, "guidance_scale", float, source, None),
         )
 
     def replace(self, **changes) -> "RewardModelConfig":
@@ -362,7 +461,8 @@ class RewardModelConfig:
 
 
 _CONFIG_KEYS = ("format", "format_version", "backbone", "num_transformer_layers", "visual_head_idx",
-                "text_head_idx", "reward_head", "use_logistic", "add_noise", "scheduler", "u_convention")
+                "text_head_idx", "reward_head", "use_logistic", "add_noise", "scheduler", "u_convention",
+                "guidance_scale")
 
 
 def read_config_file(path: Union[str, os.PathLike]) -> dict:

@@ -218,7 +218,8 @@ class ConversionPlan:
             sources.rm_config, sources.transformer_config, sources.scheduler_config, u_convention,
             (sources.config_path, transformer_src, sources.scheduler_path))
         plan = cls(sources, config)
-        plan._check_position_table()
+        if config.backbone.family == "sd3":
+            plan._check_position_table()
         expected = {p.name: tuple(p.shape) for p in DiffusionRM(plan.config).get_parameters()}
         if sources.mode == FULL:
             plan._plan_full(expected)

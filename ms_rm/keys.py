@@ -23,6 +23,8 @@ def unused_reason(key: str, config: RewardModelConfig) -> Optional[str]:
                 "table's stored dtype (checked against it at conversion)")
     if key.startswith(("backbone.norm_out.", "backbone.proj_out.")):
         return "output layers of the full transformer, not part of the cut"
+    if key.startswith("backbone.single_transformer_blocks."):
+        return "FLUX single-stream block: the cut keeps double-stream blocks only"
     match = _BLOCK.match(key)
     if not match:
         return None

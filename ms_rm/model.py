@@ -25,12 +25,14 @@ from .errors import InputError
 from .head import RewardHead
 from .inputs import noise_input, reward_inputs
 from .noise import ArrayLike, NoiseSchedule, draw_noise
+from .flux import FluxBackbone
 from .sd3 import SD3Backbone
 from .weights import load_parameters, random_parameter
 
 logger = logging.getLogger(__name__)
 
 MODES = ("graph", "pynative")
+BACKBONES = {"sd3": SD3Backbone, "flux": FluxBackbone}
 ETA1, ETA2 = 2.0, -2.0                # the logistic's fixed bounds
 ETA3_INIT, ETA4_INIT = 0.0, 0.15      # its learnable centre and temperature at initialisation
 
@@ -50,7 +52,7 @@ class DiffusionRM(nn.Cell):
         self.compute_dtype = ops.compute_dtype(dtype)
         self.mode = mode
         with no_init_parameters():
-            self.backbone = SD3Backbone(self.config)
+            self.backbone = BACKBONES[self.config.backbone.family](self.config)
             self.reward_head = RewardHead(self.config)
             if self.config.use_logistic:
                 self.eta3 = Parameter(initializer(ETA3_INIT, (), ms.float32), name="eta3")
@@ -59,7 +61,7 @@ class DiffusionRM(nn.Cell):
             param.set_dtype(self.compute_dtype)
         self.schedule = NoiseSchedule(self.config.scheduler)
         self._rng = np.random.default_rng()            # fresh noise when no seed is given
-        self._positions: Dict[Tuple[int, int], Tuple[Tensor, ...]] = {}
+        self._host_inputs: Dict[Tuple[int, ...], Tuple[Tensor, ...]] = {}   # per (H, W, T, B)
         self._compiled: Dict[str, Any] = {}
 
     # --- construction from checkpoints -------------------------------------------------
@@ -114,15 +116,16 @@ class DiffusionRM(nn.Cell):
 
     # --- the tensor program ----------------------------------------------------------------
     def embed(self, latents: Tensor, noise: Tensor, sigma: Tensor, timestep: Tensor,
-              encoder_hidden_states: Tensor, pooled_projections: Tensor, positions: Tensor):
-        """Noise the latents and run the backbone: -> temb (B, D), visual taps, text taps."""
+              encoder_hidden_states: Tensor, pooled_projections: Tensor, *host):
+        """Noise the latents and run the backbone: -> temb (B, D), visual taps, text taps.
+        `host`: the backbone's host-computed inputs (positions, rotary tables, guidance)."""
         x = latents.astype(ms.float32)
         if self.config.add_noise:
             s = sigma.reshape(-1, 1, 1, 1)
             x = (1.0 - s) * x + s * noise                                  # (B, C, H, W)
         dtype = self.compute_dtype
         return self.backbone(x.astype(dtype), timestep, encoder_hidden_states.astype(dtype),
-                             pooled_projections.astype(dtype), positions)
+                             pooled_projections.astype(dtype), *host)
 
     def squash(self, raw: Tensor) -> Tensor:
         """The optional logistic: raw -> (eta1 - eta2) / (1 + exp(-(raw - eta3) / (|eta4| + 1e-6))) + eta2."""
@@ -131,19 +134,17 @@ class DiffusionRM(nn.Cell):
         z = -(raw - self.eta3) / (mint.abs(self.eta4) + 1e-6)
         return (ETA1 - ETA2) / (1 + mint.exp(z)) + ETA2
 
-    def construct(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections,
-                  positions):
+    def construct(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections, *host):
         """All stages of one reward call: temb, visual taps, text taps, raw (B, out), reward (B, out)."""
         temb, visual, text = self.embed(latents, noise, sigma, timestep, encoder_hidden_states,
-                                        pooled_projections, positions)
+                                        pooled_projections, *host)
         raw = self.reward_head(visual, text, temb)
         return temb, visual, text, raw, self.squash(raw)
 
-    def level_tokens(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections,
-                     positions):
+    def level_tokens(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections, *host):
         """One noise level of the ensemble: -> view tokens (visual (B, Nv, W), text (B, Nt, W))."""
         temb, visual, text = self.embed(latents, noise, sigma, timestep, encoder_hidden_states,
-                                        pooled_projections, positions)
+                                        pooled_projections, *host)
         return self.reward_head.view_tokens(visual, text, temb)
 
     def pool_tokens(self, visual_tokens: Tensor, text_tokens: Tensor):
@@ -164,12 +165,12 @@ class DiffusionRM(nn.Cell):
     def _prepare(self, latents, encoder_hidden_states, pooled_projections, check_values: bool = True):
         bb = self.config.backbone
         latents, ehs, pooled = reward_inputs(latents, encoder_hidden_states, pooled_projections,
-                                             bb.in_channels, bb.joint_attention_dim,
+                                             bb.latent_channels, bb.joint_attention_dim,
                                              bb.pooled_projection_dim, check_values)
-        height, width = latents.shape[2:]
-        if (height, width) not in self._positions:
-            self._positions[(height, width)] = tuple(Tensor(a) for a in self.backbone.positions(height, width))
-        return latents, ehs, pooled, self._positions[(height, width)]
+        key = (latents.shape[2], latents.shape[3], ehs.shape[1], latents.shape[0])
+        if key not in self._host_inputs:
+            self._host_inputs[key] = tuple(Tensor(a) for a in self.backbone.host_inputs(*key))
+        return latents, ehs, pooled, self._host_inputs[key]
 
     def noise_level(self, u: ArrayLike, batch: int) -> Tuple[np.ndarray, np.ndarray]:
         """u -> sigma (B,), timestep (B,) under this model's u convention."""
@@ -187,12 +188,12 @@ class DiffusionRM(nn.Cell):
                       noise=None, seed: Optional[int] = None) -> Dict[str, Tensor]:
         """Every stage of one reward call, by name: sigma, timestep, temb, visual_tap_{k},
         text_tap_{k}, raw, reward. For parity checks and debugging."""
-        latents, ehs, pooled, positions = self._prepare(latents, encoder_hidden_states, pooled_projections)
+        latents, ehs, pooled, host = self._prepare(latents, encoder_hidden_states, pooled_projections)
         batch = latents.shape[0]
         sigma, timestep = self.noise_level(u, batch)
         eps = self._noise(tuple(latents.shape), noise, seed)
         temb, visual, text, raw, reward = self._run("construct", latents, eps, Tensor(sigma),
-                                                    Tensor(timestep), ehs, pooled, *positions)
+                                                    Tensor(timestep), ehs, pooled, *host)
         stages = {"sigma": Tensor(sigma), "timestep": Tensor(timestep), "temb": temb}
         stages.update({f"visual_tap_{k}": t for k, t in zip(self.config.visual_head_idx, visual)})
         stages.update({f"text_tap_{k}": t for k, t in zip(self.config.text_head_idx, text)})
@@ -207,12 +208,12 @@ class DiffusionRM(nn.Cell):
         noise: the eps to use (B, C, H, W); else drawn from `seed` (deterministic) or fresh.
         check_values: refuse NaN/Inf inputs (one host sync per input).
         """
-        latents, ehs, pooled, positions = self._prepare(latents, encoder_hidden_states,
+        latents, ehs, pooled, host = self._prepare(latents, encoder_hidden_states,
                                                         pooled_projections, check_values)
         sigma, timestep = self.noise_level(u, latents.shape[0])
         eps = self._noise(tuple(latents.shape), noise, seed, check_values)
         return self._run("construct", latents, eps, Tensor(sigma), Tensor(timestep), ehs, pooled,
-                         *positions)[-1]
+                         *host)[-1]
 
     def reward_ensemble(self, latents, encoder_hidden_states, pooled_projections, us: Sequence[float],
                         noise=None, seed: Optional[int] = None) -> Tensor:
@@ -222,7 +223,7 @@ class DiffusionRM(nn.Cell):
         runs the backbone and builds view tokens with its own temb; the tokens of all levels
         are concatenated and pooled by one pass of the head.
         """
-        latents, ehs, pooled, positions = self._prepare(latents, encoder_hidden_states, pooled_projections)
+        latents, ehs, pooled, host = self._prepare(latents, encoder_hidden_states, pooled_projections)
         levels = list(us) if isinstance(us, (list, tuple, np.ndarray)) else None
         if not levels:
             raise InputError(f"us must be a non-empty list of noise levels, got {us!r}")
@@ -232,7 +233,7 @@ class DiffusionRM(nn.Cell):
         for k, u in enumerate(levels):
             sigma, timestep = self.noise_level(u, latents.shape[0])
             vis, txt = self._run("level_tokens", latents, eps[k], Tensor(sigma), Tensor(timestep),
-                                 ehs, pooled, *positions)
+                                 ehs, pooled, *host)
             visual_tokens.append(vis)
             text_tokens.append(txt)
         return self._run("pool_tokens", mint.cat(visual_tokens, dim=1), mint.cat(text_tokens, dim=1))[-1]

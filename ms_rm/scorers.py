@@ -187,13 +187,20 @@ class DiffusionRMSD3Scorer(DiffusionRMScorer):
     family = "sd3"
 
 
+class DiffusionRMFluxScorer(DiffusionRMScorer):
+    """Diffusion-RM on a FLUX.1 backbone (its double-stream blocks)."""
+
+    name = "diffusion-rm-flux"
+    family = "flux"
+
+
 def _row_keys(pooled) -> List[bytes]:
     """A hashable key per sample: equal pooled prompt embeddings mean the same prompt."""
     array = pooled.astype(ms.float32).asnumpy() if isinstance(pooled, Tensor) else np.asarray(pooled, np.float32)
     return [row.tobytes() for row in array]
 
 
-SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer,)}
+SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer)}
 
 
 class MultiScorer:

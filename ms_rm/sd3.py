@@ -21,8 +21,7 @@ from mindspore.common.initializer import initializer
 from . import ops
 from .config import RewardModelConfig
 from .errors import InputError
-from .layers import (AdaLNModulation, Attention, FeedForward, Linear, MLPEmbedding, Timesteps,
-                     gated_residual, modulate)
+from .layers import CombinedTimestepTextEmbedding, JointTransformerBlock, Linear, run_blocks
 
 
 POSITION_TABLE_KEY = "pos_embed.pos_embed"
@@ -92,67 +91,6 @@ class PatchEmbed(nn.Cell):
         return (patches32 + ops.expand(positions, patches32)).astype(patches.dtype)
 
 
-class CombinedTimestepTextProjEmbeddings(nn.Cell):
-    """temb = MLP(sinusoid(timestep)) + MLP(pooled text): (B,), (B, P) -> (B, D)."""
-
-    def __init__(self, dim: int, pooled_dim: int):
-        super().__init__()
-        self.time_proj = Timesteps(256)
-        self.timestep_embedder = MLPEmbedding(256, dim)
-        self.text_embedder = MLPEmbedding(pooled_dim, dim)
-
-    def construct(self, timestep: Tensor, pooled: Tensor) -> Tensor:
-        time_emb = self.timestep_embedder(self.time_proj(timestep).astype(pooled.dtype))
-        return time_emb + self.text_embedder(pooled)
-
-
-class JointTransformerBlock(nn.Cell):
-    """One MMDiT block.
-
-    image_out / context_out False skip (and do not hold the weights of) the part of the block
-    whose output nobody reads: attn2 and ff for the image stream; to_add_out and ff_context for
-    the text stream. The joint attention itself always needs both streams' q, k, v.
-    """
-
-    def __init__(self, dim: int, heads: int, qk_norm, dual_attention: bool,
-                 image_out: bool = True, context_out: bool = True):
-        super().__init__()
-        self.dual_attention = dual_attention
-        self.image_out = image_out
-        self.context_out = context_out
-        self.norm1 = AdaLNModulation(dim, 9 if dual_attention else 6)
-        self.norm1_context = AdaLNModulation(dim, 6)
-        self.attn = Attention(dim, heads, joint=True, qk_norm=qk_norm, context_out=context_out)
-        if image_out:
-            if dual_attention:
-                self.attn2 = Attention(dim, heads, joint=False, qk_norm=qk_norm)
-            self.ff = FeedForward(dim)
-        if context_out:
-            self.ff_context = FeedForward(dim)
-
-    def construct(self, hidden: Tensor, context: Tensor, temb: Tensor):
-        """hidden (B, N, D), context (B, T, D), temb (B, D) -> (hidden, context), each maybe None."""
-        mod = self.norm1(temb)            # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, msa2 x3]
-        c_mod = self.norm1_context(temb)  # the same six for the text stream
-        normed = ops.layer_norm(hidden)
-        attn_out, context_attn_out = self.attn(modulate(normed, mod[0], mod[1]),
-                                               modulate(ops.layer_norm(context), c_mod[0], c_mod[1]))
-        if self.image_out:
-            hidden = gated_residual(hidden, mod[2], attn_out)
-            if self.dual_attention:
-                hidden = gated_residual(hidden, mod[8], self.attn2(modulate(normed, mod[6], mod[7])))
-            hidden = gated_residual(hidden, mod[5], self.ff(modulate(ops.layer_norm(hidden), mod[3], mod[4])))
-        else:
-            hidden = None
-        if self.context_out:
-            context = gated_residual(context, c_mod[2], context_attn_out)
-            context = gated_residual(context, c_mod[5],
-                                     self.ff_context(modulate(ops.layer_norm(context), c_mod[3], c_mod[4])))
-        else:
-            context = None
-        return hidden, context
-
-
 class SD3Backbone(nn.Cell):
     """Blocks 1..depth of an SD3 transformer, returning temb and the tapped streams.
 
@@ -168,7 +106,7 @@ class SD3Backbone(nn.Cell):
         self.text_taps = tuple(config.text_head_idx)
         dim = bb.inner_dim
         self.pos_embed = PatchEmbed(bb.in_channels, dim, bb.patch_size)
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, bb.pooled_projection_dim)
+        self.time_text_embed = CombinedTimestepTextEmbedding(dim, bb.pooled_projection_dim)
         self.context_embedder = Linear(bb.joint_attention_dim, dim)
         self.transformer_blocks = nn.CellList([
             JointTransformerBlock(dim, bb.num_attention_heads, bb.qk_norm,
@@ -177,8 +115,8 @@ class SD3Backbone(nn.Cell):
                                   context_out=config.block_streams(i)[1])
             for i in range(config.last_depth)])
 
-    def positions(self, height: int, width: int) -> Tuple[np.ndarray, ...]:
-        """Host-side position inputs for latents of spatial size (height, width)."""
+    def host_inputs(self, height: int, width: int, text_tokens: int, batch: int) -> Tuple[np.ndarray, ...]:
+        """Inputs computed on the host for latents (height, width): the cropped position table."""
         c = self.config
         p = c.patch_size
         if height % p or width % p:
@@ -194,12 +132,5 @@ class SD3Backbone(nn.Cell):
         hidden = self.pos_embed(latents, positions)                          # (B, N, D)
         temb = self.time_text_embed(timestep, pooled_projections)            # (B, D)
         context = self.context_embedder(encoder_hidden_states)               # (B, T, D)
-        visual = (hidden,) if 0 in self.visual_taps else ()
-        text = (context,) if 0 in self.text_taps else ()
-        for i, block in enumerate(self.transformer_blocks):
-            hidden, context = block(hidden, context, temb)
-            if i + 1 in self.visual_taps:
-                visual = visual + (hidden,)
-            if i + 1 in self.text_taps:
-                text = text + (context,)
+        visual, text = run_blocks(self.transformer_blocks, hidden, context, temb, self.visual_taps, self.text_taps)
         return temb, visual, text

@@ -2,11 +2,17 @@
 
 This is the one place ms_rm imports torch, inside `TorchStateFile`, and only ever with
 `torch.load(..., weights_only=True)`: a pickle that asks for anything but tensors and plain
-containers is refused before any of it runs. Files in torch's zip format are memory-mapped.
+containers is refused before any of it runs.
+
+Files in torch's zip format are memory-mapped, and each tensor is copied out when read; its
+pages of the mapping are then dropped from the process (madvise MADV_DONTNEED on the clean,
+read-only file mapping), so reading a large head does not leave the whole file resident.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import pickle
 from typing import Dict, List, Tuple
@@ -14,6 +20,22 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from .errors import CheckpointError, MissingDependencyError
+
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _madvise():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise
+    except (OSError, AttributeError, TypeError):      # not Linux, or no libc: pages just stay resident
+        return None
+
+
+_MADVISE = _madvise()
 
 
 def _first_reason(error: Exception) -> str:
@@ -38,12 +60,14 @@ class TorchStateFile:
         self._torch = torch
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: file not found")
+        self._mmapped = True
         try:
             try:
                 state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap can only be used" not in str(e):
                     raise
+                self._mmapped = False
                 state = torch.load(self.path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{self.path}: refused: not a plain weights file, torch.load("
@@ -77,11 +101,25 @@ class TorchStateFile:
         return np.dtype(str(self._state[name].dtype).replace("torch.", ""))
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as numpy in its stored dtype (bf16 included, bit for bit)."""
-        tensor = self._state[name].detach().contiguous()
+        """The tensor as a new numpy array in its stored dtype (bf16 included, bit for bit)."""
+        stored = self._state[name].detach()
+        tensor = stored.contiguous()
         if tensor.dtype == self._torch.bfloat16:
-            return tensor.view(self._torch.int16).numpy().view(np.dtype("bfloat16"))
-        return tensor.numpy()
+            array = tensor.view(self._torch.int16).numpy().view(np.dtype("bfloat16")).copy()
+        else:
+            array = tensor.numpy().copy()
+        self._release(stored)
+        return array
+
+    def _release(self, tensor) -> None:
+        """Drop a mapped tensor's pages from the resident set; they would be read again from the
+        file if touched. Only for torch's file mapping: anonymous memory would be zeroed."""
+        if not self._mmapped or _MADVISE is None or tensor.numel() == 0:
+            return
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        start -= start % _PAGE
+        _MADVISE(start, end - start, _MADV_DONTNEED)
 
     def read_rows(self, name: str, rows) -> np.ndarray:
         """Rows of the tensor seen as (prod(shape[:-1]), shape[-1])."""

@@ -112,7 +112,7 @@ def _torch_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
     from diffusers import SD3Transformer2DModel
 
     from .builders import randomize_
-    from .reference import RewardHead, SD3Cut, TorchRewardModel, as_torch, lookup_u
+    from .reference import RewardHead, TorchRewardModel, as_torch, cut_backbone, lookup_u
 
     torch.set_num_threads(threads)
     model_cfg = spec["rm"]["model"]
@@ -120,8 +120,7 @@ def _torch_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
     cfg = {k: v for k, v in spec["transformer"].items() if not k.startswith("_")}
     cfg["num_layers"] = model_cfg["num_transformer_layers"] + 1        # diffusers' last block is text-less
     transformer = SD3Transformer2DModel(**cfg).eval()
-    backbone = SD3Cut(transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"],
-                      model_cfg["text_head_idx"])
+    backbone = cut_backbone(transformer, model_cfg)
     del transformer                                                    # only the cut stays alive
     randomize_(backbone, 0, prefix="backbone.")
     head = RewardHead(cfg["num_attention_heads"] * cfg["attention_head_dim"], len(model_cfg["visual_head_idx"]),

@@ -16,7 +16,7 @@ import torch
 
 from ms_rm.weights import random_parameter
 
-from .reference import RewardHead, SD3Cut, TorchRewardModel
+from .reference import RewardHead, TorchRewardModel, cut_backbone, transformer_class
 
 def randomize_(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
     """Overwrite every parameter of `module` with ms_rm's random_parameter values, named as the
@@ -58,17 +58,14 @@ def lora_kwargs(rm_config: dict, **overrides) -> dict:
 def build_reference(rm_config: dict, transformer_config: dict, scheduler_config: dict, seed: int = 0,
                     lora: Optional[dict] = None) -> Reference:
     """A random reference model. `lora`: LoraConfig kwargs (see lora_kwargs) to wrap the backbone."""
-    from diffusers import SD3Transformer2DModel
-
     torch.manual_seed(seed)
+    cls, _ = transformer_class(transformer_config)
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
-    transformer = SD3Transformer2DModel(**config).eval()
+    transformer = cls(**config).eval()
     randomize_(transformer, seed, prefix="backbone.")
     model_cfg = rm_config["model"]
     # peft swaps the Linears it adapts in place: keep `transformer` plain by cutting a copy.
-    backbone = SD3Cut(copy.deepcopy(transformer) if lora is not None else transformer,
-                      model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"],
-                      model_cfg["text_head_idx"])
+    backbone = cut_backbone(copy.deepcopy(transformer) if lora is not None else transformer, model_cfg)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 

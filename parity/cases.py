@@ -27,6 +27,15 @@ MODEL = {"num_transformer_layers": 3, "visual_head_idx": [1, 2, 3], "text_head_i
          "reward_head": {"width": -1, "out_dim": 1, "num_queries": 4, "num_attn_heads": 4, "dropout": 0.0,
                          "use_proj_in": False}}
 SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+# A tiny FLUX.1-dev: guidance embedding, 3-axis RoPE (sizes sum to the head width 16). D = 4 x 16.
+TINY_FLUX_DEV = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 3,
+                 "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 48,
+                 "pooled_projection_dim": 40, "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]}
+TINY_FLUX_SCHNELL = dict(TINY_FLUX_DEV, guidance_embeds=False)
+# FLUX.1's scheduler shifts dynamically: its __init__ table is unshifted.
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class Case:
     base_dtype: str = "fp32"                           # dtype the transformer is saved in
     shard_size: Optional[str] = None                   # diffusers max_shard_size
     storage: str = "keep"                              # ms-rm convert --dtype
+    scheduler: dict = field(default_factory=lambda: SCHEDULER)
     slow: bool = False
 
     def rm_config(self) -> dict:
@@ -83,4 +93,9 @@ CASES: Dict[str, Case] = {c.name: c for c in [
          model={"num_transformer_layers": 2, "visual_head_idx": [1, 2], "text_head_idx": [2],
                 "lora_config": {"r": 8, "lora_alpha": 16}, "reward_head": {"num_attn_heads": 8}},
          batch=1, slow=True),
+    Case("tiny-flux-dev", "FLUX.1-dev-style (guidance 3.5 embedded, RoPE, text-first joint attention), LoRA",
+         transformer=TINY_FLUX_DEV, model={"guidance_scale": 3.5}, scheduler=FLUX_SCHEDULER, latent_hw=(8, 12)),
+    Case("tiny-flux-schnell", "FLUX.1-schnell-style (no guidance embedding), full_model.pt, deepest tap visual only",
+         transformer=TINY_FLUX_SCHNELL, mode="full", scheduler=FLUX_SCHEDULER,
+         model={"visual_head_idx": [1, 3], "text_head_idx": [2]}),
 ]}

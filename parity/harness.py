@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .cases import SCHEDULER, Case
+from .cases import Case
 from .compare import StageResult, compare_stages, first_failure, stages_as_numpy
 
 FP32_BOUND = 1e-5
@@ -197,7 +197,7 @@ def prepare_case(case: Case, workdir: str, seed: int = 0) -> PreparedCase:
 
     rm_config = case.rm_config()
     lora = lora_kwargs(rm_config, **case.lora) if case.mode == "lora" else None
-    reference = build_reference(rm_config, case.transformer, SCHEDULER, seed=seed, lora=lora)
+    reference = build_reference(rm_config, case.transformer, case.scheduler, seed=seed, lora=lora)
     base_dtype = TORCH_DTYPES[case.base_dtype]
     if base_dtype != torch.float32:
         round_to_(reference.transformer, base_dtype)
@@ -227,7 +227,7 @@ def run_prepared(prepared: PreparedCase, mode: str = "graph", dtype: str = "fp32
     ms_model = DiffusionRM.from_pretrained(prepared.converted[dtype], dtype=ms_dtype, mode=mode, verify=True)
     torch_model, rm_config, scheduler_config = load_reference_model(paths.src, paths.transformer, paths.scheduler)
     bb = ms_model.config.backbone
-    inputs = Inputs.random(case.batch, bb.in_channels, case.latent_hw, case.text_tokens, bb.joint_attention_dim,
+    inputs = Inputs.random(case.batch, bb.latent_channels, case.latent_hw, case.text_tokens, bb.joint_attention_dim,
                            bb.pooled_projection_dim, case.u, seed, case.ensemble)
     stages = compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs, case.u_convention,
                            dtype, torch_device)
@@ -278,7 +278,7 @@ def run_checkpoint(src: str, transformer: str, scheduler: str, converted: str, c
         if inputs_path:
             inputs = Inputs.load(inputs_path, u, seed)
         else:
-            inputs = Inputs.random(batch, bb.in_channels, latent_hw, text_tokens, bb.joint_attention_dim,
+            inputs = Inputs.random(batch, bb.latent_channels, latent_hw, text_tokens, bb.joint_attention_dim,
                                    bb.pooled_projection_dim, u, seed)
         stages = compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs,
                                ms_model.config.u_convention, dtype, torch_device)

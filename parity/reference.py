@@ -141,6 +141,74 @@ class SD3Cut(nn.Module):
         return temb, visual, text
 
 
+class FluxCut(nn.Module):
+    """The double-stream part of a diffusers FluxTransformer2DModel, cut after N blocks.
+
+    Takes SD3-style inputs (16-channel latents, timestep = sigma * 1000) and prepares them as
+    FluxPipeline does (2x2 packing, zero text ids, (0, row, col) image ids, t / 1000, a full
+    guidance vector), then runs FluxTransformer2DModel.forward's steps up to block N.
+    """
+
+    def __init__(self, transformer, num_layers: int, visual_taps: Sequence[int], text_taps: Sequence[int],
+                 guidance_scale: Optional[float]):
+        super().__init__()
+        self.x_embedder = transformer.x_embedder
+        self.time_text_embed = transformer.time_text_embed
+        self.context_embedder = transformer.context_embedder
+        self.pos_embed = transformer.pos_embed
+        self.transformer_blocks = nn.ModuleList(transformer.transformer_blocks[:num_layers])
+        self.visual_taps, self.text_taps = list(visual_taps), list(text_taps)
+        self.guidance_scale = guidance_scale if transformer.config.guidance_embeds else None
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        b, c, h, w = hidden_states.shape
+        packed = hidden_states.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        packed = packed.reshape(b, (h // 2) * (w // 2), c * 4)               # FluxPipeline._pack_latents
+        image_ids = torch.zeros(h // 2, w // 2, 3)
+        image_ids[..., 1] += torch.arange(h // 2)[:, None]
+        image_ids[..., 2] += torch.arange(w // 2)[None, :]
+        text_ids = torch.zeros(encoder_hidden_states.shape[1], 3)
+        timestep = timestep.to(packed.dtype) / 1000                           # the pipeline's t / 1000
+        hidden = self.x_embedder(packed)
+        timestep = timestep.to(hidden.dtype) * 1000                           # the model's own scaling
+        if self.guidance_scale is not None:
+            guidance = torch.full([1], self.guidance_scale, dtype=torch.float32).expand(b)
+            temb = self.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
+        else:
+            temb = self.time_text_embed(timestep, pooled_projections)
+        context = self.context_embedder(encoder_hidden_states)
+        rotary = self.pos_embed(torch.cat((text_ids, image_ids.reshape(-1, 3)), dim=0))
+        visual = [hidden] if 0 in self.visual_taps else []
+        text = [context] if 0 in self.text_taps else []
+        for i, block in enumerate(self.transformer_blocks):
+            context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                                    image_rotary_emb=rotary)
+            if i + 1 in self.visual_taps:
+                visual.append(hidden)
+            if i + 1 in self.text_taps:
+                text.append(context)
+        return temb, visual, text
+
+
+def transformer_class(config: dict):
+    """diffusers' transformer class for a config, and the cut that wraps it."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if config.get("_class_name", "SD3Transformer2DModel") == "FluxTransformer2DModel":
+        return FluxTransformer2DModel, FluxCut
+    return SD3Transformer2DModel, SD3Cut
+
+
+def cut_backbone(transformer, model_cfg: dict):
+    """The reward model's backbone: the cut of `transformer` that the reference config describes."""
+    from diffusers import FluxTransformer2DModel
+
+    args = (transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"], model_cfg["text_head_idx"])
+    if isinstance(transformer, FluxTransformer2DModel):
+        return FluxCut(*args, model_cfg.get("guidance_scale"))
+    return SD3Cut(*args)
+
+
 class TorchRewardModel(nn.Module):
     """backbone (maybe peft-wrapped) + reward_head (+ eta3, eta4): the reference's module layout,
     so its state dict has the keys of a reference full_model.pt."""
@@ -231,8 +299,6 @@ def load_reference_model(src: str, transformer_dir: str, scheduler_path: str, co
     import json
     import os
 
-    from diffusers import SD3Transformer2DModel
-
     from ms_rm.config import read_config_file
     from ms_rm.convert import FULL, LORA, checkpoint_mode
 
@@ -247,13 +313,14 @@ def load_reference_model(src: str, transformer_dir: str, scheduler_path: str, co
         scheduler_path = os.path.join(scheduler_path, "scheduler_config.json")
     with open(scheduler_path) as f:
         scheduler_config = json.load(f)
+    with open(os.path.join(transformer_dir, "config.json")) as f:
+        cls, _ = transformer_class(json.load(f))
     if mode == FULL:
-        transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(transformer_dir))
+        transformer = cls.from_config(cls.load_config(transformer_dir))
     else:
-        transformer = SD3Transformer2DModel.from_pretrained(transformer_dir, torch_dtype=torch.float32)
+        transformer = cls.from_pretrained(transformer_dir, torch_dtype=torch.float32)
     model_cfg = rm_config["model"]
-    backbone = SD3Cut(transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"],
-                      model_cfg["text_head_idx"])
+    backbone = cut_backbone(transformer, model_cfg)
     if mode == LORA:
         from peft import PeftModel
 

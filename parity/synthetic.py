@@ -1,13 +1,15 @@
-"""A synthetic reference checkpoint at the real SD3.5-Medium size, and a measured conversion of it.
+"""A synthetic reference checkpoint at real size, and a measured conversion of it.
 
-    python -m parity.synthetic --out DIR [--convert]
+    python -m parity.synthetic --out DIR [--family sd3|flux] [--convert]
 
-writes DIR/transformer (all 24 blocks, real shapes and key names taken from diffusers on the
-meta device, bf16 in one safetensors file like the release, ~4.9 GB, with the real position
-table), DIR/scheduler, and DIR/model (the release config.json, an r=64 LoRA on the first 12
-blocks, and a full-size fp32 rm_head.pt). Values are arbitrary but finite. With --convert it
-then runs `ms-rm convert` on it in a child process and reports wall time and peak RSS against
-the converter's memory bound: 1.5 GB plus the largest single output tensor.
+sd3 (default): DIR/transformer holds all 24 blocks of SD3.5-Medium (real shapes and key names,
+taken from diffusers on the meta device), bf16 in one safetensors file like the release
+(~4.9 GB), with the real position table. flux: the kept double-stream blocks (12) and the
+embedders of FLUX.1-dev at their real shapes, bf16, in three shards with an index like the
+release (~8.2 GB). Both: DIR/scheduler, and DIR/model (the reward config from configs/, an
+r=64 LoRA on the kept blocks, a full-size fp32 rm_head.pt). Values are arbitrary but finite.
+With --convert it then runs `ms-rm convert` on it in a child process and reports wall time and
+peak RSS against the converter's memory bound: 1.5 GB plus the largest single output tensor.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sd35m")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = {"sd3": ("sd35m", "dina-lrm-12layers.json"), "flux": ("flux1-dev", "diffusion-rm-12layers.json")}
 MEMORY_BOUND = 1.5 * 1024 ** 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -34,11 +37,12 @@ def _json(path: str) -> dict:
 
 
 def transformer_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
-    """Every tensor name and shape of diffusers' SD3Transformer2DModel for `config`, allocating nothing."""
-    from diffusers import SD3Transformer2DModel
+    """Every tensor name and shape of the diffusers transformer for `config`, allocating nothing."""
+    from .reference import transformer_class
 
+    cls, _ = transformer_class(config)
     with torch.device("meta"):
-        model = SD3Transformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+        model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -49,45 +53,77 @@ def _filler(pool: np.ndarray, shape, offset: int) -> np.ndarray:
     return np.tile(pool, reps)[start:start + n].reshape(shape) if reps > 1 else pool[start:start + n].reshape(shape)
 
 
-def write_transformer(folder: str, config: dict) -> None:
-    from ms_rm.safetensors_io import SafetensorsWriter
+def _tensor(name: str, shape, config: dict, pool: np.ndarray, i: int) -> np.ndarray:
     from ms_rm.sd3 import POSITION_TABLE_KEY, sd3_position_rows
+
+    if name != POSITION_TABLE_KEY:
+        return _filler(pool, shape, 7919 * i)
+    size, dim = config["pos_embed_max_size"], config["num_attention_heads"] * config["attention_head_dim"]
+    base = config["sample_size"] // config["patch_size"]
+    table = np.empty((size * size, dim), dtype=pool.dtype)
+    for start in range(0, size * size, 8192):
+        rows = np.arange(start, min(start + 8192, size * size))
+        table[rows] = sd3_position_rows(rows, dim, size, base).astype(np.float32).astype(pool.dtype)
+    return table.reshape(shape)
+
+
+def write_transformer(folder: str, config: dict, keep_blocks: int = None, shards: int = 1) -> None:
+    """The diffusers transformer folder: every tensor, or (keep_blocks) the embedders and the first
+    double-stream blocks only; in one file or `shards` files with an index, bf16."""
+    from ms_rm.safetensors_io import SafetensorsWriter
 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     shapes = transformer_shapes(config)
+    if keep_blocks is not None:
+        kept = ("x_embedder.", "time_text_embed.", "context_embedder.") + \
+            tuple(f"transformer_blocks.{i}." for i in range(keep_blocks))
+        shapes = {k: s for k, s in shapes.items() if k.startswith(kept)}
     bf16 = np.dtype("bfloat16")
-    writer = SafetensorsWriter(os.path.join(folder, "diffusion_pytorch_model.safetensors"),
-                               [(k, bf16, s) for k, s in shapes.items()])
     pool = (np.random.default_rng(0).standard_normal(1 << 22, dtype=np.float32) * 0.02).astype(bf16)
-    size, dim = config["pos_embed_max_size"], config["num_attention_heads"] * config["attention_head_dim"]
-    base = config["sample_size"] // config["patch_size"]
-    for i, (name, shape) in enumerate(shapes.items()):
-        if name == POSITION_TABLE_KEY:
-            table = np.empty((size * size, dim), dtype=bf16)
-            for start in range(0, size * size, 8192):
-                rows = np.arange(start, min(start + 8192, size * size))
-                table[rows] = sd3_position_rows(rows, dim, size, base).astype(np.float32).astype(bf16)
-            writer.write(name, table.reshape(shape))
-        else:
-            writer.write(name, _filler(pool, shape, 7919 * i))
-    writer.close()
+    names = list(shapes)
+    total = sum(int(np.prod(shapes[n])) * 2 for n in names)
+    groups, current, size = [], [], 0
+    for name in names:                                     # consecutive groups of about equal size
+        current.append(name)
+        size += int(np.prod(shapes[name])) * 2
+        if size >= total * (len(groups) + 1) / shards and len(groups) < shards - 1:
+            groups.append(current)
+            current = []
+    groups.append(current)
+    weight_map = {}
+    for g, group in enumerate(groups):
+        file = "diffusion_pytorch_model.safetensors" if shards == 1 else \
+            f"diffusion_pytorch_model-{g + 1:05d}-of-{shards:05d}.safetensors"
+        writer = SafetensorsWriter(os.path.join(folder, file), [(k, bf16, shapes[k]) for k in group])
+        for name in group:
+            writer.write(name, _tensor(name, shapes[name], config, pool, names.index(name)))
+            weight_map[name] = file
+        writer.close()
+    if shards > 1:
+        with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def write_reference(root: str, lora_rank: int = 64) -> Dict[str, str]:
+def write_reference(root: str, family: str = "sd3", lora_rank: int = 64) -> Dict[str, str]:
     from safetensors.numpy import save_file
 
     from .reference import RewardHead
 
-    transformer_cfg = _json(os.path.join(CONFIGS, "transformer_config.json"))
-    rm_cfg = _json(os.path.join(CONFIGS, "dina-lrm-12layers.json"))
+    configs = os.path.join(ROOT, "configs", FAMILIES[family][0])
+    transformer_cfg = _json(os.path.join(configs, "transformer_config.json"))
+    rm_cfg = _json(os.path.join(configs, FAMILIES[family][1]))
     paths = {"src": os.path.join(root, "model"), "transformer": os.path.join(root, "transformer"),
              "scheduler": os.path.join(root, "scheduler")}
-    write_transformer(paths["transformer"], transformer_cfg)
+    n = rm_cfg["model"]["num_transformer_layers"]
+    if family == "flux":
+        write_transformer(paths["transformer"], transformer_cfg, keep_blocks=n, shards=3)
+    else:
+        write_transformer(paths["transformer"], transformer_cfg)
     os.makedirs(paths["scheduler"], exist_ok=True)
     with open(os.path.join(paths["scheduler"], "scheduler_config.json"), "w") as f:
-        json.dump(_json(os.path.join(CONFIGS, "scheduler_config.json")), f)
+        json.dump(_json(os.path.join(configs, "scheduler_config.json")), f)
 
     ckpt = os.path.join(paths["src"], "checkpoint")
     lora_dir = os.path.join(ckpt, "backbone_lora")
@@ -95,11 +131,12 @@ def write_reference(root: str, lora_rank: int = 64) -> Dict[str, str]:
     rm_cfg["model"]["lora_config"]["r"] = lora_rank
     with open(os.path.join(paths["src"], "config.json"), "w") as f:
         json.dump(rm_cfg, f, indent=2)
-    n, dim = rm_cfg["model"]["num_transformer_layers"], 1536
+    dim = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
     rng = np.random.default_rng(1)
     factors = {}
+    attentions = (("attn", LORA_TARGETS), ("attn2", LORA_TARGETS[:4])) if family == "sd3" else (("attn", LORA_TARGETS),)
     for block in range(n):
-        for attn, modules in (("attn", LORA_TARGETS), ("attn2", LORA_TARGETS[:4])):
+        for attn, modules in attentions:
             for module in modules:
                 key = f"base_model.model.transformer_blocks.{block}.{attn}.{module}"
                 factors[f"{key}.lora_A.weight"] = rng.standard_normal((lora_rank, dim), dtype=np.float32) * 0.01
@@ -116,21 +153,26 @@ def write_reference(root: str, lora_rank: int = 64) -> Dict[str, str]:
 
 
 def measured_convert(paths: Dict[str, str], out: str, dtype: str = "keep") -> Dict[str, float]:
-    """Run `ms-rm convert` in a child process; wall seconds and peak RSS bytes of that child."""
-    command = [sys.executable, "-m", "tools.cli", "convert", paths["src"], "--transformer", paths["transformer"],
-               "--scheduler", paths["scheduler"], "--out", out, "--dtype", dtype, "--force", "--no-progress"]
+    """Run `ms-rm convert` in a child process; wall seconds and peak RSS bytes of that child
+    (its own VmHWM, see parity.peak_rss)."""
+    report = out.rstrip(os.sep) + ".peak_rss"
+    command = [sys.executable, "-m", "parity.peak_rss", report, "tools.cli", "convert", paths["src"],
+               "--transformer", paths["transformer"], "--scheduler", paths["scheduler"], "--out", out,
+               "--dtype", dtype, "--force", "--no-progress"]
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=os.path.dirname(CONFIGS.rstrip(os.sep)).rsplit(os.sep, 1)[0] or ".")
-    _, status, usage = os.wait4(child.pid, 0)
+    status = subprocess.run(command, cwd=ROOT).returncode
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"ms-rm convert failed with status {os.waitstatus_to_exitcode(status)}")
+    if status != 0:
+        raise RuntimeError(f"ms-rm convert failed with status {status}")
+    with open(report) as f:
+        peak = int(f.read())
+    os.remove(report)
     from ms_rm.safetensors_io import SafetensorsFile
 
     with SafetensorsFile(os.path.join(out, "model.safetensors")) as f:
         largest = max(f.nbytes(k) for k in f.keys())
         total = sum(f.nbytes(k) for k in f.keys())
-    return {"seconds": seconds, "peak_rss": usage.ru_maxrss * 1024, "largest_tensor": largest,
+    return {"seconds": seconds, "peak_rss": peak, "largest_tensor": largest,
             "output_bytes": total, "bound": MEMORY_BOUND + largest}
 
 
@@ -138,12 +180,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the synthetic reference into")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd3", help="SD3.5-Medium or FLUX.1-dev")
     parser.add_argument("--convert", action="store_true", help="then convert it and measure time and peak RSS")
     parser.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"])
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    paths = write_reference(args.out)
-    print(f"wrote the synthetic SD3.5-M reference under {args.out} in {time.perf_counter() - start:.0f} s")
+    paths = write_reference(args.out, args.family)
+    print(f"wrote the synthetic {args.family} reference under {args.out} in {time.perf_counter() - start:.0f} s")
     if args.convert:
         gib = 1024 ** 3
         m = measured_convert(paths, os.path.join(args.out, "converted"), args.dtype)

@@ -64,8 +64,10 @@ def test_bad_transformer_config_names_the_file():
     rm, tr, sc = _release()
     with pytest.raises(ConfigError, match="transformer config.json: caption_projection_dim"):
         RewardModelConfig.from_reference(rm, dict(tr, caption_projection_dim=1024), sc)
+    with pytest.raises(ConfigError, match="'UNet2DConditionModel' is not a supported backbone"):
+        RewardModelConfig.from_reference(rm, dict(tr, _class_name="UNet2DConditionModel"), sc)
     with pytest.raises(ConfigError, match="expected 'SD3Transformer2DModel'"):
-        RewardModelConfig.from_reference(rm, dict(tr, _class_name="FluxTransformer2DModel"), sc)
+        SD3BackboneConfig.from_diffusers(dict(tr, _class_name="FluxTransformer2DModel"))
     with pytest.raises(ConfigError, match="qk_norm 'layer_norm' is not supported"):
         SD3BackboneConfig.from_diffusers(dict(tr, qk_norm="layer_norm"))
 

@@ -448,3 +448,17 @@ def test_corrupted_weights_fail_their_crc_even_without_verify(lora_ref, tmp_path
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(CheckpointError, match="fails its CRC32 check"):
         DiffusionRM.from_pretrained(out)
+
+
+def test_torch_reads_are_copies_and_survive_dropped_pages(tmp_path):
+    """Reading a .pt tensor drops its mapped pages afterwards; reading it again still gives its values."""
+    from ms_rm.torch_io import TorchStateFile
+
+    state = {"a": torch.randn(300, 300), "b": torch.randn(7).to(torch.bfloat16)}
+    torch.save(state, tmp_path / "s.pt")
+    f = TorchStateFile(str(tmp_path / "s.pt"))
+    first = f.read("a")
+    first[0, 0] = 1e9                                              # a copy: the file is not touched
+    again = f.read("a")
+    np.testing.assert_array_equal(again, state["a"].numpy())
+    np.testing.assert_array_equal(f.read("b").view(np.int16), state["b"].view(torch.int16).numpy())

@@ -56,10 +56,10 @@ def test_release_model_has_the_shapes_of_diffusers_and_the_reference_head():
 
 def test_release_model_position_table_and_tokens():
     model = DiffusionRM(_release_config())
-    (table,) = model.backbone.positions(128, 128)                  # 1024x1024 pixels -> 64x64 tokens
+    (table,) = model.backbone.host_inputs(128, 128, 333, 1)        # 1024x1024 pixels -> 64x64 tokens
     assert table.shape == (1, 4096, 1536)
     with pytest.raises(InputError, match="at most 384x384"):
-        model.backbone.positions(770, 64)
+        model.backbone.host_inputs(770, 64, 333, 1)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,27 @@ def test_demo_shows_rewards():
     rewards = np.array([row["reward"] for row in rows])
     assert rewards.shape == (2, 2) and np.isfinite(rewards).all()
     assert len(np.unique(rewards)) == 4                 # depends on the sample and on u
+
+
+def test_flux_dev_model_has_the_shapes_of_diffusers():
+    """FLUX.1-dev's real configuration, cut after 12 double-stream blocks, built without weights."""
+    from diffusers import FluxTransformer2DModel
+
+    flux = CONFIGS / "flux1-dev"
+    config = RewardModelConfig.from_reference(read_config_file(flux / "diffusion-rm-12layers.json"),
+                                              read_config_file(flux / "transformer_config.json"),
+                                              read_config_file(flux / "scheduler_config.json"))
+    assert config.backbone.family == "flux" and config.guidance_scale == 3.5 and config.backbone.latent_channels == 16
+    ours = {p.name: tuple(p.shape) for p in DiffusionRM(config).get_parameters() if p.name.startswith("backbone.")}
+    transformer_cfg = read_config_file(flux / "transformer_config.json")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(**{k: v for k, v in transformer_cfg.items() if not k.startswith("_")})
+    kept = ("x_embedder.", "time_text_embed.", "context_embedder.") + tuple(f"transformer_blocks.{i}." for i in range(12))
+    theirs = {f"backbone.{k}": tuple(p.shape) for k, p in transformer.named_parameters() if k.startswith(kept)}
+    assert ours == theirs
+    d = 3072      # by arithmetic: a double block holds two 6D adaLN Linears, 8 attention Linears,
+    block = 2 * (6 * d * d + 6 * d) + 8 * (d * d + d) + 4 * 128 + 2 * (8 * d * d + 5 * d)   # 4 qk norms, 2 FFNs
+    embed = (64 * d + d) + (4096 * d + d) + 2 * (256 * d + d + d * d + d) + (768 * d + d + d * d + d)
+    assert sum(int(np.prod(s)) for s in ours.values()) == 12 * block + embed == 4_123_023_360
+    rotary = DiffusionRM(config).backbone.host_inputs(128, 128, 512, 2)
+    assert rotary[0].shape == (1, 512 + 4096, 1, 128) and rotary[2].tolist() == [3.5, 3.5]

@@ -8,7 +8,7 @@ every stage with diffusers + our torch head (+ peft LoRA, active, not merged).
 import pytest
 
 import ms_rm.head
-import ms_rm.sd3
+import ms_rm.layers
 from parity.cases import CASES
 from parity.compare import format_table
 from parity.harness import FP32_BOUND, prepare_case, run_prepared
@@ -76,7 +76,7 @@ def test_reduced_precision_within_measured_bound(prepared, name, dtype):
 
 
 def test_swapped_shift_and_scale_fails_at_the_first_block(prepared, monkeypatch):
-    monkeypatch.setattr(ms_rm.sd3, "modulate", lambda x, shift, scale: x * (1 + shift[:, None]) + scale[:, None])
+    monkeypatch.setattr(ms_rm.layers, "modulate", lambda x, shift, scale: x * (1 + shift[:, None]) + scale[:, None])
     report = run_prepared(prepared("tiny-sd35"), "pynative")
     assert not report.passed
     assert report.first_failure == "visual_tap_1", format_table(report.stages)

@@ -31,3 +31,17 @@ def test_real_size_conversion_stays_within_its_memory_bound(tmp_path):
                           rng.standard_normal((1, 10, 4096), dtype=np.float32),
                           rng.standard_normal((1, 2048), dtype=np.float32), u=0.4, seed=0)
     assert reward.shape == (1, 1) and np.isfinite(reward.asnumpy()).all()
+
+
+def test_peak_rss_is_the_childs_own_not_the_parents(tmp_path):
+    # Linux carries the parent's resident size into a child's wait4 ru_maxrss; the measured peak
+    # must not be that. Hold 1 GiB here, run a small child, and its report must be far below.
+    import subprocess
+    import sys
+
+    held = np.ones(2 ** 27)                                          # 1 GiB, touched
+    report = tmp_path / "peak"
+    subprocess.run([sys.executable, "-m", "parity.peak_rss", str(report), "json.tool", "--help"],
+                   check=True, capture_output=True)
+    assert 1 << 20 < int(report.read_text()) < 256 << 20
+    assert held.sum() == 2 ** 27
