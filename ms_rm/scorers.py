@@ -28,6 +28,7 @@ import mindspore as ms
 from mindspore import Tensor, mint
 
 from .errors import ConfigError, InputError
+from .images import SIZE_POLICIES, group_by_size, preprocess
 from .inputs import as_float_tensor
 from .model import DiffusionRM
 
@@ -63,8 +64,11 @@ class DiffusionRMScorer:
     normalize: "none" (raw), "reference" ((raw + 10) / 10), "flow-grpo-ms" (raw / 5), or a
        (scale, offset) pair applied as raw * scale + offset.
     max_batch: split larger batches into chunks of this size (None: never split).
-    encoder: an object with `encode_images(images) -> latents` and `encode_prompts(prompts) ->
-       (prompt_embeds, pooled_prompt_embeds)`; needed only for `__call__(images, prompts)`.
+    encoder: an object with `encode_pixels(pixels) -> latents` and `encode_prompts(prompts) ->
+       (prompt_embeds, pooled_prompt_embeds)` (see ms_rm.encoders); needed only for
+       `__call__(images, prompts)`.
+    size_policy: how `__call__` fits image sizes to multiples of 16 pixels: "crop" (center crop,
+       the default), "resize" or "error" (see ms_rm.images).
     """
 
     name = "diffusion-rm"
@@ -74,7 +78,7 @@ class DiffusionRMScorer:
                  u: Optional[float] = None, normalize: Union[str, Sequence[float]] = "none",
                  seed: Optional[int] = None, noise: str = "fresh", common_noise: bool = False,
                  num_noise_draws: int = 1, ensemble_u: Optional[Sequence[float]] = None,
-                 max_batch: Optional[int] = None, encoder: Any = None, dtype: ms.Type = ms.float32,
+                 max_batch: Optional[int] = None, encoder: Any = None, size_policy: str = "crop", dtype: ms.Type = ms.float32,
                  mode: str = "graph", verify: bool = False):
         if (checkpoint_path is None) == (model is None):
             raise ConfigError("pass exactly one of checkpoint_path (a folder written by ms-rm convert) or model")
@@ -104,6 +108,9 @@ class DiffusionRMScorer:
         self.scale, self.offset = _normalization(normalize)
         self.seed, self.noise, self.common_noise = seed, noise, common_noise
         self.num_noise_draws, self.max_batch, self.encoder = num_noise_draws, max_batch, encoder
+        if size_policy not in SIZE_POLICIES:
+            raise ConfigError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
+        self.size_policy = size_policy
         self._rng = np.random.default_rng(seed)
 
     # --- noise ---------------------------------------------------------------------------
@@ -165,19 +172,39 @@ class DiffusionRMScorer:
                                         "pooled_projections": pooled_prompt_embeds}, groups=groups)
         return [float(v) for v in rewards.astype(ms.float32).asnumpy()[:, 0]]
 
-    def __call__(self, images, prompts: Optional[Sequence[str]] = None) -> List[float]:
-        """Flow-GRPO-MS's scorer call: images (PIL list, or float arrays in [0, 1]) and prompts."""
+    def __call__(self, images, prompts: Optional[Sequence[str]] = None, prompt_embeds=None,
+                 pooled_prompt_embeds=None) -> List[float]:
+        """Flow-GRPO-MS's scorer call: images (PIL list, arrays in [0, 1], see ms_rm.images) and
+        prompts, one float per image. Images are fitted to multiples of 16 pixels by the scorer's
+        `size_policy` and encoded in groups of equal size; precomputed prompt embeddings may be
+        passed instead of prompts."""
         if self.encoder is None:
             raise ConfigError(
-                f"{type(self).__name__} scores latents: pass encoder= (ms_rm.encoders, or "
+                f"{type(self).__name__} scores latents: pass encoder= (ms_rm.encoders.SD3Encoder, or "
                 "MindOneSD3Encoder(pipeline) for a mindone pipeline) to score images, or call "
                 "score_latents(latents, prompt_embeds, pooled_prompt_embeds) with what the trainer holds")
-        if prompts is None:
-            raise InputError("prompts are required: Diffusion-RM scores an image against its prompt")
-        latents = self.encoder.encode_images(images)
-        prompt_embeds, pooled = self.encoder.encode_prompts(list(prompts))
-        groups = list(prompts) if self.common_noise else None
-        return self.score_latents(latents, prompt_embeds, pooled, groups=groups)
+        pixels = preprocess(images, self.size_policy)
+        if prompt_embeds is None or pooled_prompt_embeds is None:
+            if prompts is None:
+                raise InputError("prompts are required: Diffusion-RM scores an image against its prompt "
+                                 "(or pass prompt_embeds and pooled_prompt_embeds)")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if len(prompts) != len(pixels):
+                raise InputError(f"got {len(pixels)} images and {len(prompts)} prompts: pass one prompt per image")
+            prompt_embeds, pooled_prompt_embeds = self.encoder.encode_prompts(prompts)
+        ehs = as_float_tensor(prompt_embeds, "prompt_embeds")
+        pooled = as_float_tensor(pooled_prompt_embeds, "pooled_prompt_embeds")
+        if ehs.shape[0] != len(pixels) or pooled.shape[0] != len(pixels):
+            raise InputError(f"prompt embeddings hold {ehs.shape[0]} / {pooled.shape[0]} rows for {len(pixels)} images")
+        groups = list(prompts) if self.common_noise and prompts is not None else None
+        scores: List[float] = [0.0] * len(pixels)
+        for indices in group_by_size(pixels).values():           # one encoder batch per image size
+            latents = self.encoder.encode_pixels(np.stack([pixels[i] for i in indices]))
+            values = self.score_latents(latents, _rows(ehs, indices), _rows(pooled, indices),
+                                        groups=None if groups is None else [groups[i] for i in indices])
+            for i, value in zip(indices, values):
+                scores[i] = value
+        return scores
 
 
 class DiffusionRMSD3Scorer(DiffusionRMScorer):
@@ -192,6 +219,13 @@ class DiffusionRMFluxScorer(DiffusionRMScorer):
 
     name = "diffusion-rm-flux"
     family = "flux"
+
+
+def _rows(tensor: Tensor, indices: List[int]) -> Tensor:
+    """The rows `indices` of a tensor (the tensor itself when that is all of them, in order)."""
+    if indices == list(range(tensor.shape[0])):
+        return tensor
+    return Tensor(tensor.astype(ms.float32).asnumpy()[indices]).astype(tensor.dtype)
 
 
 def _row_keys(pooled) -> List[bytes]:

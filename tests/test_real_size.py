@@ -33,6 +33,22 @@ def test_real_size_conversion_stays_within_its_memory_bound(tmp_path):
     assert reward.shape == (1, 1) and np.isfinite(reward.asnumpy()).all()
 
 
+@pytest.mark.slow
+def test_real_size_flux_conversion_stays_within_its_memory_bound(tmp_path):
+    """FLUX.1-dev: the 12 kept double-stream blocks and the embedders at their real shapes, bf16,
+    in three shards with an index like the release."""
+    paths = write_reference(str(tmp_path / "reference"), family="flux")
+    out = str(tmp_path / "converted")
+    m = measured_convert(paths, out)
+    gib = 1024 ** 3
+    print(f"\nreal-size FLUX convert: {m['seconds']:.1f} s, peak RSS {m['peak_rss'] / gib:.2f} GiB, "
+          f"bound {m['bound'] / gib:.2f} GiB")
+    assert m["largest_tensor"] == 18432 * 3072 * 2            # norm1.linear.weight, 6 x 3072 rows, bf16
+    assert m["peak_rss"] <= MEMORY_BOUND + m["largest_tensor"]
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["lora"]["merged_modules"] == 12 * 8
+
+
 def test_peak_rss_is_the_childs_own_not_the_parents(tmp_path):
     # Linux carries the parent's resident size into a child's wait4 ru_maxrss; the measured peak
     # must not be that. Hold 1 GiB here, run a small child, and its report must be far below.

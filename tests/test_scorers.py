@@ -207,3 +207,28 @@ def test_registry_builds_scorers_from_config(tmp_path):
                        prompt_embeds=rng.standard_normal((2, 5, 48), dtype=np.float32),
                        pooled_prompt_embeds=rng.standard_normal((2, 40), dtype=np.float32))
     assert len(out_scores["diffusion-rm-sd3"]) == 2 and np.isfinite(out_scores["avg"]).all()
+
+
+def test_flux_scorer_scores_a_converted_flux_checkpoint(tmp_path):
+    from ms_rm.checkpoint import convert
+    from ms_rm.scorers import DiffusionRMFluxScorer
+    from parity.builders import build_reference, lora_kwargs
+    from parity.cases import CASES
+    from parity.checkpoints import save_reference
+
+    case = CASES["tiny-flux-dev"]
+    reference = build_reference(case.rm_config(), case.transformer, case.scheduler, lora=lora_kwargs(case.rm_config()))
+    paths = save_reference(reference, str(tmp_path / "ref"), "lora")
+    out = convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
+    assert SCORERS["diffusion-rm-flux"] is DiffusionRMFluxScorer
+    multi = MultiScorer({"diffusion-rm-flux": 1.0},
+                        {"diffusion-rm-flux": {"checkpoint_path": out, "u": 0.4, "seed": 2, "noise": "fixed"}})
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 16, 8, 12), dtype=np.float32)
+    ehs, pooled = rng.standard_normal((2, 5, 48), dtype=np.float32), rng.standard_normal((2, 40), dtype=np.float32)
+    scores = multi(None, None, latents=latents, prompt_embeds=ehs, pooled_prompt_embeds=pooled)["diffusion-rm-flux"]
+    eps = np.random.default_rng(2).standard_normal((1, 1, 2, 16, 8, 12), dtype=np.float32)[0, 0]
+    expected = DiffusionRM.from_pretrained(out).reward(latents, ehs, pooled, u=0.4, noise=eps).asnumpy()[:, 0]
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    with pytest.raises(ConfigError, match="scores sd3 models; this checkpoint's backbone is flux"):
+        DiffusionRMSD3Scorer(out)

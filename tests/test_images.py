@@ -1,0 +1,163 @@
+"""Image preprocessing, grouping by size, and the scorers' image call with a stand-in encoder."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+import mindspore as ms
+
+from ms_rm import ConfigError, DiffusionRM, InputError
+from ms_rm.demo import TINY_SD35
+from ms_rm.encoders import MindOneSD3Encoder
+from ms_rm.images import group_by_size, load_image, preprocess
+from ms_rm.scorers import DiffusionRMSD3Scorer
+
+
+def test_pil_uint8_and_float_inputs_give_the_same_pixels_in_minus_one_to_one():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    rgba = Image.fromarray(np.dstack([rgb, np.full((32, 48), 7, np.uint8)]), mode="RGBA")
+    expected = rgb.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0     # ToTensor + Normalize(0.5, 0.5)
+    for image in (rgba, rgb, rgb.astype(np.float32) / 255, rgb.transpose(2, 0, 1).astype(np.float32) / 255):
+        (pixels,) = preprocess([image])
+        assert pixels.shape == (3, 32, 48) and pixels.dtype == np.float32
+        np.testing.assert_allclose(pixels, expected, atol=1e-6)
+    batch = preprocess(ms.Tensor(np.stack([rgb, rgb]).transpose(0, 3, 1, 2).astype(np.float32) / 255))
+    assert len(batch) == 2
+    np.testing.assert_allclose(batch[1], expected, atol=1e-6)
+
+
+def test_crop_takes_the_centre_multiple_of_16():
+    image = np.random.default_rng(1).random((37, 50, 3), dtype=np.float32)
+    (pixels,) = preprocess([image], policy="crop")
+    assert pixels.shape == (3, 32, 48)
+    np.testing.assert_allclose(pixels, image[2:34, 1:49].transpose(2, 0, 1) * 2 - 1, atol=1e-6)
+
+
+def test_resize_goes_to_the_nearest_multiple_and_keeps_a_flat_image_flat():
+    (pixels,) = preprocess([np.full((37, 57, 3), 0.25, np.float32)], policy="resize")
+    assert pixels.shape == (3, 32, 64)
+    np.testing.assert_allclose(pixels, -0.5, atol=1e-5)
+
+
+@pytest.mark.parametrize("image, policy, message", [
+    (np.zeros((20, 32, 3), np.float32), "error", "20x32 pixels; the reward model needs multiples of 16"),
+    (np.zeros((8, 32, 3), np.float32), "crop", "smaller than 16 pixels"),
+    (np.full((16, 16, 3), 1.5, np.float32), "crop", r"must lie in \[0, 1\]"),
+    (np.full((16, 16, 3), np.nan, np.float32), "crop", "NaN or Inf"),
+    (np.zeros((16, 16), np.float32), "crop", r"must be \(H, W, 3\) or \(3, H, W\)"),
+    (np.zeros((16, 16, 3), np.int64), "crop", "must be uint8 or float"),
+    (np.zeros((16, 16, 3), np.float32), "stretch", "size policy must be one of"),
+])
+def test_bad_images_are_refused_with_the_reason(image, policy, message):
+    with pytest.raises(InputError, match=message):
+        preprocess([image], policy=policy)
+
+
+def test_unreadable_image_files_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="missing.png: image file not found"):
+        load_image(str(tmp_path / "missing.png"))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputError, match="cut.png: cannot read the image"):
+        load_image(str(tmp_path / "cut.png"))
+    assert load_image(str(tmp_path / "ok.png")).size == (16, 16)
+
+
+def test_group_by_size_keeps_the_order_of_first_appearance():
+    shapes = [(3, 32, 32), (3, 16, 48), (3, 32, 32), (3, 16, 48), (3, 64, 16)]
+    groups = group_by_size([np.zeros(s, np.float32) for s in shapes])
+    assert list(groups.items()) == [((32, 32), [0, 2]), ((16, 48), [1, 3]), ((64, 16), [4])]
+
+
+# --- the scorer's image call ---------------------------------------------------------------
+class StandInEncoder:
+    """A deterministic encoder: 8x8 average pooling of the pixels, tiled to 16 channels; prompt
+    embeddings from the prompt's characters. Records the batches it is given."""
+
+    def __init__(self):
+        self.pixel_batches = []
+
+    def encode_pixels(self, pixels):
+        self.pixel_batches.append(pixels.shape)
+        b, _, h, w = pixels.shape
+        pooled = pixels.reshape(b, 3, h // 8, 8, w // 8, 8).mean(axis=(3, 5))
+        return np.concatenate([pooled] * 5 + [pooled[:, :1]], axis=1).astype(np.float32)
+
+    def encode_prompts(self, prompts):
+        codes = np.array([[ord(c) for c in (p * 64)[:64]] for p in prompts], np.float32) / 128 - 0.5
+        return np.repeat(codes[:, None, :], 6, axis=1), codes[:, :32]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DiffusionRM(TINY_SD35).randomize(0)
+
+
+def test_image_call_groups_sizes_and_scores_like_score_latents(model):
+    encoder = StandInEncoder()
+    scorer = DiffusionRMSD3Scorer(model=model, u=0.4, seed=3, noise="fixed", encoder=encoder)
+    rng = np.random.default_rng(2)
+    images = [rng.random((64, 64, 3), dtype=np.float32), rng.random((70, 48, 3), dtype=np.float32),
+              rng.random((64, 64, 3), dtype=np.float32)]
+    prompts = ["a red cube", "two cats", "a red cube on a table"]
+    scores = scorer(images, prompts)
+    assert encoder.pixel_batches == [(2, 3, 64, 64), (1, 3, 64, 48)]              # 70 rows cropped to 64
+    pixels = preprocess(images)
+    ehs, pooled = StandInEncoder().encode_prompts(prompts)
+    first = scorer.score_latents(encoder.encode_pixels(np.stack([pixels[0], pixels[2]])), ehs[[0, 2]], pooled[[0, 2]])
+    second = scorer.score_latents(encoder.encode_pixels(pixels[1][None]), ehs[[1]], pooled[[1]])
+    np.testing.assert_array_equal(scores, [first[0], second[0], first[1]])
+    embedded = scorer(images, prompt_embeds=ehs, pooled_prompt_embeds=pooled)      # precomputed embeddings
+    np.testing.assert_array_equal(embedded, scores)
+
+
+def test_image_call_errors(model):
+    scorer = DiffusionRMSD3Scorer(model=model, u=0.4, encoder=StandInEncoder())
+    image = np.zeros((32, 32, 3), np.float32)
+    with pytest.raises(InputError, match="got 2 images and 1 prompts"):
+        scorer([image, image], ["one"])
+    with pytest.raises(InputError, match="prompts are required"):
+        scorer([image])
+    with pytest.raises(ConfigError, match="size_policy must be one of"):
+        DiffusionRMSD3Scorer(model=model, size_policy="squash")
+
+
+def test_mindone_adapter_scales_the_posterior_mode_and_asks_for_no_guidance():
+    calls = {}
+
+    class Dist:
+        def mode(self, moments):
+            return moments[:, :16]
+
+        def sample(self, moments, generator):
+            calls["generator"] = generator
+            return moments[:, :16] + 1
+
+    class Vae:
+        dtype = ms.float32
+        config = SimpleNamespace(shift_factor=0.0609, scaling_factor=1.5305)
+        diag_gauss_dist = Dist()
+
+        def encode(self, x):
+            return (ms.Tensor(np.ones((x.shape[0], 32, x.shape[2] // 8, x.shape[3] // 8), np.float32)),)
+
+    def encode_prompt(*args, **kwargs):
+        calls["prompt"] = (args, kwargs)
+        return "embeds", None, "pooled", None
+
+    pipeline = SimpleNamespace(vae=Vae(), encode_prompt=encode_prompt)
+    latents = MindOneSD3Encoder(pipeline).encode_pixels(np.zeros((2, 3, 32, 16), np.float32))
+    assert latents.shape == (2, 16, 4, 2)
+    np.testing.assert_allclose(latents.asnumpy(), (1 - 0.0609) * 1.5305, rtol=1e-6)
+    sampled = MindOneSD3Encoder(pipeline, sample=True, seed=4).encode_pixels(np.zeros((1, 3, 16, 16), np.float32))
+    np.testing.assert_allclose(sampled.asnumpy(), (2 - 0.0609) * 1.5305, rtol=1e-6)
+    assert isinstance(calls["generator"], np.random.Generator)
+    assert MindOneSD3Encoder(pipeline, max_sequence_length=77).encode_prompts(["a", "b"]) == ("embeds", "pooled")
+    args, kwargs = calls["prompt"]
+    assert args == (["a", "b"], ["a", "b"], ["a", "b"])
+    assert kwargs == {"do_classifier_free_guidance": False, "max_sequence_length": 77}
+    with pytest.raises(ConfigError, match="needs a mindone StableDiffusion3Pipeline"):
+        MindOneSD3Encoder(SimpleNamespace(vae=None))
