@@ -182,3 +182,43 @@ def patchify(x: ms.Tensor, patch: int) -> ms.Tensor:
     x = x.reshape(b, c, h // patch, patch, w // patch, patch)
     x = x.permute(0, 2, 4, 1, 3, 5)                            # (B, H/p, W/p, C, p, p)
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+# --- convolutional helpers (the SD3 VAE encoder, ms_rm/vae.py) --------------------------------
+
+def conv2d(x: ms.Tensor, weight: ms.Tensor, bias: Optional[ms.Tensor] = None, stride: int = 1,
+           padding: int = 0) -> ms.Tensor:
+    """torch.nn.functional.conv2d on NCHW: weight (out, in, kh, kw), symmetric zero `padding`.
+
+    ops.conv2d (the Conv2D primitive) runs on the CPU in fp32 and fp16 and on Ascend;
+    mint.nn.functional.conv2d and mint.nn.Conv2d have no CPU kernel.
+    """
+    if padding:
+        return ops.conv2d(x, weight, bias, stride=stride, pad_mode="pad", padding=padding)
+    return ops.conv2d(x, weight, bias, stride=stride, pad_mode="valid")
+
+
+def pad(x: ms.Tensor, padding) -> ms.Tensor:
+    """Zero padding in torch.nn.functional.pad's order (last axis first: left, right, top, bottom).
+    ops.pad; mint.nn.functional.pad has no CPU kernel."""
+    return ops.pad(x, tuple(padding))
+
+
+def group_norm(x: ms.Tensor, groups: int, weight: ms.Tensor, bias: ms.Tensor, eps: float = 1e-6) -> ms.Tensor:
+    """torch.nn.GroupNorm(groups, C, eps, affine=True) on x (B, C, *spatial).
+
+    Statistics over each group's C/groups channels and all positions, in float32 (cast back to
+    x's dtype at the end, as torch's CPU kernel does for fp16/bf16): the mean, then the variance
+    of the centred values (two passes: no cancellation), both as mean_last GEMVs. Written out
+    because the fused GroupNorm kernels are not the same on every backend and this spelling
+    needs only matmul, rsqrt and elementwise ops.
+    """
+    shape = x.shape
+    b, c = shape[0], shape[1]
+    x32 = _float32(x).reshape(b, groups, -1)                            # (B, G, C/G * positions)
+    centred = x32 - expand(mean_last(x32), x32)
+    inv_std = mint.rsqrt(mean_last(centred * centred) + eps)             # (B, G, 1)
+    normed = (centred * expand(inv_std, centred)).reshape(b, c, -1)      # (B, C, positions)
+    scale = expand(_float32(weight).reshape(1, c, 1), normed)
+    shift = expand(_float32(bias).reshape(1, c, 1), normed)
+    return (normed * scale + shift).reshape(shape).astype(x.dtype)

@@ -29,6 +29,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from .peak_rss import peak_rss_bytes
+
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sd35m")
 
 
@@ -145,14 +147,16 @@ def _gemm_worker(framework: str, m: int, k: int, n: int, threads: int, runs: int
     w = np.random.default_rng(1).standard_normal((n, k), dtype=np.float32) / np.sqrt(k)
     if framework == "ms":
         import mindspore as ms
-        from mindspore import mint
+
+        from ms_rm.ops import linear as ms_rm_linear
 
         ms.set_device("CPU")
         ms.set_context(runtime_num_threads=threads)
+
         x, weight = ms.Tensor(a), ms.Tensor(w)
 
         def linear(x):
-            return mint.nn.functional.linear(x, weight)
+            return ms_rm_linear(x, weight)
 
         compiled = ms.jit(linear)
         call = lambda: compiled(x).asnumpy()
@@ -180,21 +184,18 @@ def _timed(call, runs: int) -> dict:
 
 
 def _child(args: List[str]) -> dict:
-    """Run this module as a child with `args`; its JSON result plus its peak RSS in bytes."""
+    """Run this module as a child with `args`; its JSON result, with its own peak RSS in bytes."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
-        child = subprocess.Popen([sys.executable, "-m", "parity.bench", "--child-out", out, *args],
-                                 cwd=os.path.dirname(CONFIGS.rstrip(os.sep)).rsplit(os.sep, 1)[0] or ".")
-        _, status, usage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"benchmark child {args} failed with status {os.waitstatus_to_exitcode(status)}")
+        status = subprocess.run([sys.executable, "-m", "parity.bench", "--child-out", out, *args],
+                                cwd=os.path.dirname(CONFIGS.rstrip(os.sep)).rsplit(os.sep, 1)[0] or ".").returncode
+        if status != 0:
+            raise RuntimeError(f"benchmark child {args} failed with status {status}")
         with open(out) as f:
-            result = json.load(f)
+            return json.load(f)
     finally:
         os.remove(out)
-    result["peak_rss"] = usage.ru_maxrss * 1024
-    return result
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -267,6 +268,7 @@ def main(argv=None) -> int:
             result = work(sizes()[args.size], args.batch, args.runs, args.threads)
         else:
             result = _gemm_worker(args.gemm, *args.shape, args.threads)
+        result["peak_rss"] = peak_rss_bytes()      # this process's own peak (see parity.peak_rss)
         with open(args.child_out, "w") as f:
             json.dump(result, f)
         return 0
