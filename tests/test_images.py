@@ -161,3 +161,30 @@ def test_mindone_adapter_scales_the_posterior_mode_and_asks_for_no_guidance():
     assert kwargs == {"do_classifier_free_guidance": False, "max_sequence_length": 77}
     with pytest.raises(ConfigError, match="needs a mindone StableDiffusion3Pipeline"):
         MindOneSD3Encoder(SimpleNamespace(vae=None))
+
+
+# --- pairs files of ms-rm score-images ------------------------------------------------------
+def test_pairs_from_csv_and_jsonl_resolve_images_beside_the_file(tmp_path):
+    from ms_rm.score_images import read_pairs
+
+    (tmp_path / "pairs.csv").write_text('image,prompt\na.png,"a cat, sitting"\nsub/b.png,a dog\n')
+    (tmp_path / "pairs.jsonl").write_text('{"image": "a.png", "prompt": "a cat, sitting"}\n\n'
+                                          '{"image": "sub/b.png", "prompt": "a dog"}\n')
+    expected = [(str(tmp_path / "a.png"), "a cat, sitting"), (str(tmp_path / "sub" / "b.png"), "a dog")]
+    assert read_pairs(str(tmp_path / "pairs.csv")) == expected
+    assert read_pairs(str(tmp_path / "pairs.jsonl")) == expected
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("p.jsonl", '{"image": "a.png"}\n', "entry 1: needs an 'image' path and a 'prompt' string"),
+    ("p.jsonl", '{"image": "a.png", "prompt": "x"}\n{oops\n', "line 2: not valid JSON"),
+    ("p.csv", "file,text\na.png,x\n", "entry 1: needs an 'image' path"),
+    ("p.csv", "image,prompt\n", "holds no pairs"),
+    ("p.txt", "a.png x\n", "must be a .csv"),
+])
+def test_bad_pairs_files_say_where(tmp_path, name, text, message):
+    from ms_rm.score_images import read_pairs
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_pairs(str(tmp_path / name))

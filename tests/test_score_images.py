@@ -1,0 +1,124 @@
+"""From PNG files and prompts to scores, end to end on the CPU, against torch.
+
+Tiny random models built here: an SD3-style VAE (diffusers), SD3's three text encoders and
+tokenizers (transformers), and a Diffusion-RM (diffusers + peft + the torch head), saved in
+their real formats. ms_rm scores the PNGs with `ms-rm score-images`; the torch side encodes the
+same files with diffusers' AutoencoderKL and StableDiffusion3Pipeline.encode_prompt and runs the
+reference reward model on the same noise.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from parity.builders import build_reference, lora_kwargs
+from parity.cases import CASES
+from parity.checkpoints import save_reference
+from parity.reference import as_torch, lookup_u
+from parity.text_reference import reference_encode_prompt, write_sd3_text_folder
+from parity.vae_reference import build_reference_vae, tiny_vae_config
+
+T5_TOKENS = 12
+U = 0.1
+SEED = 5
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("score_images")
+    case = CASES["tiny-sd35"]                                   # joint_attention_dim 48, pooled 40
+    reference = build_reference(case.rm_config(), case.transformer, case.scheduler,
+                                lora=lora_kwargs(case.rm_config()))
+    paths = save_reference(reference, str(root / "reference"), "lora")
+    from ms_rm.checkpoint import convert
+
+    model = convert(paths.src, paths.transformer, paths.scheduler, str(root / "converted"), progress=False)
+    pipeline = root / "pipeline"
+    text = write_sd3_text_folder(str(pipeline), seed=3, t5_width=48, clip_widths=(16, 24))
+    vae = build_reference_vae(tiny_vae_config(latent_channels=16), seed=4)
+    vae.save_pretrained(str(pipeline / "vae"), safe_serialization=True)
+    rng = np.random.default_rng(0)
+    images = {"a.png": (64, 64), "b.png": (48, 80), "c.png": (64, 64)}
+    for name, (h, w) in images.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+    prompts = {"a.png": "a red cube on a table", "b.png": "a photo of a dog", "c.png": "the blue sky"}
+    return dict(root=root, reference=reference, model=model, pipeline=pipeline, text=text, vae=vae,
+                prompts=prompts, case=case)
+
+
+def torch_scores(world, names):
+    """The reference pipeline on the same files: ToTensor + Normalize(0.5, 0.5), VAE mode,
+    (z - shift) * scale, encode_prompt, noise as the scorer draws it (one draw per size group in
+    order of first appearance, from default_rng(SEED)), nearest-sigma u, the torch reward model."""
+    vae, case = world["vae"], world["case"]
+    ehs, pooled = reference_encode_prompt(world["text"], [world["prompts"][n] for n in names], T5_TOKENS, 48)
+    pixels = [np.asarray(Image.open(world["root"] / n).convert("RGB"), np.float32).transpose(2, 0, 1) / 127.5 - 1
+              for n in names]
+    groups = {}
+    for i, p in enumerate(pixels):
+        groups.setdefault(p.shape, []).append(i)
+    rng = np.random.default_rng(SEED)
+    scores = [None] * len(names)
+    for indices in groups.values():
+        with torch.no_grad():
+            z = vae.encode(as_torch(np.stack([pixels[i] for i in indices]))).latent_dist.mode()
+        latents = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        noise = rng.standard_normal((1, 1, len(indices)) + tuple(latents.shape[1:]), dtype=np.float32)[0, 0]
+        sigma, timestep = lookup_u(case.scheduler, [U] * len(indices), "sigma")
+        with torch.no_grad():
+            stages = world["reference"].model.stages(latents, as_torch(noise), sigma, timestep,
+                                                     as_torch(ehs[indices]), as_torch(pooled[indices]))
+        for i, value in zip(indices, stages["reward"][:, 0]):
+            scores[i] = float(value)
+    return np.array(scores)
+
+
+def test_score_images_command_matches_torch_from_png_to_score(world, capsys):
+    from tools.cli import main
+
+    root, names = world["root"], ["a.png", "b.png", "c.png"]
+    args = ["score-images", world["model"], "--vae", str(world["pipeline"] / "vae"),
+            "--text-encoders", str(world["pipeline"]), "--seed", str(SEED), "--u", str(U),
+            "--max-sequence-length", str(T5_TOKENS), "--out", str(root / "scores.jsonl"), "--no-progress"]
+    for name in names:
+        args += ["--image", str(root / name), "--prompt", world["prompts"][name]]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (root / "scores.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in rows] == [str(root / n) for n in names]
+    assert [r["prompt"] for r in rows] == [world["prompts"][n] for n in names]
+    ours = np.array([r["score"] for r in rows])
+    expected = torch_scores(world, names)
+    assert np.abs(ours - expected).max() <= 2e-5 * np.abs(expected).max(), (ours, expected)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert [float(line.split("\t")[0]) for line in printed] == pytest.approx(ours, abs=1e-6)
+
+
+def test_pairs_file_and_python_call_agree(world):
+    from ms_rm import DiffusionRM, DiffusionRMSD3Scorer
+    from ms_rm.encoders import SD3Encoder
+    from ms_rm.score_images import read_pairs, score_pairs
+
+    root = world["root"]
+    (root / "pairs.csv").write_text("image,prompt\n" + "".join(f"{n},{world['prompts'][n]}\n" for n in ("b.png", "a.png")))
+    encoder = SD3Encoder.from_pretrained(str(world["pipeline"] / "vae"), str(world["pipeline"]),
+                                         max_sequence_length=T5_TOKENS, joint_attention_dim=48)
+    scorer = DiffusionRMSD3Scorer(model=DiffusionRM.from_pretrained(world["model"]), u=U, seed=SEED, encoder=encoder)
+    rows = list(score_pairs(scorer, read_pairs(str(root / "pairs.csv")), batch_size=8, progress=False))
+    expected = torch_scores(world, ["b.png", "a.png"])
+    ours = np.array([r["score"] for r in rows])
+    assert np.abs(ours - expected).max() <= 2e-5 * np.abs(expected).max(), (ours, expected)
+
+
+def test_score_images_errors_name_the_problem(world):
+    from ms_rm.errors import InputError
+    from tools.cli import main
+
+    base = ["score-images", world["model"], "--vae", str(world["pipeline"] / "vae")]
+    assert main(base + ["--image", "x.png"]) == 2                       # one image, no prompt
+    with pytest.raises(InputError, match="pass one --prompt per --image"):
+        main(["--debug"] + base + ["--image", "x.png"])
+    with pytest.raises(InputError, match="x.png: image file not found"):
+        main(["--debug"] + base + ["--image", str(world["root"] / "x.png"), "--prompt", "p", "--no-progress"])
