@@ -43,12 +43,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .cases import CASES
+    from .encoders import ENCODER_CASES, run_encoder_case
     from .harness import run_case, run_checkpoint
 
     if args.list:
-        width = max(map(len, CASES))
+        width = max(map(len, list(CASES) + list(ENCODER_CASES)))
         for case in CASES.values():
             print(f"{case.name:<{width}}  {case.description}{'  [slow]' if case.slow else ''}")
+        for name, description in ENCODER_CASES.items():
+            print(f"{name:<{width}}  {description}  [fp32]")
         return 0
     if args.torch_device == "npu":
         import torch_npu  # noqa: F401  (registers the npu device)
@@ -65,15 +68,23 @@ def run(args: argparse.Namespace) -> int:
                                  args.dtype, args.seed, args.ms_device, args.torch_device)
     else:
         names = args.case or ["all"]
-        names = list(CASES) if names == ["all"] else names
-        unknown = [n for n in names if n not in CASES]
+        if names == ["all"]:    # the encoder cases compare fp32 only
+            names = list(CASES) + (list(ENCODER_CASES) if args.dtype == "fp32" else [])
+        unknown = [n for n in names if n not in CASES and n not in ENCODER_CASES]
         if unknown:
             print(f"ms-rm parity: error: unknown cases {unknown}; see --list", file=sys.stderr)
             return 2
+        if args.dtype != "fp32" and any(n in ENCODER_CASES for n in names):
+            print(f"ms-rm parity: error: the encoder cases {list(ENCODER_CASES)} compare fp32 only", file=sys.stderr)
+            return 2
         reports = []
         for name in names:
-            reports += run_case(CASES[name], modes, args.dtype, args.seed, args.ms_device, args.torch_device)
-            for report in reports[-len(modes):]:
+            if name in ENCODER_CASES:
+                new = run_encoder_case(name, modes, args.dtype, args.seed, args.ms_device, args.torch_device)
+            else:
+                new = run_case(CASES[name], modes, args.dtype, args.seed, args.ms_device, args.torch_device)
+            reports += new
+            for report in new:
                 _print(report)
     if args.checkpoint:
         for report in reports:

@@ -117,3 +117,17 @@ def test_checkpoint_mode_validates_a_cli_conversion(prepared, tmp_path, capsys):
     other = prepared("logistic-lora").converted["fp32"]
     assert cli(args + ["--converted", other]) == 1
     assert "first divergence at 'reward'" in capsys.readouterr().out
+
+
+def test_encoder_cases_in_the_harness_match_torch(tmp_path):
+    """`ms-rm parity --case sd3-vae sd3-prompts`: the image-scoring encoders stage by stage."""
+    import json
+
+    from parity.cli import main
+
+    assert main(["--case", "sd3-vae", "sd3-prompts", "--mode", "graph", "--json", str(tmp_path / "r.json")]) == 0
+    reports = json.loads((tmp_path / "r.json").read_text())["reports"]
+    stages = {(r["case"], s["stage"]): s["max_rel"] for r in reports for s in r["stages"]}
+    assert {"mean_24x40", "sampled_32x32", "t5_embeds", "pooled"} <= {stage for _, stage in stages}
+    assert max(stages.values()) <= 1e-5
+    assert main(["--case", "sd3-vae", "--dtype", "bf16"]) == 2                 # fp32 only, said so
