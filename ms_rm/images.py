@@ -111,7 +111,9 @@ def fit_size(array: np.ndarray, policy: str = "crop", multiple: int = MULTIPLE, 
         return array[:, top:top + new_h, left:left + new_w]
     new_h, new_w = (max(multiple, int(round(n / multiple)) * multiple) for n in (height, width))
     Image = _pil()
-    channels = [np.asarray(Image.fromarray(c, mode="F").resize((new_w, new_h), Image.BICUBIC)) for c in array]
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize((new_w, new_h),
+                                                                                          Image.BICUBIC))
+                for c in array]                                          # one float ("F") image per channel
     return np.clip(np.stack(channels), 0.0, 1.0)
 
 
