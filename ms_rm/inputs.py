@@ -80,3 +80,13 @@ def noise_input(noise: Any, shape: Tuple[int, ...], name: str = "noise", check_v
     if check_values:
         check_finite(tensor, name)
     return tensor.astype(ms.float32)
+
+
+MODES = ("graph", "pynative")
+
+
+def check_mode(value: str) -> str:
+    """An execution mode: "graph" (compiled with ms.jit) or "pynative" (eager)."""
+    if value not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {value!r}")
+    return value

@@ -23,7 +23,7 @@ from . import ops
 from .config import RewardModelConfig, config_from_any
 from .errors import InputError
 from .head import RewardHead
-from .inputs import noise_input, reward_inputs
+from .inputs import check_mode, noise_input, reward_inputs
 from .noise import ArrayLike, NoiseSchedule, draw_noise
 from .flux import FluxBackbone
 from .sd3 import SD3Backbone
@@ -31,7 +31,6 @@ from .weights import load_parameters, random_parameter
 
 logger = logging.getLogger(__name__)
 
-MODES = ("graph", "pynative")
 BACKBONES = {"sd3": SD3Backbone, "flux": FluxBackbone}
 ETA1, ETA2 = 2.0, -2.0                # the logistic's fixed bounds
 ETA3_INIT, ETA4_INIT = 0.0, 0.15      # its learnable centre and temperature at initialisation
@@ -99,9 +98,7 @@ class DiffusionRM(nn.Cell):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise InputError(f"mode must be one of {MODES}, got {value!r}")
-        self._mode = value
+        self._mode = check_mode(value)
 
     def load_state_dict(self, tensors, source: str = "state dict") -> None:
         """Fill every parameter from a name -> array mapping, strictly (see weights.py)."""

@@ -36,14 +36,13 @@ from mindspore.nn.utils import no_init_parameters
 
 from . import ops
 from .errors import CheckpointError, ConfigError, InputError
-from .inputs import as_float_tensor, check_finite, check_shape, noise_input
+from .inputs import as_float_tensor, check_finite, check_shape, check_mode, noise_input
 from .layers import Linear
 from .safetensors_io import open_safetensors
 from .weights import check_key_sets, load_parameters
 
 logger = logging.getLogger(__name__)
 
-MODES = ("graph", "pynative")
 NORM_EPS = 1e-6                      # every GroupNorm of diffusers' VAE encoder
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # DiagonalGaussianDistribution's clamp
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -346,9 +345,7 @@ class VAEEncoder(nn.Cell):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise InputError(f"mode must be one of {MODES}, got {value!r}")
-        self._mode = value
+        self._mode = check_mode(value)
 
     def load_state_dict(self, tensors: Mapping[str, Any], source: str = "state dict") -> None:
         """Fill every parameter from a name -> array mapping (diffusers names), strictly
