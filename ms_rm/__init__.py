@@ -1,20 +1,24 @@
-"""ms_rm: MindSpore-native diffusion reward models (Diffusion-RM / DiNa-LRM).
+"""ms_rm: MindSpore-native reward models for diffusion generators.
 
-`import ms_rm` needs MindSpore, numpy and safetensors only; it never imports torch (nor mindone).
+`import ms_rm` needs MindSpore, numpy, safetensors, PyYAML and tqdm only; it never imports
+torch (nor mindone). Layout (imports point one way, left to right):
+
+    cli -> scoring -> rewards -> backbones / encoders -> core / io
 """
 
 import logging
 
-from .config import HeadConfig, RewardModelConfig, SchedulerConfig, SD3BackboneConfig, load_config
-from .errors import CheckpointError, ConfigError, InputError, MissingDependencyError, MsRmError
-from .model import DiffusionRM
-from .scorers import DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer, MultiScorer
-
-__version__ = "0.1.0"
+from .core.errors import CheckpointError, ConfigError, InputError, MissingDependencyError, MsRmError
+from .rewards import REWARD_MODELS, RewardModel, load_reward_model
+from .rewards.diffusion_rm import DiffusionRM, HeadConfig, RewardModelConfig, SchedulerConfig, load_config
+from .backbones.config import FluxBackboneConfig, SD3BackboneConfig
+from .scoring import SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer, MultiScorer
+from .version import __version__
 
 __all__ = [
-    "DiffusionRM", "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer", "MultiScorer",
-    "RewardModelConfig", "SD3BackboneConfig", "HeadConfig", "SchedulerConfig",
+    "DiffusionRM", "RewardModel", "REWARD_MODELS", "load_reward_model",
+    "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer", "MultiScorer", "SCORERS",
+    "RewardModelConfig", "SD3BackboneConfig", "FluxBackboneConfig", "HeadConfig", "SchedulerConfig",
     "load_config", "MsRmError", "ConfigError", "CheckpointError", "InputError",
     "MissingDependencyError", "__version__",
 ]

@@ -2,7 +2,7 @@
 
 Each framework runs in its own child process (so each one's peak RSS is its own), on the same
 machine, thread count, weights and inputs: random weights drawn per parameter name
-(ms_rm.weights.random_parameter, so both sides hold the same numbers and their rewards must
+(ms_rm.core.weights.random_parameter, so both sides hold the same numbers and their rewards must
 agree) and seeded inputs.
 
 * ms_rm: DiffusionRM.reward in graph mode (ms.jit), fp32.
@@ -59,7 +59,7 @@ def reward_flops(config, height: int, width: int, text_tokens: int) -> int:
     flops = 2 * n * bb.in_channels * p * p * d + 2 * t * bb.joint_attention_dim * d          # patch, context
     flops += 2 * (256 * d + d * d) + 2 * (bb.pooled_projection_dim * d + d * d)              # temb
     for i in range(config.last_depth):
-        image_out, context_out = config.block_streams(i)
+        image_out, context_out = config.block_streams()[i]
         dual = i in bb.dual_attention_layers
         flops += 2 * d * d * (9 if dual else 6) + 2 * d * d * 6                                # adaLN
         flops += 2 * d * d * (4 * n + 3 * t + (t if context_out else 0))                       # qkv, outs
@@ -148,7 +148,7 @@ def _gemm_worker(framework: str, m: int, k: int, n: int, threads: int, runs: int
     if framework == "ms":
         import mindspore as ms
 
-        from ms_rm.ops import linear as ms_rm_linear
+        from ms_rm.core.ops import linear as ms_rm_linear
 
         ms.set_device("CPU")
         ms.set_context(runtime_num_threads=threads)
@@ -188,7 +188,7 @@ def _child(args: List[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     try:
-        status = subprocess.run([sys.executable, "-m", "parity.bench", "--child-out", out, *args],
+        status = subprocess.run([sys.executable, "-m", "ms_rm_parity.bench", "--child-out", out, *args],
                                 cwd=os.path.dirname(CONFIGS.rstrip(os.sep)).rsplit(os.sep, 1)[0] or ".").returncode
         if status != 0:
             raise RuntimeError(f"benchmark child {args} failed with status {status}")

@@ -2,7 +2,7 @@
 
 `build_reference` makes a diffusers SD3Transformer2DModel from a config, our torch head, and
 optionally a peft LoRA, all with deterministic random weights of realistic scale
-(ms_rm.weights.random_parameter: every parameter random, none left at a zero init).
+(ms_rm.core.weights.random_parameter: every parameter random, none left at a zero init).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from ms_rm.weights import random_parameter
+from ms_rm.core.weights import random_parameter
 
 from .reference import RewardHead, TorchRewardModel, cut_backbone, transformer_class
 

@@ -94,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
     for line in failed:
         print(f"FAILED {line}")
     if args.json:
-        from ms_rm.checkpoint import _write_json
+        from ms_rm.io.files import write_json
 
-        _write_json(args.json, {"reports": [r.to_dict() for r in reports]})
+        write_json(args.json, {"reports": [r.to_dict() for r in reports]})
         logging.getLogger(__name__).info("wrote %s", args.json)
     return 1 if failed else 0
 

@@ -167,16 +167,26 @@ def _fp32_epsilon_norms_(model) -> None:
             module.eps = float(torch.finfo(torch.float32).eps)
 
 
-def compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs: Inputs, u_convention: str,
-                  dtype: str, torch_device: str) -> List[StageResult]:
+def policy_bounds(torch_model, rm_config, scheduler_config, inputs: Inputs, u_convention: str, dtype: str,
+                  torch_device: str = "cpu", torch32: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, float]:
+    """The tolerance policy's bound for every stage of these inputs at `dtype` (see the module notes):
+    from torch fp32 against float64 (fp32), or torch at `dtype` against torch fp32."""
     run = lambda model, d: torch_stages(model, rm_config, scheduler_config, inputs, u_convention, TORCH_DTYPES[d],
                                         torch_device)
-    torch32 = run(torch_model, "fp32")
+    torch32 = run(torch_model, "fp32") if torch32 is None else torch32
     if dtype == "fp32":
-        _fp32_epsilon_norms_(torch_model)
-        bounds = bounds_for(dtype, run(torch_model, "fp64"), torch32)      # converts the model in place
-    else:
-        bounds = bounds_for(dtype, torch32, run(copy.deepcopy(torch_model), dtype))
+        model64 = copy.deepcopy(torch_model)
+        _fp32_epsilon_norms_(model64)
+        return bounds_for(dtype, run(model64, "fp64"), torch32)
+    return bounds_for(dtype, torch32, run(copy.deepcopy(torch_model), dtype))
+
+
+def compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs: Inputs, u_convention: str,
+                  dtype: str, torch_device: str) -> List[StageResult]:
+    torch32 = torch_stages(torch_model, rm_config, scheduler_config, inputs, u_convention, torch.float32,
+                           torch_device)
+    bounds = policy_bounds(torch_model, rm_config, scheduler_config, inputs, u_convention, dtype, torch_device,
+                           torch32)
     return compare_stages(ms_stages(ms_model, inputs), torch32, bounds)
 
 
@@ -190,7 +200,7 @@ class PreparedCase:
 
 def prepare_case(case: Case, workdir: str, seed: int = 0) -> PreparedCase:
     """Build the case's random reference model, save it as the reference saves, and convert it."""
-    from ms_rm.checkpoint import convert
+    from ms_rm import DiffusionRM
 
     from .builders import build_reference, lora_kwargs
     from .checkpoints import round_to_, save_reference
@@ -203,8 +213,8 @@ def prepare_case(case: Case, workdir: str, seed: int = 0) -> PreparedCase:
         round_to_(reference.transformer, base_dtype)
     paths = save_reference(reference, os.path.join(workdir, "reference"), case.mode, base_dtype, case.shard_size)
     out = os.path.join(workdir, f"converted-{case.storage}")
-    convert(paths.src, paths.transformer, paths.scheduler, out, dtype=case.storage,
-            u_convention=case.u_convention, progress=False)
+    DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, out, dtype=case.storage,
+                        u_convention=case.u_convention, progress=False)
     return PreparedCase(case, paths, {"fp32": out})
 
 
@@ -213,15 +223,14 @@ def run_prepared(prepared: PreparedCase, mode: str = "graph", dtype: str = "fp32
     import mindspore as ms
 
     from ms_rm import DiffusionRM
-    from ms_rm.checkpoint import convert
 
     from .reference import load_reference_model
 
     case, paths = prepared.case, prepared.paths
     if dtype not in prepared.converted:
         out = os.path.join(os.path.dirname(prepared.converted["fp32"]), f"converted-{dtype}")
-        convert(paths.src, paths.transformer, paths.scheduler, out, dtype=dtype,
-                u_convention=case.u_convention, progress=False)
+        DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, out, dtype=dtype,
+                            u_convention=case.u_convention, progress=False)
         prepared.converted[dtype] = out
     ms_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[dtype]
     ms_model = DiffusionRM.from_pretrained(prepared.converted[dtype], dtype=ms_dtype, mode=mode, verify=True)

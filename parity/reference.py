@@ -299,8 +299,8 @@ def load_reference_model(src: str, transformer_dir: str, scheduler_path: str, co
     import json
     import os
 
-    from ms_rm.config import read_config_file
-    from ms_rm.convert import FULL, LORA, checkpoint_mode
+    from ms_rm.io.files import read_config_file
+    from ms_rm.rewards.diffusion_rm.conversion import FULL, LORA, checkpoint_mode
 
     config_path = config or os.path.join(src, "config.json")
     ckpt = src if config else os.path.join(src, "checkpoint")

@@ -54,7 +54,7 @@ def _filler(pool: np.ndarray, shape, offset: int) -> np.ndarray:
 
 
 def _tensor(name: str, shape, config: dict, pool: np.ndarray, i: int) -> np.ndarray:
-    from ms_rm.sd3 import POSITION_TABLE_KEY, sd3_position_rows
+    from ms_rm.backbones.sd3 import POSITION_TABLE_KEY, sd3_position_rows
 
     if name != POSITION_TABLE_KEY:
         return _filler(pool, shape, 7919 * i)
@@ -70,7 +70,7 @@ def _tensor(name: str, shape, config: dict, pool: np.ndarray, i: int) -> np.ndar
 def write_transformer(folder: str, config: dict, keep_blocks: int = None, shards: int = 1) -> None:
     """The diffusers transformer folder: every tensor, or (keep_blocks) the embedders and the first
     double-stream blocks only; in one file or `shards` files with an index, bf16."""
-    from ms_rm.safetensors_io import SafetensorsWriter
+    from ms_rm.io.safetensors_file import SafetensorsWriter
 
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -156,7 +156,7 @@ def measured_convert(paths: Dict[str, str], out: str, dtype: str = "keep") -> Di
     """Run `ms-rm convert` in a child process; wall seconds and peak RSS bytes of that child
     (its own VmHWM, see parity.peak_rss)."""
     report = out.rstrip(os.sep) + ".peak_rss"
-    command = [sys.executable, "-m", "parity.peak_rss", report, "tools.cli", "convert", paths["src"],
+    command = [sys.executable, "-m", "ms_rm_parity.peak_rss", report, "ms_rm.cli", "convert", paths["src"],
                "--transformer", paths["transformer"], "--scheduler", paths["scheduler"], "--out", out,
                "--dtype", dtype, "--force", "--no-progress"]
     start = time.perf_counter()
@@ -167,7 +167,7 @@ def measured_convert(paths: Dict[str, str], out: str, dtype: str = "keep") -> Di
     with open(report) as f:
         peak = int(f.read())
     os.remove(report)
-    from ms_rm.safetensors_io import SafetensorsFile
+    from ms_rm.io.safetensors_file import SafetensorsFile
 
     with SafetensorsFile(os.path.join(out, "model.safetensors")) as f:
         largest = max(f.nbytes(k) for k in f.keys())

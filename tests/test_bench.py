@@ -3,7 +3,7 @@
 import numpy as np
 
 from ms_rm import RewardModelConfig
-from parity.bench import _json, format_report, reward_flops, run, sizes
+from ms_rm_parity.bench import _json, format_report, reward_flops, run, sizes
 
 
 def test_small_benchmark_runs_and_reports():

@@ -5,8 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from ms_rm.config import RewardModelConfig, SD3BackboneConfig, load_config, read_config_file
-from ms_rm.errors import ConfigError
+from ms_rm.rewards.diffusion_rm.config import RewardModelConfig, load_config
+
+from ms_rm.backbones.config import SD3BackboneConfig
+
+from ms_rm.io.files import read_config_file
+from ms_rm.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -98,7 +102,7 @@ def test_unreadable_config_files(tmp_path):
     ({"_class_name": "DDPMScheduler"}, "needs FlowMatchEulerDiscreteScheduler"),
 ])
 def test_bad_scheduler_config(change, message):
-    from ms_rm.config import SchedulerConfig
+    from ms_rm.rewards.diffusion_rm.config import SchedulerConfig
 
     with pytest.raises(ConfigError, match=message):
         SchedulerConfig.from_diffusers(dict({"num_train_timesteps": 1000, "shift": 3.0}, **change))

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from ms_rm import CheckpointError, ConfigError, DiffusionRM
-from ms_rm.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, convert
-from ms_rm.convert import ConversionPlan, open_reference
-from ms_rm.safetensors_io import SafetensorsFile
-from parity.builders import build_reference, lora_kwargs
-from parity.cases import SCHEDULER, TINY_SD35, Case
-from parity.checkpoints import save_reference
-from tools.cli import main as cli
+from ms_rm.io.converted import MANIFEST_FILE, WEIGHTS_FILE
+from ms_rm.rewards.diffusion_rm.conversion import ConversionPlan, open_reference
+from ms_rm.io.safetensors_file import SafetensorsFile
+from ms_rm_parity.builders import build_reference, lora_kwargs
+from ms_rm_parity.cases import SCHEDULER, TINY_SD35, Case
+from ms_rm_parity.checkpoints import save_reference
+from ms_rm.cli import main as cli
 
 
 def make(root, mode="lora", shard_size=None, base_dtype=torch.float32, **case_fields):
@@ -81,10 +81,10 @@ def test_written_file_is_plain_safetensors(lora_ref, tmp_path):
     """The safetensors library itself reads our streamed file, with the values the plan produces."""
     from safetensors.numpy import load_file
 
-    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
     loaded = load_file(os.path.join(out, WEIGHTS_FILE))
     sources = open_reference(lora_ref.src, lora_ref.transformer, lora_ref.scheduler)
-    plan = ConversionPlan.build(sources)
+    plan = ConversionPlan.build(sources, DiffusionRM.parameter_shapes)
     assert set(loaded) == set(plan.names)
     for name in plan.names:
         np.testing.assert_array_equal(loaded[name], plan.tensor(name))
@@ -93,14 +93,14 @@ def test_written_file_is_plain_safetensors(lora_ref, tmp_path):
 
 @pytest.mark.parametrize("dtype, expected", [("keep", {"F32"}), ("fp32", {"F32"}), ("bf16", {"BF16"}), ("fp16", {"F16"})])
 def test_dtype_option(lora_ref, tmp_path, dtype, expected):
-    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), dtype=dtype,
-                  progress=False)
+    out = DiffusionRM.convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), dtype=dtype,
+                              progress=False)
     with SafetensorsFile(os.path.join(out, WEIGHTS_FILE)) as f:
         names = {n for n in f.keys() if n.startswith("backbone.")}
         assert {{"float32": "F32", "bfloat16": "BF16", "float16": "F16"}[f.dtype(n).name] for n in names} == expected
         merged = f.read("backbone.transformer_blocks.1.attn2.to_q.weight")
     sources = open_reference(lora_ref.src, lora_ref.transformer, lora_ref.scheduler)
-    exact = ConversionPlan.build(sources).tensor("backbone.transformer_blocks.1.attn2.to_q.weight", "fp32")
+    exact = ConversionPlan.build(sources, DiffusionRM.parameter_shapes).tensor("backbone.transformer_blocks.1.attn2.to_q.weight", "fp32")
     sources.close()
     # The LoRA merge runs in fp32; the cast to the output dtype (round to nearest even) comes after.
     np.testing.assert_array_equal(merged, exact.astype(merged.dtype))
@@ -108,7 +108,7 @@ def test_dtype_option(lora_ref, tmp_path, dtype, expected):
 
 def test_bf16_sources_are_read_bit_for_bit(tmp_path):
     paths = make(tmp_path / "ref", "head", base_dtype=torch.bfloat16)
-    out = convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
     from safetensors import safe_open
 
     shard = [f for f in os.listdir(paths.transformer) if f.endswith(".safetensors")][0]
@@ -159,14 +159,14 @@ def test_training_run_folder(tmp_path, capsys):
 
 def test_from_reference_equals_convert_then_load(lora_ref, tmp_path):
     direct = DiffusionRM.from_reference(lora_ref.src, lora_ref.transformer, lora_ref.scheduler)
-    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
     loaded = DiffusionRM.from_pretrained(out)
     for a, b in zip(direct.get_parameters(), loaded.get_parameters()):
         assert a.name == b.name and np.array_equal(a.asnumpy(), b.asnumpy())
 
 
 def test_verify_detects_modified_weights(lora_ref, tmp_path):
-    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
     path = os.path.join(out, WEIGHTS_FILE)
     with open(path, "r+b") as f:
         f.seek(-4, os.SEEK_END)
@@ -176,7 +176,7 @@ def test_verify_detects_modified_weights(lora_ref, tmp_path):
 
 
 def test_manifest_mismatch_is_refused(lora_ref, tmp_path):
-    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
     manifest_path = os.path.join(out, MANIFEST_FILE)
     manifest = json.load(open(manifest_path))
     manifest["tensors"]["reward_head.head.bias"]["dtype"] = "BF16"
@@ -325,7 +325,7 @@ def test_fp16_overflow_is_refused(tmp_path):
     paths = make(tmp_path / "ref", "head")
     _edit_head(paths, lambda s: s["attn1.to_q.weight"].__setitem__((0, 0), 1e6))
     with pytest.raises(CheckpointError, match="overflow float16"):
-        convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), dtype="fp16", progress=False)
+        DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), dtype="fp16", progress=False)
     assert not (tmp_path / "ms").exists()
 
 
@@ -345,7 +345,7 @@ def test_targets_follow_peft(settings):
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from ms_rm.lora import LoraSettings
+    from ms_rm.io.lora import LoraSettings
 
     ours = LoraSettings.from_dict(dict(r=4, lora_alpha=8, **settings), "test")
     peft_config = LoraConfig(r=4, lora_alpha=8, **settings)
@@ -358,7 +358,7 @@ def test_targets_follow_peft(settings):
 def test_rank_and_alpha_patterns_follow_peft():
     from peft.utils.other import get_pattern_key
 
-    from ms_rm.lora import LoraSettings
+    from ms_rm.io.lora import LoraSettings
 
     ranks, alphas = {"to_q": 2, "attn2.to_v": 6}, {"add_k_proj": 3, r"blocks\.1\..*": 5}
     ours = LoraSettings.from_dict(dict(r=4, lora_alpha=8, target_modules=["to_q"], rank_pattern=ranks,
@@ -375,7 +375,7 @@ def test_rank_and_alpha_patterns_follow_peft():
                                               ({"r": 0}, "r must be a positive integer"),
                                               ({"target_modules": 5}, "target_modules must be")])
 def test_unsupported_adapter_settings_are_refused(setting, message):
-    from ms_rm.lora import LoraSettings
+    from ms_rm.io.lora import LoraSettings
 
     with pytest.raises(ConfigError, match=message):
         LoraSettings.from_dict(dict(dict(r=4, lora_alpha=8, target_modules=["to_q"]), **setting), "adapter_config.json")
@@ -383,7 +383,7 @@ def test_unsupported_adapter_settings_are_refused(setting, message):
 
 # --- ms-rm score -----------------------------------------------------------------------------
 def test_score_command(lora_ref, tmp_path, capsys):
-    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
     rng = np.random.default_rng(0)
     arrays = dict(latents=rng.standard_normal((3, 16, 8, 8), dtype=np.float32),
                   encoder_hidden_states=rng.standard_normal((3, 5, 48), dtype=np.float32),
@@ -403,7 +403,7 @@ def test_score_command(lora_ref, tmp_path, capsys):
 
 
 def test_score_refuses_incomplete_inputs(lora_ref, tmp_path, capsys):
-    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
     np.savez(tmp_path / "in.npz", latents=np.zeros((1, 16, 8, 8), np.float32))
     assert cli(["score", out, "--inputs", str(tmp_path / "in.npz"), "--u", "0.4", "--out", str(tmp_path / "o.npz")]) == 2
     assert "missing arrays ['encoder_hidden_states', 'pooled_projections']" in capsys.readouterr().err
@@ -418,7 +418,7 @@ def test_source_folder_without_config(tmp_path, capsys):
 
 
 def test_truncated_torch_file(tmp_path):
-    from ms_rm.torch_io import TorchStateFile
+    from ms_rm.io.torch_file import TorchStateFile
 
     torch.save({"w": torch.zeros(64, 64)}, tmp_path / "head.pt")
     data = (tmp_path / "head.pt").read_bytes()
@@ -431,7 +431,7 @@ def test_reading_pt_without_torch_says_how_to_install(tmp_path, monkeypatch):
     import sys
 
     from ms_rm import MissingDependencyError
-    from ms_rm.torch_io import TorchStateFile
+    from ms_rm.io.torch_file import TorchStateFile
 
     monkeypatch.setitem(sys.modules, "torch", None)          # as if torch were not installed
     with pytest.raises(MissingDependencyError, match=r"reading \.pt checkpoints needs torch; install it with"):
@@ -439,7 +439,7 @@ def test_reading_pt_without_torch_says_how_to_install(tmp_path, monkeypatch):
 
 
 def test_corrupted_weights_fail_their_crc_even_without_verify(lora_ref, tmp_path):
-    out = convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(lora_ref.src, lora_ref.transformer, lora_ref.scheduler, str(tmp_path / "ms"), progress=False)
     path = os.path.join(out, WEIGHTS_FILE)
     with open(path, "r+b") as f:
         f.seek(-100, os.SEEK_END)
@@ -452,7 +452,7 @@ def test_corrupted_weights_fail_their_crc_even_without_verify(lora_ref, tmp_path
 
 def test_torch_reads_are_copies_and_survive_dropped_pages(tmp_path):
     """Reading a .pt tensor drops its mapped pages afterwards; reading it again still gives its values."""
-    from ms_rm.torch_io import TorchStateFile
+    from ms_rm.io.torch_file import TorchStateFile
 
     state = {"a": torch.randn(300, 300), "b": torch.randn(7).to(torch.bfloat16)}
     torch.save(state, tmp_path / "s.pt")

@@ -8,10 +8,10 @@ from PIL import Image
 import mindspore as ms
 
 from ms_rm import ConfigError, DiffusionRM, InputError
-from ms_rm.demo import TINY_SD35
+from ms_rm.cli.demo import TINY_SD35
 from ms_rm.encoders import MindOneSD3Encoder
-from ms_rm.images import group_by_size, load_image, preprocess
-from ms_rm.scorers import DiffusionRMSD3Scorer
+from ms_rm.scoring.images import group_by_size, load_image, preprocess
+from ms_rm.scoring import DiffusionRMSD3Scorer
 
 
 def test_pil_uint8_and_float_inputs_give_the_same_pixels_in_minus_one_to_one():
@@ -165,7 +165,7 @@ def test_mindone_adapter_scales_the_posterior_mode_and_asks_for_no_guidance():
 
 # --- pairs files of ms-rm score-images ------------------------------------------------------
 def test_pairs_from_csv_and_jsonl_resolve_images_beside_the_file(tmp_path):
-    from ms_rm.score_images import read_pairs
+    from ms_rm.scoring.runs import read_pairs
 
     (tmp_path / "pairs.csv").write_text('image,prompt\na.png,"a cat, sitting"\nsub/b.png,a dog\n')
     (tmp_path / "pairs.jsonl").write_text('{"image": "a.png", "prompt": "a cat, sitting"}\n\n'
@@ -183,7 +183,7 @@ def test_pairs_from_csv_and_jsonl_resolve_images_beside_the_file(tmp_path):
     ("p.txt", "a.png x\n", "must be a .csv"),
 ])
 def test_bad_pairs_files_say_where(tmp_path, name, text, message):
-    from ms_rm.score_images import read_pairs
+    from ms_rm.scoring.runs import read_pairs
 
     (tmp_path / name).write_text(text)
     with pytest.raises(InputError, match=message):

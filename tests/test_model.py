@@ -6,12 +6,12 @@ import torch
 import mindspore as ms
 
 from ms_rm import DiffusionRM, InputError, RewardModelConfig
-from ms_rm.config import read_config_file
-from ms_rm.demo import TINY_SD35
-from ms_rm.keys import unused_reason
-from parity.builders import build_reference, plain_state
-from parity.cases import SCHEDULER, TINY_SD35 as TINY_TRANSFORMER, Case
-from parity.reference import RewardHead, as_torch, lookup_u
+from ms_rm.io.files import read_config_file
+from ms_rm.cli.demo import TINY_SD35
+from ms_rm.rewards.diffusion_rm.conversion import unused_reason
+from ms_rm_parity.builders import build_reference, plain_state
+from ms_rm_parity.cases import SCHEDULER, TINY_SD35 as TINY_TRANSFORMER, Case
+from ms_rm_parity.reference import RewardHead, as_torch, lookup_u
 
 from test_config import CONFIGS
 
@@ -168,7 +168,7 @@ def test_ensemble_rejects_empty_levels(twins):
 
 
 def test_demo_shows_rewards():
-    from ms_rm.demo import run_demo
+    from ms_rm.cli.demo import run_demo
 
     rows = run_demo(us=(0.1, 0.9), batch=2)
     assert [row["u"] for row in rows] == [0.1, 0.9]

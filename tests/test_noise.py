@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from ms_rm.config import SchedulerConfig
-from ms_rm.errors import InputError
-from ms_rm.noise import NoiseSchedule, check_u, draw_noise
-from parity.reference import lookup_u, scheduler_table
+from ms_rm.rewards.diffusion_rm.config import SchedulerConfig
+from ms_rm.core.errors import InputError
+from ms_rm.rewards.diffusion_rm.noise import NoiseSchedule, check_u, draw_noise
+from ms_rm_parity.reference import lookup_u, scheduler_table
 
 SD35_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 import mindspore as ms
 
-from ms_rm import ops
-from ms_rm.layers import Timesteps, timestep_frequencies
-from ms_rm.sd3 import sd3_position_table
+from ms_rm.core import ops
+from ms_rm.core.layers import Timesteps, timestep_frequencies
+from ms_rm.backbones.sd3 import sd3_position_table
 
 RNG = np.random.default_rng(0)
 
@@ -91,7 +91,7 @@ def test_position_table_is_the_diffusers_crop(hw):
 
 
 def test_position_table_refuses_grids_beyond_the_table():
-    from ms_rm.errors import InputError
+    from ms_rm.core.errors import InputError
 
     with pytest.raises(InputError, match="at most 24x24"):
         sd3_position_table(25, 8, 64, 24, 16)

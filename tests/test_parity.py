@@ -7,11 +7,11 @@ every stage with diffusers + our torch head (+ peft LoRA, active, not merged).
 
 import pytest
 
-import ms_rm.head
-import ms_rm.layers
-from parity.cases import CASES
-from parity.compare import format_table
-from parity.harness import FP32_BOUND, prepare_case, run_prepared
+import ms_rm.backbones.joint
+import ms_rm.rewards.diffusion_rm.head
+from ms_rm_parity.cases import CASES
+from ms_rm_parity.compare import format_table
+from ms_rm_parity.harness import FP32_BOUND, prepare_case, run_prepared
 
 FAST = [name for name, case in CASES.items() if not case.slow]
 SLOW = [name for name, case in CASES.items() if case.slow]
@@ -76,7 +76,7 @@ def test_reduced_precision_within_measured_bound(prepared, name, dtype):
 
 
 def test_swapped_shift_and_scale_fails_at_the_first_block(prepared, monkeypatch):
-    monkeypatch.setattr(ms_rm.layers, "modulate", lambda x, shift, scale: x * (1 + shift[:, None]) + scale[:, None])
+    monkeypatch.setattr(ms_rm.backbones.joint, "modulate", lambda x, shift, scale: x * (1 + shift[:, None]) + scale[:, None])
     report = run_prepared(prepared("tiny-sd35"), "pynative")
     assert not report.passed
     assert report.first_failure == "visual_tap_1", format_table(report.stages)
@@ -84,7 +84,7 @@ def test_swapped_shift_and_scale_fails_at_the_first_block(prepared, monkeypatch)
 
 
 def test_wrong_head_norm_eps_fails_at_the_head(prepared, monkeypatch):
-    monkeypatch.setattr(ms_rm.head, "HEAD_NORM_EPS", 1e-2)
+    monkeypatch.setattr(ms_rm.rewards.diffusion_rm.head, "HEAD_NORM_EPS", 1e-2)
     report = run_prepared(prepared("tiny-sd35"), "pynative")
     assert report.first_failure == "raw", format_table(report.stages)
 
@@ -100,7 +100,7 @@ def test_report_json_has_every_figure(prepared):
 def test_checkpoint_mode_validates_a_cli_conversion(prepared, tmp_path, capsys):
     import json
 
-    from tools.cli import main as cli
+    from ms_rm.cli import main as cli
 
     paths = prepared("tiny-sd35").paths
     out = str(tmp_path / "converted")
@@ -123,7 +123,7 @@ def test_encoder_cases_in_the_harness_match_torch(tmp_path):
     """`ms-rm parity --case sd3-vae sd3-prompts`: the image-scoring encoders stage by stage."""
     import json
 
-    from parity.cli import main
+    from ms_rm_parity.cli import main
 
     assert main(["--case", "sd3-vae", "sd3-prompts", "--mode", "graph", "--json", str(tmp_path / "r.json")]) == 0
     reports = json.loads((tmp_path / "r.json").read_text())["reports"]

@@ -1,4 +1,4 @@
-"""SD3 prompt encoding (ms_rm.prompts) against diffusers' StableDiffusion3Pipeline.encode_prompt.
+"""SD3 prompt encoding (ms_rm.encoders.sd3_prompts) against diffusers' StableDiffusion3Pipeline.encode_prompt.
 
 Tiny random CLIP-L / CLIP-G / T5 encoders and locally built tokenizers are saved in a diffusers
 SD3 pipeline layout (parity/text_reference.py); diffusers encodes the prompts with the torch
@@ -16,9 +16,9 @@ import pytest
 pytest.importorskip("mindone.transformers")
 pytest.importorskip("diffusers")
 
-from ms_rm.errors import CheckpointError, ConfigError, InputError, MissingDependencyError  # noqa: E402
-from ms_rm.prompts import SD3PromptEncoder  # noqa: E402
-from parity.text_reference import reference_encode_prompt, write_sd3_text_folder  # noqa: E402
+from ms_rm.core.errors import CheckpointError, ConfigError, InputError, MissingDependencyError  # noqa: E402
+from ms_rm.encoders.sd3_prompts import SD3PromptEncoder  # noqa: E402
+from ms_rm_parity.text_reference import reference_encode_prompt, write_sd3_text_folder  # noqa: E402
 
 MAX_SEQUENCE_LENGTH = 16
 T5_WIDTH = 96                     # CLIP-L 32 + CLIP-G 48 = 80 channels, zero-padded to 96
@@ -200,7 +200,7 @@ def test_missing_mindone_says_how_to_install(pipeline_folder, monkeypatch):
 
 
 def test_import_needs_neither_mindone_nor_torch():
-    code = ("import sys, ms_rm.prompts; "
+    code = ("import sys, ms_rm.encoders.sd3_prompts; "
             "print(sorted(m for m in ('mindone', 'torch', 'transformers') if m in sys.modules))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)

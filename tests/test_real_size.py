@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from parity.synthetic import MEMORY_BOUND, measured_convert, write_reference
+from ms_rm_parity.synthetic import MEMORY_BOUND, measured_convert, write_reference
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_peak_rss_is_the_childs_own_not_the_parents(tmp_path):
 
     held = np.ones(2 ** 27)                                          # 1 GiB, touched
     report = tmp_path / "peak"
-    subprocess.run([sys.executable, "-m", "parity.peak_rss", str(report), "json.tool", "--help"],
+    subprocess.run([sys.executable, "-m", "ms_rm_parity.peak_rss", str(report), "json.tool", "--help"],
                    check=True, capture_output=True)
     assert 1 << 20 < int(report.read_text()) < 256 << 20
     assert held.sum() == 2 ** 27

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from parity.builders import build_reference, lora_kwargs
-from parity.cases import CASES
-from parity.checkpoints import save_reference
-from parity.reference import as_torch, lookup_u
-from parity.text_reference import reference_encode_prompt, write_sd3_text_folder
-from parity.vae_reference import build_reference_vae, tiny_vae_config
+from ms_rm_parity.builders import build_reference, lora_kwargs
+from ms_rm_parity.cases import CASES
+from ms_rm_parity.checkpoints import save_reference
+from ms_rm_parity.reference import as_torch, lookup_u
+from ms_rm_parity.text_reference import reference_encode_prompt, write_sd3_text_folder
+from ms_rm_parity.vae_reference import build_reference_vae, tiny_vae_config
 
 T5_TOKENS = 12
 U = 0.1
@@ -33,9 +33,9 @@ def world(tmp_path_factory):
     reference = build_reference(case.rm_config(), case.transformer, case.scheduler,
                                 lora=lora_kwargs(case.rm_config()))
     paths = save_reference(reference, str(root / "reference"), "lora")
-    from ms_rm.checkpoint import convert
+    from ms_rm import DiffusionRM
 
-    model = convert(paths.src, paths.transformer, paths.scheduler, str(root / "converted"), progress=False)
+    model = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(root / "converted"), progress=False)
     pipeline = root / "pipeline"
     text = write_sd3_text_folder(str(pipeline), seed=3, t5_width=48, clip_widths=(16, 24))
     vae = build_reference_vae(tiny_vae_config(latent_channels=16), seed=4)
@@ -77,7 +77,7 @@ def torch_scores(world, names):
 
 
 def test_score_images_command_matches_torch_from_png_to_score(world, capsys):
-    from tools.cli import main
+    from ms_rm.cli import main
 
     root, names = world["root"], ["a.png", "b.png", "c.png"]
     args = ["score-images", world["model"], "--vae", str(world["pipeline"] / "vae"),
@@ -99,7 +99,7 @@ def test_score_images_command_matches_torch_from_png_to_score(world, capsys):
 def test_pairs_file_and_python_call_agree(world):
     from ms_rm import DiffusionRM, DiffusionRMSD3Scorer
     from ms_rm.encoders import SD3Encoder
-    from ms_rm.score_images import read_pairs, score_pairs
+    from ms_rm.scoring.runs import read_pairs, score_pairs
 
     root = world["root"]
     (root / "pairs.csv").write_text("image,prompt\n" + "".join(f"{n},{world['prompts'][n]}\n" for n in ("b.png", "a.png")))
@@ -113,8 +113,8 @@ def test_pairs_file_and_python_call_agree(world):
 
 
 def test_score_images_errors_name_the_problem(world):
-    from ms_rm.errors import InputError
-    from tools.cli import main
+    from ms_rm.core.errors import InputError
+    from ms_rm.cli import main
 
     base = ["score-images", world["model"], "--vae", str(world["pipeline"] / "vae")]
     assert main(base + ["--image", "x.png"]) == 2                       # one image, no prompt

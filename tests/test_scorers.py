@@ -5,8 +5,8 @@ import pytest
 import mindspore as ms
 
 from ms_rm import ConfigError, DiffusionRM, InputError
-from ms_rm.demo import TINY_SD35
-from ms_rm.scorers import SCORERS, DiffusionRMSD3Scorer, MultiScorer
+from ms_rm.cli.demo import TINY_SD35
+from ms_rm.scoring import SCORERS, DiffusionRMSD3Scorer, MultiScorer
 
 B = 4
 
@@ -101,8 +101,37 @@ def test_fresh_noise_differs_per_call_and_a_seed_makes_the_sequence_reproducible
     assert second.score_latents(*args) == a and second.score_latents(*args) == b
 
 
-def test_default_u_follows_the_checkpoints_convention(model):
-    assert DiffusionRMSD3Scorer(model=model).u == 0.4      # sigma convention: recommended for sampler latents
+class _FixedLatentsEncoder:
+    """Stands in for an image encoder: every image becomes the given latents and prompt embeddings."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def encode_pixels(self, pixels):
+        return self.batch["latents"][:len(pixels)]
+
+    def encode_prompts(self, prompts):
+        return self.batch["ehs"][:len(prompts)], self.batch["pooled"][:len(prompts)]
+
+
+def test_default_u_is_one_per_kind_of_input(model, batch):
+    """One documented default per input kind (RECOMMENDED_U): sampler latents at 0.4, images from
+    disk at 0.1 (sigma convention), the same in the scorer and in ms-rm score-images."""
+    from ms_rm.rewards.diffusion_rm import RECOMMENDED_U
+
+    assert RECOMMENDED_U[("latents", "sigma")] == 0.4 and RECOMMENDED_U[("images", "sigma")] == 0.1
+    default = DiffusionRMSD3Scorer(model=model, seed=5, noise="fixed", encoder=_FixedLatentsEncoder(batch))
+    assert default.u is None and default.default_u("latents") == 0.4 and default.default_u("images") == 0.1
+    explicit = {u: scorer(model, u=u, seed=5, noise="fixed") for u in (0.1, 0.4)}
+    latents_args = (batch["latents"][:2], batch["ehs"][:2], batch["pooled"][:2])
+    assert default.score_latents(*latents_args) == explicit[0.4].score_latents(*latents_args)
+    images = [np.full((16, 16, 3), 0.5, np.float32)] * 2
+    assert default(images, ["a", "b"]) == explicit[0.1].score_latents(*latents_args)
+    assert explicit[0.1].score_latents(*latents_args) != explicit[0.4].score_latents(*latents_args)
+    index_model = DiffusionRM(model.config.replace(u_convention="index"))
+    assert DiffusionRMSD3Scorer(model=index_model).default_u("latents") == 0.9
+    with pytest.raises(ConfigError, match="no recommended u for images under the 'index' u convention"):
+        DiffusionRMSD3Scorer(model=index_model).default_u("images")
 
 
 def test_gradient_matches_finite_differences(model, batch):
@@ -190,15 +219,15 @@ def test_multi_scorer_errors(model, batch):
 
 
 def test_registry_builds_scorers_from_config(tmp_path):
-    from ms_rm.checkpoint import convert
-    from parity.builders import build_reference, lora_kwargs
-    from parity.cases import SCHEDULER, Case
-    from parity.checkpoints import save_reference
+    from ms_rm import DiffusionRM
+    from ms_rm_parity.builders import build_reference, lora_kwargs
+    from ms_rm_parity.cases import SCHEDULER, Case
+    from ms_rm_parity.checkpoints import save_reference
 
     case = Case("t", "")
     reference = build_reference(case.rm_config(), case.transformer, SCHEDULER, lora=lora_kwargs(case.rm_config()))
     paths = save_reference(reference, str(tmp_path / "ref"), "lora")
-    out = convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
     assert SCORERS["diffusion-rm-sd3"] is DiffusionRMSD3Scorer
     multi = MultiScorer({"diffusion-rm-sd3": 1.0},
                         {"diffusion-rm-sd3": {"checkpoint_path": out, "u": 0.4, "seed": 0, "noise": "fixed"}})
@@ -210,16 +239,16 @@ def test_registry_builds_scorers_from_config(tmp_path):
 
 
 def test_flux_scorer_scores_a_converted_flux_checkpoint(tmp_path):
-    from ms_rm.checkpoint import convert
-    from ms_rm.scorers import DiffusionRMFluxScorer
-    from parity.builders import build_reference, lora_kwargs
-    from parity.cases import CASES
-    from parity.checkpoints import save_reference
+    from ms_rm import DiffusionRM
+    from ms_rm.scoring import DiffusionRMFluxScorer
+    from ms_rm_parity.builders import build_reference, lora_kwargs
+    from ms_rm_parity.cases import CASES
+    from ms_rm_parity.checkpoints import save_reference
 
     case = CASES["tiny-flux-dev"]
     reference = build_reference(case.rm_config(), case.transformer, case.scheduler, lora=lora_kwargs(case.rm_config()))
     paths = save_reference(reference, str(tmp_path / "ref"), "lora")
-    out = convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
+    out = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
     assert SCORERS["diffusion-rm-flux"] is DiffusionRMFluxScorer
     multi = MultiScorer({"diffusion-rm-flux": 1.0},
                         {"diffusion-rm-flux": {"checkpoint_path": out, "u": 0.4, "seed": 2, "noise": "fixed"}})

@@ -1,0 +1,33 @@
+"""`ms-rm score`: score latents from an .npz file with a converted model."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..rewards import load_reward_model
+from ..scoring.runs import read_inputs, score_arrays, write_npz
+
+
+def run(args: argparse.Namespace) -> int:
+    arrays = read_inputs(args.inputs)
+    model = load_reward_model(args.model, mode=args.mode, verify=args.verify)
+    result = score_arrays(model, arrays, args.u if len(args.u) > 1 else args.u[0], args.seed, args.features)
+    write_npz(args.out, result)
+    for i, value in enumerate(result["reward"][:, 0]):
+        print(f"{i}\t{value:.6f}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    score = sub.add_parser("score", help="score latents from an .npz file with a converted model",
+                           description="Score latents (latents, encoder_hidden_states, pooled_projections "
+                                       "[, noise] in an .npz) and write reward (and features) to an .npz.")
+    score.add_argument("model", help="a folder written by ms-rm convert")
+    score.add_argument("--inputs", required=True, help="input .npz")
+    score.add_argument("--u", type=float, nargs="+", required=True, help="noise level, or one per sample")
+    score.add_argument("--out", required=True, help="output .npz")
+    score.add_argument("--seed", type=int, default=None, help="noise seed when the inputs hold no noise")
+    score.add_argument("--features", action="store_true", help="also write temb, the taps and raw")
+    score.add_argument("--verify", action="store_true", help="check the model files' sha256 first")
+    score.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    score.set_defaults(func=run)

@@ -1,0 +1,67 @@
+"""`ms-rm score-images`: score image files against prompts (VAE + text encoders + reward model)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..core.errors import InputError
+from ..encoders import SD3Encoder
+from ..rewards.diffusion_rm import DiffusionRM
+from ..scoring import DiffusionRMScorer
+from ..scoring.runs import read_pairs, score_pairs, write_jsonl
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.pairs:
+        if args.image or args.prompt:
+            raise InputError("pass either --pairs FILE or --image/--prompt, not both")
+        pairs = read_pairs(args.pairs)
+    else:
+        if not args.image or len(args.image) != len(args.prompt or []):
+            raise InputError(f"pass one --prompt per --image (got {len(args.image or [])} images and "
+                             f"{len(args.prompt or [])} prompts), or --pairs FILE")
+        pairs = list(zip(args.image, args.prompt))
+    model = DiffusionRM.from_pretrained(args.model, mode=args.mode, verify=args.verify)
+    encoder = SD3Encoder.from_pretrained(args.vae, args.text_encoders, max_sequence_length=args.max_sequence_length,
+                                         use_t5=not args.no_t5, joint_attention_dim=model.config.backbone.joint_attention_dim,
+                                         mode=args.mode, sample=args.sample_latents, seed=args.seed)
+    scorer = DiffusionRMScorer(model=model, u=args.u, seed=args.seed, normalize=args.normalize,
+                               size_policy=args.size_policy, encoder=encoder)
+    rows = []
+    for row in score_pairs(scorer, pairs, batch_size=args.batch_size, progress=not args.no_progress):
+        rows.append(row)
+        print(f"{row['score']:.6f}\t{row['image']}")
+    if args.out:
+        write_jsonl(args.out, rows)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    images = sub.add_parser(
+        "score-images", help="score image files against prompts (VAE + text encoders + reward model)",
+        description="Encode images with the SD3 VAE and prompts with SD3's text encoders, in MindSpore, and "
+                    "score them with a converted Diffusion-RM. One score per pair on stdout (score, image).")
+    images.add_argument("model", help="a folder written by ms-rm convert")
+    images.add_argument("--vae", required=True, help="diffusers vae/ folder (or the SD3 pipeline folder)")
+    images.add_argument("--text-encoders", help="SD3 pipeline folder with text_encoder, text_encoder_2, "
+                                                "text_encoder_3 and the tokenizers (default: beside --vae)")
+    images.add_argument("--image", action="append", help="an image file (repeat, with one --prompt each)")
+    images.add_argument("--prompt", action="append", help="the prompt of the --image at the same position")
+    images.add_argument("--pairs", help="a .csv (columns image,prompt) or .jsonl of pairs instead")
+    images.add_argument("--out", help="also write {image, prompt, score} per line to this .jsonl")
+    images.add_argument("--u", type=float, default=None,
+                        help="noise level (default 0.1, the recommended level for clean images, sigma convention)")
+    images.add_argument("--seed", type=int, default=None, help="seed of the noise (default: fresh, as the reference)")
+    images.add_argument("--size-policy", choices=["crop", "resize", "error"], default="crop",
+                        help="fit sizes to multiples of 16 px by center crop (default), resize, or refuse")
+    images.add_argument("--normalize", choices=["none", "reference", "flow-grpo-ms"], default="none",
+                        help="score scale: raw (default), (raw + 10) / 10, or raw / 5")
+    images.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens (128 as the release)")
+    images.add_argument("--no-t5", action="store_true", help="leave T5 out (zeros in its place, as diffusers)")
+    images.add_argument("--sample-latents", action="store_true",
+                        help="sample the VAE posterior (with --seed) instead of taking its mode")
+    images.add_argument("--batch-size", type=int, default=8, help="images encoded and scored at a time")
+    images.add_argument("--verify", action="store_true", help="check the model files' sha256 first")
+    images.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    images.add_argument("--no-progress", action="store_true", help="no progress bar")
+    images.set_defaults(func=run)

@@ -1,0 +1,50 @@
+"""The execution mode of ms_rm's models, and their compiled calls.
+
+Every model runs its tensor program either compiled with `ms.jit` ("graph", the default:
+compiled once per input shape and reused) or eagerly ("pynative"), with the same numbers.
+The global MindSpore execution mode is never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import mindspore as ms
+from mindspore import nn
+
+from .errors import InputError
+
+MODES = ("graph", "pynative")
+
+
+def check_mode(value: str) -> str:
+    """An execution mode: "graph" (compiled with ms.jit) or "pynative" (eager)."""
+    if value not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {value!r}")
+    return value
+
+
+class CompiledCell(nn.Cell):
+    """A Cell whose methods run compiled or eagerly by its `mode`: `self.run("method", *args)`."""
+
+    def __init__(self, mode: str = "graph"):
+        super().__init__()
+        self.mode = mode
+        self._compiled: Dict[str, Any] = {}          # method name -> its ms.jit function
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        self._mode = check_mode(value)
+
+    def run(self, name: str, *args):
+        """Method `name` on args: through ms.jit in graph mode (one compiled function per method;
+        MindSpore caches one graph per input shape), eagerly in PyNative mode."""
+        if self._mode == "pynative":
+            return self(*args) if name == "construct" else getattr(self, name)(*args)
+        if name not in self._compiled:
+            self._compiled[name] = ms.jit(getattr(self, name))
+        return self._compiled[name](*args)

@@ -1,0 +1,57 @@
+"""Reading typed values out of config mappings, with errors that name the source and the key.
+
+Shared by every config class of ms_rm (backbones, reward models, encoders). Reading the files
+themselves is ms_rm.io.files' job.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Tuple
+
+from .errors import ConfigError
+
+MAX_SIZE = 1 << 16     # no width, head count, length or channel count of these models comes near it
+MISSING = object()     # `default` of a key that must be present
+
+
+def get_value(d: Mapping, key: str, kind, source: str, default: Any = MISSING):
+    """d[key] checked against `kind` (a type or tuple of types); ConfigError names source and key.
+
+    A key that is absent (or null, when a default is given) takes `default`. bool is never
+    accepted for a number nor a number for a bool; an int is accepted (as a float) for a float.
+    """
+    if key not in d or d[key] is None and default is not MISSING:
+        if default is MISSING:
+            raise ConfigError(f"{source}: missing required key '{key}'")
+        return default
+    value = d[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        names = "/".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{source}: key '{key}' must be {names}, got {value!r}")
+    return value
+
+
+def int_tuple(d: Mapping, key: str, source: str, default: Any = MISSING) -> Tuple[int, ...]:
+    """d[key] as a tuple of integers."""
+    value = get_value(d, key, (list, tuple), source, default)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{source}: key '{key}' must be a list of integers, got {value!r}")
+    return tuple(value)
+
+
+def positive(value: int, key: str, source: str, limit: int = MAX_SIZE) -> int:
+    """value, if it lies in 1..limit."""
+    if not 0 < value <= limit:
+        raise ConfigError(f"{source}: key '{key}' must be in 1..{limit}, got {value}")
+    return value
+
+
+def no_unknown(d: Mapping, known, source: str) -> None:
+    """ConfigError listing the keys of d that are not in `known`."""
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown}; expected only {sorted(known)}")

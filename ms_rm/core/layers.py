@@ -1,0 +1,158 @@
+"""Building blocks shared by the diffusion backbones (SD3 MMDiT, FLUX).
+
+Attribute names follow diffusers' modules, so a Cell's parameter names are the checkpoint's
+tensor names (`attn.to_out.0.weight`, `ff.net.2.bias`, `norm1.linear.weight`, ...) and the
+converter maps nothing. Shapes: B batch, N image tokens, T text tokens, D width.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, mint, nn
+from mindspore.common.initializer import initializer
+
+from . import ops
+
+
+# diffusers computes the frequencies with torch's float32 exp (also in a float64 model). On the
+# CPU that exp (SLEEF, 1-ulp accurate) lands one ulp above the correctly rounded value at two of
+# the 128 frequencies of SD3 / FLUX's 256-channel projection; at t ~ 1000 one ulp is a 3e-5
+# phase difference, which shows in every later stage (5x the error of temb otherwise). The
+# reference computes with torch's values, so ms_rm does too; tests/test_ops.py pins them.
+_TORCH_EXP_ROUNDS_UP = {(256, 0.0, 10000.0): (12, 106)}
+
+
+def timestep_frequencies(channels: int = 256, downscale_freq_shift: float = 0.0,
+                         max_period: float = 10000.0) -> np.ndarray:
+    """The sinusoid frequencies of diffusers' get_timestep_embedding, float32, as torch has them.
+
+    exp is computed on the host (MindSpore's float32 exp is off by tens of ulp, 1e-3 of phase at
+    t ~ 1000): correctly rounded from float64, then torch's known one-ulp differences applied.
+    """
+    half = channels // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - downscale_freq_shift)     # the float32 steps torch takes
+    freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    for i in _TORCH_EXP_ROUNDS_UP.get((channels, float(downscale_freq_shift), float(max_period)), ()):
+        freqs[i] = np.nextafter(freqs[i], np.float32(np.inf))
+    return freqs
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b with weight (out, in) and bias (out,), torch's layout and names.
+
+    Through ops.linear (MatMul + BiasAdd) rather than mint.nn.Linear: faster on the CPU, and
+    its memory is reused inside compiled graphs.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.weight = Parameter(initializer("zeros", (out_features, in_features), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias") if bias else None
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class Timesteps(nn.Cell):
+    """Sinusoidal projection of (B,) timesteps to (B, channels), cos first (flip_sin_to_cos=True)."""
+
+    def __init__(self, channels: int = 256, downscale_freq_shift: float = 0.0):
+        super().__init__()
+        self.half = channels // 2
+        self.freqs = Tensor(timestep_frequencies(channels, downscale_freq_shift)[None, :])  # (1, C/2)
+
+    def construct(self, timestep: Tensor) -> Tensor:
+        args = timestep.astype(ms.float32)[:, None] * self.freqs          # (B, C/2)
+        return mint.cat([mint.cos(args), mint.sin(args)], dim=-1)          # (B, C)
+
+
+class MLPEmbedding(nn.Cell):
+    """linear_1 -> SiLU -> linear_2: diffusers' TimestepEmbedding and PixArtAlphaTextProjection(silu)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = Linear(in_dim, dim)
+        self.linear_2 = Linear(dim, dim)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.linear_2(ops.silu(self.linear_1(x)))
+
+
+class AdaLNModulation(nn.Cell):
+    """The `linear(silu(temb))` of adaLN-Zero, split into `chunks` (B, D) modulation vectors."""
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = Linear(dim, chunks * dim)
+
+    def construct(self, temb: Tensor) -> Tuple[Tensor, ...]:
+        return mint.chunk(self.linear(ops.silu(temb)), self.chunks, dim=1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x (B, L, D) * (1 + scale) + shift, with (B, D) modulation vectors."""
+    return x * ops.expand((1 + scale)[:, None], x) + ops.expand(shift[:, None], x)
+
+
+def gated_residual(residual: Tensor, gate: Tensor, x: Tensor) -> Tensor:
+    """residual + gate * x, with x (B, L, D) and a (B, D) gate (adaLN-Zero's gated residual)."""
+    return residual + ops.expand(gate[:, None], x) * x
+
+
+class SiLU(nn.Cell):
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.silu(x)
+
+
+class GELU(nn.Cell):
+    def __init__(self, approximate: bool):
+        super().__init__()
+        self.approximate = approximate
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.gelu(x, self.approximate)
+
+
+class GELUProjection(nn.Cell):
+    """diffusers' activations.GELU: Linear then GELU (net.0 of FeedForward)."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: bool):
+        super().__init__()
+        self.approximate = approximate
+        self.proj = Linear(dim_in, dim_out)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.gelu(self.proj(x), self.approximate)
+
+
+class FeedForward(nn.Cell):
+    """diffusers FeedForward(activation_fn="gelu-approximate"): D -> 4D -> GELU(tanh) -> D."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Index 1 is diffusers' dropout, kept so that the second Linear is named net.2.
+        self.net = nn.SequentialCell([GELUProjection(dim, dim * mult, approximate=True), nn.Identity(),
+                                      Linear(dim * mult, dim)])
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class RMSNorm(nn.Cell):
+    """RMSNorm with a weight: diffusers' (qk-norm, eps 1e-6) or, with scale_in_float32,
+    torch.nn.RMSNorm's (see ops.rms_norm)."""
+
+    def __init__(self, dim: int, eps: float, scale_in_float32: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.scale_in_float32 = scale_in_float32
+        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.scale_in_float32)

@@ -1,0 +1,143 @@
+"""Reading the reference's torch `.pt` state dicts (rm_head.pt, full_model.pt), safely.
+
+This is the one place ms_rm imports torch, inside `TorchStateFile`, and only ever with
+`torch.load(..., weights_only=True)`: a pickle that asks for anything but tensors and plain
+containers is refused before any of it runs.
+
+Files in torch's zip format are memory-mapped, and each tensor is copied out when read; its
+pages of the mapping are then dropped from the process (madvise MADV_DONTNEED on the clean,
+read-only file mapping), so reading a large head does not leave the whole file resident.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import pickle
+import re
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from ..core.errors import CheckpointError, MissingDependencyError
+from .tensor_source import TensorSource
+
+
+_MADV_DONTNEED = 4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _madvise():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise
+    except (OSError, AttributeError, TypeError):      # not Linux, or no libc: pages just stay resident
+        return None
+
+
+_MADVISE = _madvise()
+
+
+def _first_reason(error: Exception) -> str:
+    """The first line of a reader error (torch's corrupt-file messages)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _refusal(error: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a pickle, in one short clause: the global it
+    asked for, when the message names one. torch's own advice (allowlisting the global, or
+    weights_only=False) is deliberately not passed on."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if match:
+        return f"it asks for the global '{match.group(1)}', which is not a tensor or plain container"
+    return "it holds objects other than tensors and plain containers"
+
+
+class TorchStateFile(TensorSource):
+    """A torch state dict file: {name: tensor}, read tensor by tensor as numpy arrays."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        try:
+            import torch
+        except ImportError:
+            raise MissingDependencyError(
+                f"{self.path}: reading .pt checkpoints needs torch; install it with "
+                "pip install 'ms-rm[reference]' (or torch==2.13.0)") from None
+        self._torch = torch
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"{self.path}: file not found")
+        self._mmapped = True
+        try:
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                self._mmapped = False
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{self.path}: refused: not a plain weights file ({_refusal(e)}); "
+                                  "ms_rm never runs code from a checkpoint") from None
+        except Exception as e:   # on corrupt bytes torch's reader can raise almost anything
+            raise CheckpointError(f"{self.path}: cannot read: corrupt or truncated torch file "
+                                  f"({type(e).__name__}: {_first_reason(e)})") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{self.path}: expected a state dict (name -> tensor), "
+                                  f"got {type(state).__name__}")
+        bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            hint = " (a nested dict: save model.state_dict() itself)" if any(
+                isinstance(state.get(k), dict) for k in bad) else ""
+            raise CheckpointError(f"{self.path}: entries that are not named tensors: {bad[:5]}{hint}")
+        not_float = [k for k, v in state.items() if not v.is_floating_point()]
+        if not_float:
+            raise CheckpointError(f"{self.path}: tensors with a non-float dtype: {not_float[:5]}")
+        self._state: Dict[str, "torch.Tensor"] = state
+
+    def keys(self) -> List[str]:
+        return list(self._state)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._state
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._state[name].shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(str(self._state[name].dtype).replace("torch.", ""))
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a new numpy array in its stored dtype (bf16 included, bit for bit)."""
+        stored = self._state[name].detach()
+        tensor = stored.contiguous()
+        if tensor.dtype == self._torch.bfloat16:
+            array = tensor.view(self._torch.int16).numpy().view(np.dtype("bfloat16")).copy()
+        else:
+            array = tensor.numpy().copy()
+        self._release(stored)
+        return array
+
+    def _release(self, tensor) -> None:
+        """Drop a mapped tensor's pages from the resident set; they would be read again from the
+        file if touched. Only for torch's file mapping: anonymous memory would be zeroed."""
+        if not self._mmapped or _MADVISE is None or tensor.numel() == 0:
+            return
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        start -= start % _PAGE
+        _MADVISE(start, end - start, _MADV_DONTNEED)
+
+    def read_rows(self, name: str, rows) -> np.ndarray:
+        """Rows of the tensor seen as (prod(shape[:-1]), shape[-1])."""
+        tensor = self._state[name]
+        picked = tensor.reshape(-1, tensor.shape[-1])[self._torch.as_tensor(list(rows), dtype=self._torch.long)]
+        if picked.dtype == self._torch.bfloat16:
+            return picked.contiguous().view(self._torch.int16).numpy().view(np.dtype("bfloat16"))
+        return picked.numpy()
+
+    def close(self) -> None:
+        self._state = {}

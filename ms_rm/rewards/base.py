@@ -1,0 +1,49 @@
+"""What every reward model of ms_rm offers: the RewardModel protocol.
+
+Scorers, MultiScorer, the command line and the parity harness work over any reward model
+through this surface, so a new model (a package under ms_rm/rewards/) plugs in by implementing
+it and adding itself to the registry in ms_rm/rewards/__init__.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, List, Protocol, Tuple, runtime_checkable
+
+import mindspore as ms
+
+INPUT_KINDS = ("latents", "pixels")
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """A reward model: inputs in, one reward per sample out.
+
+    name: its registry name (e.g. "diffusion-rm"); also the name of its parity cases
+        (`ms-rm parity --model NAME`).
+    input_kind: what it scores: "latents" (a generator's latent space: no VAE decode) or
+        "pixels" (images).
+    format_name: the "format" its converted folders record (ms_rm.io.converted).
+    """
+
+    name: ClassVar[str]
+    input_kind: ClassVar[str]
+    format_name: ClassVar[str]
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
+                        verify: bool = False) -> "RewardModel":
+        """Load a folder written by `ms-rm convert`, strictly."""
+
+    @classmethod
+    def convert(cls, *sources: str, out: str, **options: Any) -> str:
+        """Convert the model's published checkpoint into a converted folder `out`; its path."""
+
+    @classmethod
+    def parameter_shapes(cls, config: Any) -> Dict[str, Tuple[int, ...]]:
+        """{parameter name: shape} of the model a config describes."""
+
+    def reward(self, *inputs: Any, **options: Any) -> ms.Tensor:
+        """Rewards (B, out_dim) as a MindSpore tensor, differentiable with respect to the inputs."""
+
+    def score(self, *inputs: Any, **options: Any) -> List[float]:
+        """One float per sample, without gradient."""

@@ -1,0 +1,7 @@
+"""Scoring: the scorer protocol and registry, MultiScorer, image preprocessing, and score runs
+over files (what `ms-rm score` and `ms-rm score-images` do)."""
+
+from .multi import MultiScorer
+from .scorers import SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer, Scorer
+
+__all__ = ["Scorer", "SCORERS", "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer", "MultiScorer"]

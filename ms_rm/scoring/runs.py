@@ -1,0 +1,119 @@
+"""Score runs: what `ms-rm score` and `ms-rm score-images` do, over files.
+
+* Latents from an .npz (`ms-rm score`): `latents` (B, C, H, W), `encoder_hidden_states` (B, T, J),
+  `pooled_projections` (B, P), optionally `noise` (B, C, H, W), used instead of random noise.
+  Output .npz: `reward` (B, out_dim), `sigma` and `timestep` (B,), and with features=True `temb`,
+  `visual_tap_{k}`, `text_tap_{k}` and `raw`.
+* Image files against prompts (`ms-rm score-images`): pairs from the command line or from a
+  file, a CSV with columns `image,prompt` (a header row) or a JSONL with one {"image": ...,
+  "prompt": ...} per line; relative image paths are taken relative to that file's folder.
+  Images are read, fitted to multiples of 16 pixels (the scorer's size policy), encoded by groups
+  of equal size, and scored; results as JSONL ({"image", "prompt", "score"} per pair).
+
+Every output is written atomically (ms_rm.io.files).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import zipfile
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from ..core.errors import InputError
+from ..io.files import atomic_file
+from .images import load_image
+
+REQUIRED = ("latents", "encoder_hidden_states", "pooled_projections")
+Pair = Tuple[str, str]
+
+
+# --- latents from an .npz ------------------------------------------------------------------------
+
+def read_inputs(path: str) -> Dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise InputError(f"{path}: inputs file not found") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({e})") from None
+    missing = [k for k in REQUIRED if k not in arrays]
+    if missing:
+        raise InputError(f"{path}: missing arrays {missing}; it must hold {list(REQUIRED)} (and may hold noise)")
+    unknown = sorted(set(arrays) - set(REQUIRED) - {"noise"})
+    if unknown:
+        raise InputError(f"{path}: unknown arrays {unknown}; expected {list(REQUIRED)} and optionally noise")
+    return arrays
+
+
+def score_arrays(model, arrays: Dict[str, np.ndarray], u: Union[float, Sequence[float]],
+                 seed: Optional[int] = None, features: bool = False) -> Dict[str, np.ndarray]:
+    """Run the model on the arrays of an inputs file; the arrays of an output file."""
+    noise = arrays.get("noise")
+    stages = model.reward_stages(arrays["latents"], arrays["encoder_hidden_states"], arrays["pooled_projections"],
+                                 u=u, noise=noise, seed=None if noise is not None else seed)
+    keep = stages if features else {k: stages[k] for k in ("reward", "sigma", "timestep")}
+    return {k: v.astype("float32").asnumpy() for k, v in keep.items()}
+
+
+def write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    """np.savez, atomically: no half-written outputs."""
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+# --- image files against prompts --------------------------------------------------------------------
+
+def read_pairs(path: str) -> List[Pair]:
+    """(image path, prompt) pairs from a .csv (header image,prompt) or .jsonl file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                rows = []
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            elif path.endswith(".csv"):
+                rows = list(csv.DictReader(f))
+            else:
+                raise InputError(f"{path}: pairs must be a .csv (columns image,prompt) or a .jsonl file")
+    except FileNotFoundError:
+        raise InputError(f"{path}: pairs file not found") from None
+    pairs = []
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("prompt"), str):
+            raise InputError(f"{path}, entry {number}: needs an 'image' path and a 'prompt' string, got {row!r}")
+        pairs.append((os.path.join(folder, row["image"]), row["prompt"]))
+    if not pairs:
+        raise InputError(f"{path}: holds no pairs")
+    return pairs
+
+
+def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bool = True) -> Iterator[Dict]:
+    """Score the pairs `batch_size` at a time; yields {"image", "prompt", "score"} in order."""
+    if batch_size < 1:
+        raise InputError(f"batch size must be positive, got {batch_size}")
+    with tqdm(total=len(pairs), unit="image", desc="scoring", disable=not progress) as bar:
+        for start in range(0, len(pairs), batch_size):
+            batch = pairs[start:start + batch_size]
+            scores = scorer([load_image(path) for path, _ in batch], [prompt for _, prompt in batch])
+            for (path, prompt), score in zip(batch, scores):
+                yield {"image": path, "prompt": prompt, "score": score}
+            bar.update(len(batch))
+
+
+def write_jsonl(path: str, rows: Sequence[Dict]) -> None:
+    """One JSON object per line, atomically."""
+    with atomic_file(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

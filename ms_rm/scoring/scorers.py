@@ -1,0 +1,257 @@
+"""Scorers: reward models behind Flow-GRPO-MS's scorer call, and their registry.
+
+The Scorer protocol is Flow-GRPO-MS's: `scorer(images, prompts) -> list[float]`, one float per
+sample; a scorer of latents (input_kind "latents") also offers `score_latents(latents,
+prompt_embeds, pooled_prompt_embeds)`, which MultiScorer (ms_rm.scoring.multi) calls when a
+trainer hands it latents. `SCORERS` maps registry names to scorer classes. Diffusion-RM scores
+latents, so at the scoring call a trainer that already holds the
+final latents and prompt embeddings can skip the VAE decode, the image round trip, the VAE
+re-encode and three text encoders: `scorer.score_latents(latents, prompt_embeds, pooled)`, or
+`multi(images, prompts, latents=..., prompt_embeds=..., pooled_prompt_embeds=...)`.
+
+The reward is stochastic through its noise. The scorer's noise policy:
+* `noise="fresh"` (default, as the reference): new noise on every call, from a generator
+  seeded once with `seed` when given (a reproducible sequence);
+* `noise="fixed"`: the same noise on every call (drawn from `seed`);
+* `common_noise=True`: samples with the same prompt share their noise within a call (common
+  random numbers, what GRPO's per-prompt advantages want);
+* `num_noise_draws=K`: the mean reward over K independent noises;
+* `ensemble_u=[...]`: the reference's multi-level ensemble forward instead of one u.
+Noise is drawn for the whole batch before `max_batch` splits it, so splitting changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint
+
+from ..core.errors import ConfigError, InputError
+from ..core.inputs import as_float_tensor
+from ..rewards.diffusion_rm import DiffusionRM, recommended_u
+from .images import SIZE_POLICIES, group_by_size, preprocess
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATIONS = {
+    "none": (1.0, 0.0),            # the raw head output
+    "reference": (0.1, 1.0),       # (raw + 10) / 10, the reference README's display form
+    "flow-grpo-ms": (0.2, 0.0),    # raw / 5, the Flow-GRPO-MS integration's scale
+}
+NOISE_POLICIES = ("fresh", "fixed")
+
+
+def _normalization(value) -> Tuple[float, float]:
+    if isinstance(value, str):
+        if value not in NORMALIZATIONS:
+            raise ConfigError(f"normalize must be one of {sorted(NORMALIZATIONS)} or (scale, offset), got {value!r}")
+        return NORMALIZATIONS[value]
+    try:
+        scale, offset = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"normalize must be a name or a (scale, offset) pair, got {value!r}") from None
+    return scale, offset
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Flow-GRPO-MS's scorer: one float per (image, prompt) pair."""
+
+    name: str
+    input_kind: str                     # "latents" (offers score_latents too) or "pixels"
+
+    def __call__(self, images: Any, prompts: Optional[Sequence[str]] = None) -> List[float]: ...
+
+
+class DiffusionRMScorer:
+    """A Diffusion-RM reward model with a noise policy, as a Flow-GRPO-MS scorer.
+
+    checkpoint_path: a folder written by `ms-rm convert`; or pass `model=` (a DiffusionRM).
+    u: the noise level. Default: the recommended level of each kind of input, one table for all
+       of ms_rm (ms_rm.rewards.diffusion_rm.RECOMMENDED_U): 0.4 for sampler latents
+       (`reward`, `score_latents`), 0.1 for images encoded from disk (`__call__`), under the
+       sigma convention; 0.9 for latents under the index one. Ignored with `ensemble_u`.
+    normalize: "none" (raw), "reference" ((raw + 10) / 10), "flow-grpo-ms" (raw / 5), or a
+       (scale, offset) pair applied as raw * scale + offset.
+    max_batch: split larger batches into chunks of this size (None: never split).
+    encoder: an object with `encode_pixels(pixels) -> latents` and `encode_prompts(prompts) ->
+       (prompt_embeds, pooled_prompt_embeds)` (see ms_rm.encoders); needed only for
+       `__call__(images, prompts)`.
+    size_policy: how `__call__` fits image sizes to multiples of 16 pixels: "crop" (center crop,
+       the default), "resize" or "error" (see ms_rm.images).
+    """
+
+    name = "diffusion-rm"
+    input_kind = "latents"
+    family = None                       # the backbone family this scorer class expects, if any
+
+    def __init__(self, checkpoint_path: Optional[str] = None, *, model: Optional[DiffusionRM] = None,
+                 u: Optional[float] = None, normalize: Union[str, Sequence[float]] = "none",
+                 seed: Optional[int] = None, noise: str = "fresh", common_noise: bool = False,
+                 num_noise_draws: int = 1, ensemble_u: Optional[Sequence[float]] = None,
+                 max_batch: Optional[int] = None, encoder: Any = None, size_policy: str = "crop", dtype: ms.Type = ms.float32,
+                 mode: str = "graph", verify: bool = False):
+        if (checkpoint_path is None) == (model is None):
+            raise ConfigError("pass exactly one of checkpoint_path (a folder written by ms-rm convert) or model")
+        self.model = model if model is not None else DiffusionRM.from_pretrained(
+            checkpoint_path, dtype=dtype, mode=mode, verify=verify)
+        family = self.model.config.backbone.family
+        if self.family is not None and family != self.family:
+            raise ConfigError(f"{type(self).__name__} scores {self.family} models; this checkpoint's backbone is "
+                              f"{family}: use the scorer of that family")
+        if noise not in NOISE_POLICIES:
+            raise ConfigError(f"noise must be one of {NOISE_POLICIES}, got {noise!r}")
+        if noise == "fixed" and seed is None:
+            raise ConfigError("noise='fixed' needs a seed")
+        if not isinstance(num_noise_draws, int) or isinstance(num_noise_draws, bool) or num_noise_draws < 1:
+            raise ConfigError(f"num_noise_draws must be a positive integer, got {num_noise_draws!r}")
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise ConfigError(f"max_batch must be a positive integer or None, got {max_batch!r}")
+        self.u = u                      # None: the recommended u of each kind of input (see default_u)
+        self.ensemble_u = None if ensemble_u is None else [float(v) for v in ensemble_u]
+        if self.ensemble_u is not None and not self.ensemble_u:
+            raise ConfigError("ensemble_u must list at least one noise level")
+        self.scale, self.offset = _normalization(normalize)
+        self.seed, self.noise, self.common_noise = seed, noise, common_noise
+        self.num_noise_draws, self.max_batch, self.encoder = num_noise_draws, max_batch, encoder
+        if size_policy not in SIZE_POLICIES:
+            raise ConfigError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
+        self.size_policy = size_policy
+        self._rng = np.random.default_rng(seed)
+
+    def default_u(self, inputs: str) -> float:
+        """The u a call uses: the scorer's `u`, else the recommended u for `inputs` ("latents" from
+        a sampler: 0.4; "images" encoded from disk: 0.1; sigma convention)."""
+        if self.u is not None:
+            return self.u
+        return recommended_u(inputs, self.model.config.u_convention)
+
+    # --- noise ---------------------------------------------------------------------------
+    def draw_noise(self, shape: Tuple[int, ...], groups: Optional[Sequence[Any]] = None) -> np.ndarray:
+        """Noise for one call: (draws, levels, B, C, H, W) under the scorer's policy.
+
+        `groups` (one key per sample) makes samples with equal keys share their noise.
+        """
+        rng = np.random.default_rng(self.seed) if self.noise == "fixed" else self._rng
+        levels = len(self.ensemble_u) if self.ensemble_u is not None else 1
+        batch = shape[0]
+        if groups is None:
+            return rng.standard_normal((self.num_noise_draws, levels) + tuple(shape), dtype=np.float32)
+        if len(groups) != batch:
+            raise InputError(f"groups must have one key per sample ({batch}), got {len(groups)}")
+        keys = {}
+        index = np.array([keys.setdefault(g, len(keys)) for g in groups])
+        unique = rng.standard_normal((self.num_noise_draws, levels, len(keys)) + tuple(shape[1:]), dtype=np.float32)
+        return unique[:, :, index]
+
+    # --- scoring -----------------------------------------------------------------------------
+    def reward(self, latents, text_conds: Mapping[str, Any], u: Optional[float] = None,
+               groups: Optional[Sequence[Any]] = None) -> Tensor:
+        """Normalized rewards (B, 1) of latents (B, C, H, W); text_conds holds the prompt embeddings
+        under `encoder_hidden_states` and `pooled_projections`. Differentiable w.r.t. the latents.
+        u: this call's noise level (default: `default_u("latents")`)."""
+        missing = [k for k in ("encoder_hidden_states", "pooled_projections") if k not in text_conds]
+        if missing:
+            raise InputError(f"text_conds lacks {missing}; it must hold encoder_hidden_states and pooled_projections")
+        latents = as_float_tensor(latents, "latents")
+        if latents.ndim != 4:
+            raise InputError(f"latents must have shape (B, C, H, W), got {tuple(latents.shape)}")
+        ehs, pooled = text_conds["encoder_hidden_states"], text_conds["pooled_projections"]
+        if self.common_noise and groups is None:
+            groups = _row_keys(pooled)
+        noise = self.draw_noise(tuple(latents.shape), groups)
+        if u is None and self.ensemble_u is None:
+            u = self.default_u("latents")
+        batch = latents.shape[0]
+        step = self.max_batch or batch
+        chunks = []
+        for start in range(0, batch, step):
+            part = slice(start, min(start + step, batch))
+            chunks.append(self._score_chunk(latents[part], ehs[part], pooled[part], noise[:, :, part], u))
+        raw = chunks[0] if len(chunks) == 1 else mint.cat(chunks, dim=0)
+        return raw * self.scale + self.offset
+
+    def _score_chunk(self, latents, ehs, pooled, noise: np.ndarray, u) -> Tensor:
+        total = None
+        for draw in noise:                                       # (levels, b, C, H, W) per draw
+            if self.ensemble_u is not None:
+                r = self.model.reward_ensemble(latents, ehs, pooled, us=self.ensemble_u, noise=draw)
+            else:
+                r = self.model.reward(latents, ehs, pooled, u=u, noise=draw[0])
+            total = r if total is None else total + r
+        return total / len(noise) if len(noise) > 1 else total
+
+    def score_latents(self, latents, prompt_embeds, pooled_prompt_embeds,
+                      groups: Optional[Sequence[Any]] = None, u: Optional[float] = None) -> List[float]:
+        """One float per sample: the scorer contract, from latents and prompt embeddings."""
+        rewards = self.reward(latents, {"encoder_hidden_states": prompt_embeds,
+                                        "pooled_projections": pooled_prompt_embeds}, u=u, groups=groups)
+        return [float(v) for v in rewards.astype(ms.float32).asnumpy()[:, 0]]
+
+    def __call__(self, images, prompts: Optional[Sequence[str]] = None, prompt_embeds=None,
+                 pooled_prompt_embeds=None) -> List[float]:
+        """Flow-GRPO-MS's scorer call: images (PIL list, arrays in [0, 1], see ms_rm.images) and
+        prompts, one float per image. Images are fitted to multiples of 16 pixels by the scorer's
+        `size_policy` and encoded in groups of equal size; precomputed prompt embeddings may be
+        passed instead of prompts."""
+        if self.encoder is None:
+            raise ConfigError(
+                f"{type(self).__name__} scores latents: pass encoder= (ms_rm.encoders.SD3Encoder, or "
+                "MindOneSD3Encoder(pipeline) for a mindone pipeline) to score images, or call "
+                "score_latents(latents, prompt_embeds, pooled_prompt_embeds) with what the trainer holds")
+        pixels = preprocess(images, self.size_policy)
+        if prompt_embeds is None or pooled_prompt_embeds is None:
+            if prompts is None:
+                raise InputError("prompts are required: Diffusion-RM scores an image against its prompt "
+                                 "(or pass prompt_embeds and pooled_prompt_embeds)")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if len(prompts) != len(pixels):
+                raise InputError(f"got {len(pixels)} images and {len(prompts)} prompts: pass one prompt per image")
+            prompt_embeds, pooled_prompt_embeds = self.encoder.encode_prompts(prompts)
+        ehs = as_float_tensor(prompt_embeds, "prompt_embeds")
+        pooled = as_float_tensor(pooled_prompt_embeds, "pooled_prompt_embeds")
+        if ehs.shape[0] != len(pixels) or pooled.shape[0] != len(pixels):
+            raise InputError(f"prompt embeddings hold {ehs.shape[0]} / {pooled.shape[0]} rows for {len(pixels)} images")
+        groups = list(prompts) if self.common_noise and prompts is not None else None
+        u = None if self.ensemble_u is not None else self.default_u("images")
+        scores: List[float] = [0.0] * len(pixels)
+        for indices in group_by_size(pixels).values():           # one encoder batch per image size
+            latents = self.encoder.encode_pixels(np.stack([pixels[i] for i in indices]))
+            values = self.score_latents(latents, _rows(ehs, indices), _rows(pooled, indices),
+                                        groups=None if groups is None else [groups[i] for i in indices], u=u)
+            for i, value in zip(indices, values):
+                scores[i] = value
+        return scores
+
+
+class DiffusionRMSD3Scorer(DiffusionRMScorer):
+    """Diffusion-RM on an SD3 / SD3.5 backbone (the released DiNa-LRM)."""
+
+    name = "diffusion-rm-sd3"
+    family = "sd3"
+
+
+class DiffusionRMFluxScorer(DiffusionRMScorer):
+    """Diffusion-RM on a FLUX.1 backbone (its double-stream blocks)."""
+
+    name = "diffusion-rm-flux"
+    family = "flux"
+
+
+def _rows(tensor: Tensor, indices: List[int]) -> Tensor:
+    """The rows `indices` of a tensor (the tensor itself when that is all of them, in order)."""
+    if indices == list(range(tensor.shape[0])):
+        return tensor
+    return Tensor(tensor.astype(ms.float32).asnumpy()[indices]).astype(tensor.dtype)
+
+
+def _row_keys(pooled) -> List[bytes]:
+    """A hashable key per sample: equal pooled prompt embeddings mean the same prompt."""
+    array = pooled.astype(ms.float32).asnumpy() if isinstance(pooled, Tensor) else np.asarray(pooled, np.float32)
+    return [row.tobytes() for row in array]
+
+
+SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer)}
