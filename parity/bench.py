@@ -1,4 +1,4 @@
-"""`ms-rm bench` / `python -m parity.bench`: ms_rm's reward forward against the torch reference.
+"""`ms-rm bench` / `python -m ms_rm_parity.bench`: ms_rm's reward forward against the torch reference.
 
 Each framework runs in its own child process (so each one's peak RSS is its own), on the same
 machine, thread count, weights and inputs: random weights drawn per parameter name
@@ -252,7 +252,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parity.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ms_rm_parity.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
             result = work(sizes()[args.size], args.batch, args.runs, args.threads)
         else:
             result = _gemm_worker(args.gemm, *args.shape, args.threads)
-        result["peak_rss"] = peak_rss_bytes()      # this process's own peak (see parity.peak_rss)
+        result["peak_rss"] = peak_rss_bytes()      # this process's own peak (see ms_rm_parity.peak_rss)
         with open(args.child_out, "w") as f:
             json.dump(result, f)
         return 0

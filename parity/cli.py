@@ -1,4 +1,4 @@
-"""`ms-rm parity` / `python -m parity`: the parity harness from the command line."""
+"""`ms-rm parity` / `python -m ms_rm_parity`: the parity harness from the command line."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def _print(report) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m ms_rm_parity", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,8 +1,12 @@
-"""Stage-by-stage comparison of two runs (numpy only).
+"""Stage-by-stage comparison of two runs, and the tolerance policy's numbers (numpy only).
 
 For each stage: max abs error, max relative error max|a-b| / max|ref|, relative Frobenius error
 ||a-b|| / ||ref||, cosine similarity, and pass/fail against that stage's bound on the max
 relative error. The first failing stage, in data-flow order, is where the runs diverge.
+
+The tolerance policy (explained in ms_rm_parity.harness, which measures the bounds): a stage's
+bound is max(FP32_BOUND, FACTOR[dtype] x the reference's own dtype noise at that stage). Tests
+take their tolerances from here, never from what one machine printed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,25 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Mapping, Optional
 
 import numpy as np
+
+FP32_BOUND = 1e-5                                   # floor of every bound on the max relative error
+FACTOR = {"fp32": 5.0, "bf16": 2.0, "fp16": 2.0}     # x the reference's own noise at that precision
+
+
+def max_rel_error(ours, ref) -> float:
+    """max|ours - ref| / max|ref|, in float64 (the policy's measure)."""
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape:
+        raise ValueError(f"shapes differ: {ours.shape} vs {ref.shape}")
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    diff = float(np.abs(ours - ref).max()) if ref.size else 0.0
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def policy_bound(reference_noise: float = 0.0, dtype: str = "fp32") -> float:
+    """The bound on max_rel_error when the reference itself is `reference_noise` off at this
+    precision (fp32 against float64, or bf16 / fp16 against fp32)."""
+    return max(FP32_BOUND, FACTOR[dtype] * reference_noise)
 
 
 @dataclass

@@ -33,10 +33,8 @@ import numpy as np
 import torch
 
 from .cases import Case
-from .compare import StageResult, compare_stages, first_failure, stages_as_numpy
+from .compare import FACTOR, FP32_BOUND, StageResult, compare_stages, first_failure, policy_bound, stages_as_numpy
 
-FP32_BOUND = 1e-5
-FACTOR = {"fp32": 5.0, "bf16": 2.0, "fp16": 2.0}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
@@ -156,7 +154,7 @@ def bounds_for(dtype: str, reference: Dict[str, np.ndarray], torch_run: Dict[str
     bounds, budget = {"default": FP32_BOUND}, 0.0
     for r in compare_stages(torch_run, reference, {"default": np.inf}):     # data-flow order
         budget = max(budget, r.max_rel)
-        bounds[r.stage] = max(FACTOR[dtype] * budget, FP32_BOUND)
+        bounds[r.stage] = policy_bound(budget, dtype)
     return bounds
 
 
@@ -194,14 +192,13 @@ def compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs: In
 @dataclass
 class PreparedCase:
     case: Case
-    paths: "object"              # parity.checkpoints.ReferencePaths
+    paths: "object"              # ms_rm_parity.checkpoints.ReferencePaths
     converted: Dict[str, str]    # storage dtype -> converted checkpoint directory
 
 
-def prepare_case(case: Case, workdir: str, seed: int = 0) -> PreparedCase:
-    """Build the case's random reference model, save it as the reference saves, and convert it."""
-    from ms_rm import DiffusionRM
-
+def save_case_reference(case: Case, folder: str, seed: int = 0):
+    """The case's random reference model, saved as the reference saves it (the case's checkpoint
+    mode, base dtype and shard size) under `folder`; its ReferencePaths."""
     from .builders import build_reference, lora_kwargs
     from .checkpoints import round_to_, save_reference
 
@@ -211,7 +208,14 @@ def prepare_case(case: Case, workdir: str, seed: int = 0) -> PreparedCase:
     base_dtype = TORCH_DTYPES[case.base_dtype]
     if base_dtype != torch.float32:
         round_to_(reference.transformer, base_dtype)
-    paths = save_reference(reference, os.path.join(workdir, "reference"), case.mode, base_dtype, case.shard_size)
+    return save_reference(reference, folder, case.mode, base_dtype, case.shard_size)
+
+
+def prepare_case(case: Case, workdir: str, seed: int = 0) -> PreparedCase:
+    """Build the case's random reference model, save it as the reference saves, and convert it."""
+    from ms_rm import DiffusionRM
+
+    paths = save_case_reference(case, os.path.join(workdir, "reference"), seed)
     out = os.path.join(workdir, f"converted-{case.storage}")
     DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, out, dtype=case.storage,
                         u_convention=case.u_convention, progress=False)

@@ -1,6 +1,6 @@
 """Run a module as `python -m MODULE ARGS...` and write its peak resident memory to a file.
 
-    python -m parity.peak_rss REPORT_FILE MODULE [ARGS...]
+    python -m ms_rm_parity.peak_rss REPORT_FILE MODULE [ARGS...]
 
 The peak is this process's VmHWM from /proc/self/status, read after the module returns. It is not
 the parent's `wait4` ru_maxrss: Linux carries the parent's resident size at fork over into the

@@ -1,4 +1,4 @@
-"""`python -m parity.report REPORT.json`: a parity report as a markdown table (worst max relative
+"""`python -m ms_rm_parity.report REPORT.json`: a parity report as a markdown table (worst max relative
 error per stage group, over the modes the report holds), as the README quotes it."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def markdown(reports) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m parity.report REPORT.json", file=sys.stderr)
+        print("usage: python -m ms_rm_parity.report REPORT.json", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         print(markdown(json.load(f)["reports"]))

@@ -1,6 +1,6 @@
 """A synthetic reference checkpoint at real size, and a measured conversion of it.
 
-    python -m parity.synthetic --out DIR [--family sd3|flux] [--convert]
+    python -m ms_rm_parity.synthetic --out DIR [--family sd3|flux] [--convert]
 
 sd3 (default): DIR/transformer holds all 24 blocks of SD3.5-Medium (real shapes and key names,
 taken from diffusers on the meta device), bf16 in one safetensors file like the release
@@ -154,7 +154,7 @@ def write_reference(root: str, family: str = "sd3", lora_rank: int = 64) -> Dict
 
 def measured_convert(paths: Dict[str, str], out: str, dtype: str = "keep") -> Dict[str, float]:
     """Run `ms-rm convert` in a child process; wall seconds and peak RSS bytes of that child
-    (its own VmHWM, see parity.peak_rss)."""
+    (its own VmHWM, see ms_rm_parity.peak_rss)."""
     report = out.rstrip(os.sep) + ".peak_rss"
     command = [sys.executable, "-m", "ms_rm_parity.peak_rss", report, "ms_rm.cli", "convert", paths["src"],
                "--transformer", paths["transformer"], "--scheduler", paths["scheduler"], "--out", out,
@@ -177,7 +177,7 @@ def measured_convert(paths: Dict[str, str], out: str, dtype: str = "keep") -> Di
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m parity.synthetic", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ms_rm_parity.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the synthetic reference into")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="sd3", help="SD3.5-Medium or FLUX.1-dev")

@@ -10,22 +10,17 @@ import pytest
 import torch
 
 from ms_rm import CheckpointError, ConfigError, DiffusionRM
-from ms_rm.io.converted import MANIFEST_FILE, WEIGHTS_FILE
-from ms_rm.rewards.diffusion_rm.conversion import ConversionPlan, open_reference
-from ms_rm.io.safetensors_file import SafetensorsFile
-from ms_rm_parity.builders import build_reference, lora_kwargs
-from ms_rm_parity.cases import SCHEDULER, TINY_SD35, Case
-from ms_rm_parity.checkpoints import save_reference
 from ms_rm.cli import main as cli
+from ms_rm.io.converted import MANIFEST_FILE, WEIGHTS_FILE
+from ms_rm.io.safetensors_file import SafetensorsFile
+from ms_rm.rewards.diffusion_rm.conversion import ConversionPlan, open_reference
+
+from helpers import reference_checkpoint
 
 
-def make(root, mode="lora", shard_size=None, base_dtype=torch.float32, **case_fields):
+def make(root, mode="lora", **case_fields):
     """A tiny reference checkpoint saved under root; returns its paths."""
-    case = Case("t", "", mode=mode, **case_fields)
-    rm_config = case.rm_config()
-    lora = lora_kwargs(rm_config, **case.lora) if mode == "lora" else None
-    reference = build_reference(rm_config, case.transformer, SCHEDULER, seed=1, lora=lora)
-    return save_reference(reference, str(root), mode, base_dtype, shard_size)
+    return reference_checkpoint(root, seed=1, mode=mode, **case_fields)
 
 
 def sha256(path):
@@ -107,7 +102,7 @@ def test_dtype_option(lora_ref, tmp_path, dtype, expected):
 
 
 def test_bf16_sources_are_read_bit_for_bit(tmp_path):
-    paths = make(tmp_path / "ref", "head", base_dtype=torch.bfloat16)
+    paths = make(tmp_path / "ref", "head", base_dtype="bf16")
     out = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
     from safetensors import safe_open
 

@@ -22,9 +22,8 @@ from hypothesis import strategies as st
 
 from ms_rm import DiffusionRM, InputError, MsRmError
 from ms_rm.io.safetensors_file import SafetensorsFile
-from ms_rm_parity.builders import build_reference, lora_kwargs
-from ms_rm_parity.cases import SCHEDULER, Case
-from ms_rm_parity.checkpoints import save_reference
+
+from helpers import converted_checkpoint
 
 FUZZ_EXAMPLES = int(os.environ.get("MS_RM_FUZZ_EXAMPLES", 60))    # raise it for a longer campaign
 HOSTILE = [None, True, -1, 0, 2 ** 63, 1e308, float("nan"), "x", "", [], [1, -1], [2 ** 40, 2 ** 40], {}, {"a": 1}]
@@ -37,11 +36,7 @@ class Pristine(tuple):
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pristine")
-    case = Case("fuzz", "")
-    reference = build_reference(case.rm_config(), case.transformer, SCHEDULER, seed=2, lora=lora_kwargs(case.rm_config()))
-    paths = save_reference(reference, str(root / "ref"), "lora", shard_size="100KB")
-    out = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(root / "converted"), progress=False)
+    paths, out = converted_checkpoint(tmp_path_factory.mktemp("pristine"), seed=2, shard_size="100KB")
     weights = {p.name: p.asnumpy() for p in DiffusionRM.from_pretrained(out).get_parameters()}
     return Pristine((paths, out, weights))
 
@@ -187,9 +182,69 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"w": torch.zeros(2), "p": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(MsRmError, match="refused: not a plain weights file"):
+    with pytest.raises(MsRmError, match="refused: not a plain weights file") as refused:
         TorchStateFile(str(tmp_path / "evil.pt"))
     assert not marker.exists()
+    message = str(refused.value)
+    assert "\n" not in message and "'posix.system'" in message            # one line, naming the global
+    for advice in ("add_safe_globals", "safe_globals", "allowlist", "weights_only=False", "trust"):
+        assert advice not in message, message                             # never passes on torch's advice
+
+
+def test_refused_pickle_of_io_open_names_it_and_nothing_else(tmp_path):
+    import io
+
+    import torch
+
+    from ms_rm.io.torch_file import TorchStateFile
+
+    class Opener:
+        def __reduce__(self):
+            return (io.open, (str(tmp_path / "created"), "w"))
+
+    torch.save({"w": Opener()}, tmp_path / "open.pt")
+    with pytest.raises(MsRmError) as refused:
+        TorchStateFile(str(tmp_path / "open.pt"))
+    assert str(refused.value) == (f"{tmp_path / 'open.pt'}: refused: not a plain weights file (it asks for the "
+                                  "global 'io.open', which is not a tensor or plain container); ms_rm never runs "
+                                  "code from a checkpoint")
+    assert not (tmp_path / "created").exists()
+
+
+# --- a converted folder edited after conversion ------------------------------------------------
+@pytest.mark.parametrize("edit", [
+    lambda c: c.update(u_convention="index"),
+    lambda c: c["scheduler"].update(shift=1.0),
+    lambda c: c.update(add_noise=False),
+    lambda c: None,                                          # only the formatting changes
+])
+def test_a_config_edited_after_conversion_is_refused(pristine, tmp_path, edit):
+    from ms_rm import CheckpointError
+
+    folder = tmp_path / "converted"
+    shutil.copytree(pristine[1], folder)
+    config = json.loads((folder / "ms_rm_config.json").read_text())
+    edit(config)
+    (folder / "ms_rm_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="ms_rm_config.json: edited after conversion"):
+        DiffusionRM.from_pretrained(str(folder))
+
+
+def test_manifest_and_config_must_agree_on_the_u_convention(pristine, tmp_path):
+    """Both files edited consistently except for the manifest's u_convention entry."""
+    from ms_rm import CheckpointError
+    from ms_rm.io.safetensors_file import sha256_file
+
+    folder = tmp_path / "converted"
+    shutil.copytree(pristine[1], folder)
+    config = json.loads((folder / "ms_rm_config.json").read_text())
+    config["u_convention"] = "index"
+    (folder / "ms_rm_config.json").write_text(json.dumps(config))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["ms_rm_config.json"]["sha256"] = sha256_file(str(folder / "ms_rm_config.json"))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="u_convention 'index' differs from the manifest's 'sigma'"):
+        DiffusionRM.from_pretrained(str(folder))
 
 
 @pytest.mark.parametrize("header, message", [
@@ -271,6 +326,25 @@ def test_a_seed_gives_bit_identical_rewards_across_processes_and_close_ones_acro
     bounds = policy_bounds(torch_model, rm_config, scheduler_config, inputs, "sigma", "fp32")
     results = compare_stages(pynative, graph_a, bounds, order=[k for k in graph_a if k not in ("sigma", "timestep")])
     assert first_failure(results) is None, [r.to_dict() for r in results if not r.passed]
+
+
+def test_host_inputs_are_cached_for_a_bounded_number_of_shapes(pristine):
+    """The positions / rotary tables computed on the host are kept per input shape (H, W, T, B),
+    least recently used out: a run over many prompt lengths does not grow without bound."""
+    from ms_rm.rewards.diffusion_rm.model import HOST_INPUT_CACHE
+
+    model = DiffusionRM.from_pretrained(pristine[1])
+    rng = np.random.default_rng(0)
+    latents, pooled = rng.standard_normal((1, 16, 8, 8), dtype=np.float32), rng.standard_normal((1, 40), dtype=np.float32)
+    text = lambda tokens: rng.standard_normal((1, tokens, 48), dtype=np.float32)
+    first_text = text(1)
+    first = model.reward(latents, first_text, pooled, u=0.5, seed=0).asnumpy()
+    for tokens in range(2, HOST_INPUT_CACHE + 4):                   # a new text length each call
+        model.reward(latents, text(tokens), pooled, u=0.5, seed=0)
+        assert len(model._host_inputs) <= HOST_INPUT_CACHE
+    assert len(model._host_inputs) == HOST_INPUT_CACHE and (8, 8, 1, 1) not in model._host_inputs
+    again = model.reward(latents, first_text, pooled, u=0.5, seed=0).asnumpy()     # evicted, computed again
+    np.testing.assert_array_equal(again, first)
 
 
 def test_same_seed_same_rewards_in_process(pristine):

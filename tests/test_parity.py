@@ -1,7 +1,7 @@
 """The parity regression suite: every built-in case against the torch reference, stage by stage.
 
 Each case builds a random reference model, saves it in the reference's formats, converts it
-with `ms_rm.checkpoint.convert`, loads it with `DiffusionRM.from_pretrained`, and compares
+with `DiffusionRM.convert`, loads it with `DiffusionRM.from_pretrained`, and compares
 every stage with diffusers + our torch head (+ peft LoRA, active, not merged).
 """
 

@@ -8,6 +8,10 @@ from ms_rm import ConfigError, DiffusionRM, InputError
 from ms_rm.cli.demo import TINY_SD35
 from ms_rm.scoring import SCORERS, DiffusionRMSD3Scorer, MultiScorer
 
+from ms_rm_parity.compare import FP32_BOUND, max_rel_error
+
+from helpers import converted_checkpoint
+
 B = 4
 
 
@@ -51,7 +55,7 @@ def test_max_batch_changes_nothing_beyond_fp32_rounding(model, batch):
     size, in MindSpore's kernels) can move the last digits."""
     whole = scorer(model, seed=3, noise="fixed").score_latents(batch["latents"], batch["ehs"], batch["pooled"])
     split = scorer(model, seed=3, noise="fixed", max_batch=3).score_latents(batch["latents"], batch["ehs"], batch["pooled"])
-    assert np.abs(np.subtract(split, whole)).max() <= 1e-6 * np.abs(whole).max()
+    assert max_rel_error(split, whole) <= FP32_BOUND
 
 
 def test_common_random_numbers_within_a_prompt_group(model, batch):
@@ -71,8 +75,8 @@ def test_averaging_over_noise_draws(model, batch):
     draws = np.random.default_rng(11).standard_normal((3, 1, B, 16, 8, 8), dtype=np.float32)
     singles = [model.reward(batch["latents"], batch["ehs"], batch["pooled"], u=0.4, noise=d[0]).asnumpy()[:, 0]
                for d in draws]
-    np.testing.assert_allclose(s.score_latents(batch["latents"], batch["ehs"], batch["pooled"]),
-                               np.mean(singles, axis=0), rtol=1e-6, atol=1e-7)
+    assert max_rel_error(s.score_latents(batch["latents"], batch["ehs"], batch["pooled"]),
+                         np.mean(singles, axis=0)) <= FP32_BOUND
 
 
 def test_ensemble_of_noise_levels(model, batch):
@@ -219,15 +223,7 @@ def test_multi_scorer_errors(model, batch):
 
 
 def test_registry_builds_scorers_from_config(tmp_path):
-    from ms_rm import DiffusionRM
-    from ms_rm_parity.builders import build_reference, lora_kwargs
-    from ms_rm_parity.cases import SCHEDULER, Case
-    from ms_rm_parity.checkpoints import save_reference
-
-    case = Case("t", "")
-    reference = build_reference(case.rm_config(), case.transformer, SCHEDULER, lora=lora_kwargs(case.rm_config()))
-    paths = save_reference(reference, str(tmp_path / "ref"), "lora")
-    out = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
+    _, out = converted_checkpoint(tmp_path)
     assert SCORERS["diffusion-rm-sd3"] is DiffusionRMSD3Scorer
     multi = MultiScorer({"diffusion-rm-sd3": 1.0},
                         {"diffusion-rm-sd3": {"checkpoint_path": out, "u": 0.4, "seed": 0, "noise": "fixed"}})
@@ -239,16 +235,10 @@ def test_registry_builds_scorers_from_config(tmp_path):
 
 
 def test_flux_scorer_scores_a_converted_flux_checkpoint(tmp_path):
-    from ms_rm import DiffusionRM
     from ms_rm.scoring import DiffusionRMFluxScorer
-    from ms_rm_parity.builders import build_reference, lora_kwargs
     from ms_rm_parity.cases import CASES
-    from ms_rm_parity.checkpoints import save_reference
 
-    case = CASES["tiny-flux-dev"]
-    reference = build_reference(case.rm_config(), case.transformer, case.scheduler, lora=lora_kwargs(case.rm_config()))
-    paths = save_reference(reference, str(tmp_path / "ref"), "lora")
-    out = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "ms"), progress=False)
+    _, out = converted_checkpoint(tmp_path, CASES["tiny-flux-dev"])
     assert SCORERS["diffusion-rm-flux"] is DiffusionRMFluxScorer
     multi = MultiScorer({"diffusion-rm-flux": 1.0},
                         {"diffusion-rm-flux": {"checkpoint_path": out, "u": 0.4, "seed": 2, "noise": "fixed"}})

@@ -22,20 +22,18 @@ from safetensors.numpy import load_file, save_file
 
 from ms_rm.core.errors import CheckpointError, ConfigError, InputError
 from ms_rm.encoders.sd3_vae import VAEConfig, VAEEncoder, load_vae_encoder
+from ms_rm_parity.compare import FP32_BOUND, max_rel_error, policy_bound
 from ms_rm_parity.vae_reference import SD35_VAE_CONFIG, build_reference_vae, model_kwargs, tiny_vae_config
 
 logger = logging.getLogger(__name__)
 
-TOL = 1e-5                                  # max |ours - ref| / max |ref|, fp32
+TOL = FP32_BOUND                            # max |ours - ref| / max |ref|, fp32: the tolerance policy's floor
 SHAPES = [(2, 3, 32, 32), (2, 3, 24, 40)]   # square and non-square, batch 2
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def rel_err(ours, ref) -> float:
-    ours = ours.asnumpy() if isinstance(ours, ms.Tensor) else np.asarray(ours)
-    ref = np.asarray(ref)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours.astype(np.float64) - ref).max() / np.abs(ref).max())
+    return max_rel_error(ours.asnumpy() if isinstance(ours, ms.Tensor) else ours, ref)
 
 
 def pixels(shape, seed: int = 1) -> np.ndarray:
@@ -184,8 +182,8 @@ def test_bf16_weights(tmp_path):
 
 @pytest.mark.slow
 def test_real_width_parity(tmp_path):
-    """The real SD3.5 VAE size (random weights) on a 64x96 image: closer to diffusers in float64
-    than diffusers' own fp32 is (measured 1.2e-6 vs 4.9e-6)."""
+    """The real SD3.5 VAE size (random weights) on a 64x96 image, against diffusers in fp32 and in
+    float64, within the tolerance policy's bound for diffusers' own fp32 noise at this size."""
     ref = save_reference(SD35_VAE_CONFIG, tmp_path / "vae")
     x = pixels((1, 3, 64, 96))
     vae = load_vae_encoder(str(tmp_path), mode="graph")
@@ -193,8 +191,9 @@ def test_real_width_parity(tmp_path):
     mean32 = reference_posterior(ref, x)[0]
     with torch.no_grad():
         mean64 = ref.double().encode(torch.from_numpy(x).double()).latent_dist.mean.numpy()
-    assert rel_err(ours.asnumpy()[:, :16], mean64) <= 3e-6
-    assert rel_err(ours.asnumpy()[:, :16], mean32) <= TOL
+    bound = policy_bound(rel_err(mean32, mean64))
+    assert rel_err(ours.asnumpy()[:, :16], mean64) <= bound
+    assert rel_err(ours.asnumpy()[:, :16], mean32) <= bound
 
 
 # --- strict loading ------------------------------------------------------------------------------

@@ -1,28 +1,28 @@
 """Portable op spellings: the one module that knows which MindSpore ops run where.
 
-The models call these helpers, plus plain elementwise `mint` calls that run on every backend. Each spelling here runs on the CPU and on Ascend: MindSpore's CPU backend lacks
-many `mint` kernels (`mint.nn.functional.layer_norm`, `gelu`, `scaled_dot_product_attention`,
+The models call these helpers, plus plain elementwise `mint` calls that run on every backend.
+Each spelling here runs on the CPU and on Ascend: MindSpore's CPU backend lacks many `mint` kernels (`mint.nn.functional.layer_norm`, `gelu`, `scaled_dot_product_attention`,
 `conv2d`, ...) and all bf16 arithmetic (see ../shared/platform/mindspore-cpu.md). Any choice
 that depends on the device belongs in this module and nowhere else.
 
-Accuracy notes (measured on the CPU against float64, see tests/test_ops.py):
-* `mint.exp` is off by up to ~76 ulp, so softmax/SiLU/sigmoid carry ~5e-6 relative error
-  where torch has ~1e-6. Anything that can be computed once on the host in float64 (timestep
-  frequencies, position tables) is computed there instead.
-* sin/cos/rsqrt/GELU are within 2 ulp.
-* For fp16/bf16 inputs torch's CPU kernels compute norms, softmax and activations in float32
-  internally; the helpers here do the same explicitly (a no-op in fp32).
+Why each spelling was chosen is written beside it; the measured figures behind the choices (op
+accuracy against float64, kernel times, memory) live in the README's "Op spellings" table, next
+to the commands that reproduce them, and the accuracy facts are pinned by tests/test_ops.py.
 
-Memory: MindSpore's CPU graph executor does not reuse the memory of a binary op that
-broadcasts implicitly, of the Dense kernel behind mint.nn.Linear, or of permute/Transpose:
-each such intermediate stays allocated until the graph ends (measured: a real-size MMDiT block
-held 1.46 GB this way, for all 12 blocks at once). So broadcasts are explicit (`expand`),
-`linear` is MatMul + BiasAdd and heads move with mint.swapaxes, all of which are reused.
-
-Speed: some spellings are chosen for the CPU's kernels (see linear, mean_last and gelu). An Ascend
-build would want the fused kernels (LayerNorm, RmsNorm, FlashAttentionScore) instead: that
-choice belongs here, behind a device check made outside the compiled graph, and must be
-measured on Ascend first (no Ascend machine was available for this work).
+* Accuracy: MindSpore's CPU `exp` is much less accurate than torch's (so are softmax, SiLU and
+  sigmoid, which use it): anything that can be computed once on the host in float64 (timestep
+  frequencies, position tables) is computed there instead. For fp16/bf16 inputs torch's CPU
+  kernels compute norms, softmax and activations in float32 internally; the helpers here do the
+  same explicitly (a no-op in fp32).
+* Memory: MindSpore's CPU graph executor does not reuse the memory of a binary op that
+  broadcasts implicitly, of the Dense kernel behind mint.nn.Linear, or of permute/Transpose:
+  each such intermediate stays allocated until the graph ends. So broadcasts are explicit
+  (`expand`), `linear` is MatMul + BiasAdd and heads move with mint.swapaxes, all of which are
+  reused.
+* Speed: some spellings are chosen for the CPU's kernels (linear, mean_last, gelu). An Ascend
+  build would want the fused kernels (LayerNorm, RmsNorm, FlashAttentionScore) instead: that
+  choice belongs here, behind a device check made outside the compiled graph, and must be
+  measured on Ascend first (no Ascend machine was available for this work).
 """
 
 from __future__ import annotations
@@ -62,8 +62,7 @@ _BIAS_ADD = ops.BiasAdd()
 
 def linear(x: ms.Tensor, weight: ms.Tensor, bias: Optional[ms.Tensor] = None) -> ms.Tensor:
     """x (..., in) @ weight (out, in)^T + bias: a 2-D MatMul with transposed weight, the fastest
-    CPU spelling (171 GFLOP/s on 1357 x 1536 @ 1536 x 6144, torch 173) and one whose memory the
-    graph executor reuses (see the module notes)."""
+    CPU spelling measured and one whose memory the graph executor reuses (see the module notes)."""
     shape = x.shape
     y = _MATMUL_T(x.reshape(-1, shape[-1]), weight)
     if bias is not None:
@@ -84,8 +83,7 @@ def mean_last(x: ms.Tensor) -> ms.Tensor:
     """Mean over the last axis, kept: (..., n) -> (..., 1).
 
     Written as a matrix-vector product with ones: on the CPU MindSpore's ReduceMean kernel is
-    ~3x slower than its BLAS GEMV (measured: LayerNorm of 1357 x 1536 in 6.9 ms this way, 13 ms
-    with the LayerNorm primitive, 23 ms with ReduceMean).
+    several times slower than its BLAS GEMV.
     """
     n = x.shape[-1]
     return mint.matmul(x, mint.ones((n, 1), dtype=x.dtype)) / n
@@ -125,9 +123,8 @@ def gelu(x: ms.Tensor, approximate: bool) -> ms.Tensor:
     """GELU; `approximate=True` is the tanh form ("gelu-approximate"), False the exact erf form.
 
     The tanh form is computed as x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3)), which equals
-    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): 11x faster than MindSpore's CPU GeLU kernel
-    on the FFN's 1357 x 6144 activations (17 ms vs 189 ms; torch: 24 ms) at the same accuracy
-    (max abs error 5.7e-7 against float64, torch's kernel 4.3e-7).
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): an order of magnitude faster than
+    MindSpore's CPU GeLU kernel, at the same accuracy.
     """
     if not approximate:
         return ops.gelu(x, approximate="none")

@@ -7,7 +7,7 @@ an object with
         in the reward model's space, (z - shift_factor) * scaling_factor;
     encode_prompts(prompts: list[str]) -> (prompt_embeds (B, 77 + T, 4096), pooled (B, 2048)).
 
-The scorer does the image preprocessing and the grouping by size (ms_rm.images) itself, so an
+The scorer does the image preprocessing and the grouping by size (ms_rm.scoring.images) itself, so an
 encoder only ever sees a batch of one size. Two encoders are provided:
 
 * `SD3Encoder`: ms_rm's own VAE encoder and SD3's three text encoders, from diffusers folders;

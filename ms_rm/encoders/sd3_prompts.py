@@ -30,7 +30,7 @@ How the models run: every model is called through `ms.jit` (graph mode, compiled
 size; the global execution mode is left untouched). mindone's T5EncoderModel has no PyNative CPU
 kernel (its `mint.nn.Embedding`), and in graph mode it compiles and runs. mindone's CLIP with
 `hidden_act="gelu"` (CLIP-G's) calls GeluExt, which has no CPU kernel in either mode: its GELU
-cells are replaced by ms_rm's portable exact GELU (`ms_rm.ops.gelu`, the same function, erf form).
+cells are replaced by ms_rm's portable exact GELU (`ms_rm.core.ops.gelu`, the same function, erf form).
 
 Dtypes: the default float32 runs everywhere. bf16 does not compute on the CPU (no bf16 MatMul
 or Softmax kernels): `from_pretrained(dtype=ms.bfloat16)` loads in float32 there (logged), and the

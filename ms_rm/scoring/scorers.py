@@ -81,7 +81,7 @@ class DiffusionRMScorer:
        (prompt_embeds, pooled_prompt_embeds)` (see ms_rm.encoders); needed only for
        `__call__(images, prompts)`.
     size_policy: how `__call__` fits image sizes to multiples of 16 pixels: "crop" (center crop,
-       the default), "resize" or "error" (see ms_rm.images).
+       the default), "resize" or "error" (see ms_rm.scoring.images).
     """
 
     name = "diffusion-rm"
@@ -193,7 +193,7 @@ class DiffusionRMScorer:
 
     def __call__(self, images, prompts: Optional[Sequence[str]] = None, prompt_embeds=None,
                  pooled_prompt_embeds=None) -> List[float]:
-        """Flow-GRPO-MS's scorer call: images (PIL list, arrays in [0, 1], see ms_rm.images) and
+        """Flow-GRPO-MS's scorer call: images (PIL list, arrays in [0, 1], see ms_rm.scoring.images) and
         prompts, one float per image. Images are fitted to multiples of 16 pixels by the scorer's
         `size_policy` and encoded in groups of equal size; precomputed prompt embeddings may be
         passed instead of prompts."""

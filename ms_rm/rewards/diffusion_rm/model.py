@@ -123,7 +123,7 @@ class DiffusionRM(CompiledCell):
 
     # --- weights ---------------------------------------------------------------------------
     def load_state_dict(self, tensors, source: str = "state dict") -> None:
-        """Fill every parameter from a name -> array mapping, strictly (see weights.py)."""
+        """Fill every parameter from a name -> array mapping, strictly (ms_rm.core.weights.load_parameters)."""
         load_parameters(self, lambda name: np.asarray(tensors[name]), tensors.keys(), source)
 
     def randomize(self, seed: int = 0) -> "DiffusionRM":

@@ -1,0 +1,43 @@
+"""Test setup shared by the test files: tiny reference checkpoints and their conversions, and the
+import of an optional install extra."""
+
+import importlib
+import importlib.metadata
+import os
+
+import pytest
+
+from ms_rm import DiffusionRM
+from ms_rm_parity.cases import Case
+from ms_rm_parity.harness import save_case_reference
+
+
+def reference_checkpoint(root, case: Case = None, seed: int = 0, **case_fields):
+    """A tiny random reference checkpoint of `case` (default: Case("t", "", **case_fields)) saved
+    under `root` as the reference saves it; its ReferencePaths (src, transformer, scheduler)."""
+    return save_case_reference(case or Case("t", "", **case_fields), str(root), seed)
+
+
+def converted_checkpoint(root, case: Case = None, seed: int = 0, **case_fields):
+    """reference_checkpoint under root/reference, converted by ms-rm convert into root/converted:
+    (its ReferencePaths, the converted folder)."""
+    paths = reference_checkpoint(os.path.join(str(root), "reference"), case, seed, **case_fields)
+    out = DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, os.path.join(str(root), "converted"),
+                              progress=False)
+    return paths, out
+
+
+def import_extra(module: str, distribution: str, extra: str):
+    """Import `module`, which comes with the install extra `extra` (distribution `distribution`).
+
+    The tests that need it are skipped only when that distribution is not installed at all, and
+    never under CI (which installs every extra). When it is installed, any import failure (a
+    missing or broken dependency) fails the test run instead of skipping it silently."""
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        message = f"{distribution} is not installed (pip install 'ms-rm[{extra}]')"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}, and CI installs every extra", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
+    return importlib.import_module(module)

@@ -1,0 +1,161 @@
+"""The shape of the package: imports that point one way, no cycle, a short top level, and an
+install that puts no generic top-level module into site-packages yet keeps `ms-rm parity`."""
+
+import ast
+import configparser
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ms_rm"
+SHARED_CYCLES = ROOT.parent / "shared" / "tools" / "import_cycles.py"
+
+# What each part of ms_rm may import (besides itself and ms_rm.version):
+# cli -> scoring -> rewards -> backbones / encoders -> core / io.
+MAY_IMPORT = {
+    "core": set(),
+    "io": {"core"},
+    "backbones": {"core", "io"},
+    "encoders": {"core", "io"},
+    "rewards": {"backbones", "core", "io"},
+    "scoring": {"rewards", "encoders", "backbones", "core", "io"},
+    "cli": {"scoring", "rewards", "encoders", "backbones", "core", "io"},
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path):
+    """Every ms_rm module that `path` imports, at module level or inside functions."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            yield from (f"{target}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+
+
+def test_imports_point_one_way():
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) == 1:                                   # ms_rm/__init__.py, ms_rm/version.py
+            continue
+        here = parts[0]
+        for target in _imports(path):
+            bits = target.split(".")
+            if bits[0] != "ms_rm" or len(bits) < 2 or bits[1] in (here, "version"):
+                continue
+            if bits[1] not in MAY_IMPORT[here]:
+                wrong.append(f"{_module_name(path)} imports {target}")
+    assert not wrong, wrong
+
+
+def test_no_import_cycle_among_modules():
+    assert SHARED_CYCLES.is_file(), f"{SHARED_CYCLES} is missing (CI runs with ../shared beside the repository)"
+    result = subprocess.run([sys.executable, str(SHARED_CYCLES), str(PACKAGE)], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout
+
+
+def test_top_level_is_short_and_every_package_is_installed():
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(modules) <= 8, modules
+    found = sorted(_module_name(p.parent) for p in PACKAGE.rglob("__init__.py"))
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    listed = setup["options"]["packages"].split()
+    assert sorted(p for p in listed if p.startswith("ms_rm.") or p == "ms_rm") == found
+    assert "ms_rm_parity" in listed and "ms_rm_parity = parity" in setup["options"]["package_dir"]
+
+
+def test_importing_ms_rm_never_imports_torch():
+    script = "import sys, ms_rm, ms_rm.cli; print(sorted(m for m in ('torch', 'diffusers', 'peft', 'mindone') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(folder),
+                    str(ROOT)], check=True, capture_output=True)
+    (path,) = folder.glob("*.whl")
+    return path
+
+
+def test_the_install_adds_no_generic_top_level_module(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    top = {n.split("/")[0] for n in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"ms_rm", "ms_rm_parity"}
+    expected = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")} | \
+        {"ms_rm_parity/" + p.name for p in (ROOT / "parity").glob("*.py")}
+    assert expected <= set(names)
+    assert "ms-rm = ms_rm.cli:main" in entry_points
+
+
+def test_ms_rm_parity_runs_from_an_installed_copy(wheel, tmp_path):
+    """The wheel unpacked outside the checkout (its dependencies from this environment): the
+    command line finds the reference side as ms_rm_parity."""
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    script = ("import ms_rm, ms_rm_parity; from ms_rm.cli import main; print(ms_rm.__file__); "
+              "print(ms_rm_parity.__file__); main(['parity', '--list'])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(str(tmp_path / "site")) and lines[1].startswith(str(tmp_path / "site"))
+    assert "tiny-sd35" in out.stdout
+
+
+def test_an_extra_that_is_installed_but_broken_fails_instead_of_skipping(monkeypatch):
+    """The prompt tests import mindone through helpers.import_extra: pytest.importorskip would
+    skip them silently when a dependency of the installed extra is missing."""
+    from helpers import import_extra
+
+    monkeypatch.setitem(sys.modules, "mindone.transformers", None)       # installed, but the import fails
+    with pytest.raises(ImportError):
+        import_extra("mindone.transformers", "mindone", "images")
+    monkeypatch.setenv("CI", "true")                                      # CI installs every extra: never skip
+    with pytest.raises(pytest.fail.Exception, match="CI installs every extra"):
+        import_extra("ms_rm_no_such_module", "ms-rm-no-such-distribution", "images")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="pip install 'ms-rm\\[images\\]'"):
+        import_extra("ms_rm_no_such_module", "ms-rm-no-such-distribution", "images")
+
+
+def test_ci_runs_every_line_of_the_readme_blocks(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"""# x
+<!-- ci:install -->
+```bash
+touch {tmp_path}/first
+touch {tmp_path}/second
+```
+<!-- ci:test -->
+```bash
+echo tested > {tmp_path}/third
+false
+touch {tmp_path}/never
+```
+""")
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env=dict(os.environ, MS_RM_README=str(readme)),
+                            capture_output=True, text=True)
+    assert (tmp_path / "first").exists() and (tmp_path / "second").exists() and (tmp_path / "third").exists()
+    assert result.returncode != 0 and not (tmp_path / "never").exists()       # a failing line fails CI
