@@ -58,6 +58,7 @@ class Case:
     storage: str = "keep"                              # ms-rm convert --dtype
     scheduler: dict = field(default_factory=lambda: SCHEDULER)
     slow: bool = False
+    reward_model: str = "diffusion-rm"                 # the registry name (ms_rm.REWARD_MODELS) it covers
 
     def rm_config(self) -> dict:
         model = copy.deepcopy(MODEL)

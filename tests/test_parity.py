@@ -131,3 +131,10 @@ def test_encoder_cases_in_the_harness_match_torch(tmp_path):
     assert {"mean_24x40", "sampled_32x32", "t5_embeds", "pooled"} <= {stage for _, stage in stages}
     assert max(stages.values()) <= 1e-5
     assert main(["--case", "sd3-vae", "--dtype", "bf16"]) == 2                 # fp32 only, said so
+
+
+def test_every_registered_reward_model_has_parity_cases():
+    from ms_rm import REWARD_MODELS
+
+    covered = {case.reward_model for case in CASES.values()}
+    assert set(REWARD_MODELS) <= covered, sorted(set(REWARD_MODELS) - covered)

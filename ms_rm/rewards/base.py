@@ -18,8 +18,9 @@ INPUT_KINDS = ("latents", "pixels")
 class RewardModel(Protocol):
     """A reward model: inputs in, one reward per sample out.
 
-    name: its registry name (e.g. "diffusion-rm"); also the name of its parity cases
-        (`ms-rm parity --model NAME`).
+    name: its registry name (e.g. "diffusion-rm"); the parity harness's cases name the reward
+        model they cover by it (ms_rm_parity.cases.Case.reward_model), and every registered
+        model must have some (tests/test_parity.py).
     input_kind: what it scores: "latents" (a generator's latent space: no VAE decode) or
         "pixels" (images).
     format_name: the "format" its converted folders record (ms_rm.io.converted).
