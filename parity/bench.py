@@ -58,8 +58,7 @@ def reward_flops(config, height: int, width: int, text_tokens: int) -> int:
     n, t = (height // p) * (width // p), text_tokens
     flops = 2 * n * bb.in_channels * p * p * d + 2 * t * bb.joint_attention_dim * d          # patch, context
     flops += 2 * (256 * d + d * d) + 2 * (bb.pooled_projection_dim * d + d * d)              # temb
-    for i in range(config.last_depth):
-        image_out, context_out = config.block_streams()[i]
+    for i, (image_out, context_out) in enumerate(config.block_streams()):
         dual = i in bb.dual_attention_layers
         flops += 2 * d * d * (9 if dual else 6) + 2 * d * d * 6                                # adaLN
         flops += 2 * d * d * (4 * n + 3 * t + (t if context_out else 0))                       # qkv, outs

@@ -11,7 +11,7 @@ Shapes: latents (B, C, H, W); N = H/p * W/p image tokens; T text tokens; D width
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -19,7 +19,7 @@ from mindspore import Parameter, Tensor, nn
 from mindspore.common.initializer import initializer
 
 from ..core import ops
-from ..core.errors import InputError
+from ..core.errors import ConfigError, InputError
 from ..core.layers import Linear
 from .config import SD3BackboneConfig, cut_streams
 from .joint import CombinedTimestepTextEmbedding, JointTransformerBlock, run_blocks
@@ -99,8 +99,11 @@ class SD3Backbone(nn.Cell):
     context_embedder output for text); depth k >= 1 is the stream after block k.
     """
 
-    def __init__(self, bb: SD3BackboneConfig, visual_taps: Tuple[int, ...], text_taps: Tuple[int, ...]):
+    def __init__(self, bb: SD3BackboneConfig, visual_taps: Tuple[int, ...], text_taps: Tuple[int, ...],
+                 guidance_scale: Optional[float] = None):
         super().__init__()
+        if guidance_scale is not None:
+            raise ConfigError(f"guidance_scale {guidance_scale} is set, but SD3 transformers embed no guidance")
         self.config = bb
         self.visual_taps = tuple(visual_taps)
         self.text_taps = tuple(text_taps)

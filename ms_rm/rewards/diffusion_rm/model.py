@@ -58,8 +58,8 @@ class DiffusionRM(CompiledCell):
         self.compute_dtype = ops.compute_dtype(dtype)
         c = self.config
         with no_init_parameters():
-            extra = (c.guidance_scale,) if c.backbone.family == "flux" else ()
-            self.backbone = BACKBONES[c.backbone.family](c.backbone, c.visual_head_idx, c.text_head_idx, *extra)
+            self.backbone = BACKBONES[c.backbone.family](c.backbone, c.visual_head_idx, c.text_head_idx,
+                                                         c.guidance_scale)
             self.reward_head = RewardHead(self.config)
             if self.config.use_logistic:
                 self.eta3 = Parameter(initializer(ETA3_INIT, (), ms.float32), name="eta3")
@@ -68,7 +68,8 @@ class DiffusionRM(CompiledCell):
             param.set_dtype(self.compute_dtype)
         self.schedule = NoiseSchedule(self.config.scheduler)
         self._rng = np.random.default_rng()            # fresh noise when no seed is given
-        self._host_inputs: "OrderedDict[Tuple[int, ...], Tuple[Tensor, ...]]" = OrderedDict()   # (H, W, T, B) ->
+        # (H, W, T, B) -> the backbone's host-computed tensors for that input shape, least recently used first
+        self._host_inputs: "OrderedDict[Tuple[int, ...], Tuple[Tensor, ...]]" = OrderedDict()
 
     # --- construction from checkpoints -------------------------------------------------
     @classmethod
