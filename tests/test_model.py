@@ -5,7 +5,7 @@ import pytest
 import torch
 import mindspore as ms
 
-from ms_rm import DiffusionRM, InputError, RewardModelConfig
+from ms_rm import DiffusionRM, InputError, MsRmError, RewardModelConfig
 from ms_rm.io.files import read_config_file
 from ms_rm.cli.demo import TINY_SD35
 from ms_rm.rewards.diffusion_rm.conversion import unused_reason
@@ -206,3 +206,24 @@ def test_flux_dev_model_has_the_shapes_of_diffusers():
     assert sum(int(np.prod(s)) for s in ours.values()) == 12 * block + embed == 4_123_023_360
     rotary = DiffusionRM(config).backbone.host_inputs(128, 128, 512, 2)
     assert rotary[0].shape == (1, 512 + 4096, 1, 128) and rotary[2].tolist() == [3.5, 3.5]
+
+
+def test_diffusion_rm_implements_the_reward_model_protocol(twins, tmp_path):
+    """What scorers, the CLI and the parity harness rely on, for every registered reward model."""
+    from ms_rm import REWARD_MODELS, RewardModel, load_reward_model
+    from ms_rm.rewards import INPUT_KINDS
+
+    for name, cls in REWARD_MODELS.items():
+        assert cls.name == name and cls.input_kind in INPUT_KINDS and cls.format_name.startswith("ms_rm.")
+        for method in ("from_pretrained", "convert", "parameter_shapes", "reward", "score"):
+            assert callable(getattr(cls, method)), (name, method)
+    _, model, a = twins
+    assert isinstance(model, RewardModel)
+    scores = model.score(a["latents"], a["ehs"], a["pooled"], u=0.4, noise=a["noise"])
+    rewards = model.reward(a["latents"], a["ehs"], a["pooled"], u=0.4, noise=a["noise"]).asnumpy()[:, 0]
+    assert scores == [float(r) for r in rewards] and len(scores) == 2
+    with pytest.raises(MsRmError, match="no manifest.json"):
+        load_reward_model(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"format": "ms_rm.future", "tensors": {}, "files": {}}')
+    with pytest.raises(MsRmError, match="holds a 'ms_rm.future' model, which this ms_rm does not know"):
+        load_reward_model(str(tmp_path))
