@@ -38,12 +38,16 @@ class Reference:
     lora_config: Optional[dict] = None      # peft LoraConfig kwargs, when a LoRA is active
 
 
-def lora_kwargs(rm_config: dict, **overrides) -> dict:
-    """peft LoraConfig kwargs the way the reference builds them from config.json."""
+def lora_kwargs(rm_config: dict, transformer_config: Optional[dict] = None, **overrides) -> dict:
+    """peft LoraConfig kwargs the way the reference builds them from config.json: the last block's
+    text projections excluded unless text is tapped there; for FLUX (flux_rm.py) also the entries
+    `transformer_blocks.{0..3}.attn`, which under peft's matching rules exclude nothing."""
     model = rm_config["model"]
     n = model["num_transformer_layers"]
     exclude = [f"transformer_blocks.{n - 1}.attn.{m}" for m in ("add_q_proj", "add_k_proj",
                                                                 "add_v_proj", "to_add_out")]
+    if (transformer_config or {}).get("_class_name") == "FluxTransformer2DModel":
+        exclude += [f"transformer_blocks.{i}.attn" for i in range(4)]
     if model.get("use_text_features", True) and model["text_head_idx"][-1] == n:
         exclude = None
     kwargs = dict(r=model["lora_config"]["r"], lora_alpha=model["lora_config"]["lora_alpha"],
@@ -56,7 +60,7 @@ def lora_kwargs(rm_config: dict, **overrides) -> dict:
 
 
 def build_reference(rm_config: dict, transformer_config: dict, scheduler_config: dict, seed: int = 0,
-                    lora: Optional[dict] = None) -> Reference:
+                    lora: Optional[dict] = None, time_convention: str = "reference") -> Reference:
     """A random reference model. `lora`: LoraConfig kwargs (see lora_kwargs) to wrap the backbone."""
     torch.manual_seed(seed)
     cls, _ = transformer_class(transformer_config)
@@ -65,7 +69,8 @@ def build_reference(rm_config: dict, transformer_config: dict, scheduler_config:
     randomize_(transformer, seed, prefix="backbone.")
     model_cfg = rm_config["model"]
     # peft swaps the Linears it adapts in place: keep `transformer` plain by cutting a copy.
-    backbone = cut_backbone(copy.deepcopy(transformer) if lora is not None else transformer, model_cfg)
+    backbone = cut_backbone(copy.deepcopy(transformer) if lora is not None else transformer, model_cfg,
+                            time_convention)
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 

@@ -49,6 +49,7 @@ class Case:
     add_noise: bool = True
     u: Tuple[float, ...] = (0.4, 0.9)
     u_convention: str = "sigma"
+    time_convention: str = "reference"                 # FLUX: ms-rm convert --time-convention, FluxCut's too
     ensemble: Optional[Tuple[float, ...]] = None       # noise levels of reward_ensemble
     latent_hw: Tuple[int, int] = (16, 12)
     text_tokens: int = 7
@@ -94,8 +95,13 @@ CASES: Dict[str, Case] = {c.name: c for c in [
          model={"num_transformer_layers": 2, "visual_head_idx": [1, 2], "text_head_idx": [2],
                 "lora_config": {"r": 8, "lora_alpha": 16}, "reward_head": {"num_attn_heads": 8}},
          batch=1, slow=True),
-    Case("tiny-flux-dev", "FLUX.1-dev-style (guidance 3.5 embedded, RoPE, text-first joint attention), LoRA",
-         transformer=TINY_FLUX_DEV, model={"guidance_scale": 3.5}, scheduler=FLUX_SCHEDULER, latent_hw=(8, 12)),
+    Case("tiny-flux-dev", "FLUX.1-dev-style as the upstream FLUX reward model computes it (sigma and guidance 3.5 "
+         "unscaled, no guidance key in the config), RoPE, text-first joint attention, LoRA",
+         transformer=TINY_FLUX_DEV, scheduler=FLUX_SCHEDULER, latent_hw=(8, 12)),
+    Case("tiny-flux-dev-diffusers", "FLUX.1-dev-style under diffusers' convention (time and guidance 4.0 x 1000), "
+         "LoRA with the upstream FLUX exclude list (text not tapped at the last block)",
+         transformer=TINY_FLUX_DEV, scheduler=FLUX_SCHEDULER, latent_hw=(8, 12), time_convention="diffusers",
+         model={"guidance_scale": 4.0, "visual_head_idx": [1, 3], "text_head_idx": [2]}, u=(0.3, 0.7)),
     Case("tiny-flux-schnell", "FLUX.1-schnell-style (no guidance embedding), full_model.pt, deepest tap visual only",
          transformer=TINY_FLUX_SCHNELL, mode="full", scheduler=FLUX_SCHEDULER,
          model={"visual_head_idx": [1, 3], "text_head_idx": [2]}),

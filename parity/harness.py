@@ -203,8 +203,9 @@ def save_case_reference(case: Case, folder: str, seed: int = 0):
     from .checkpoints import round_to_, save_reference
 
     rm_config = case.rm_config()
-    lora = lora_kwargs(rm_config, **case.lora) if case.mode == "lora" else None
-    reference = build_reference(rm_config, case.transformer, case.scheduler, seed=seed, lora=lora)
+    lora = lora_kwargs(rm_config, case.transformer, **case.lora) if case.mode == "lora" else None
+    reference = build_reference(rm_config, case.transformer, case.scheduler, seed=seed, lora=lora,
+                                time_convention=case.time_convention)
     base_dtype = TORCH_DTYPES[case.base_dtype]
     if base_dtype != torch.float32:
         round_to_(reference.transformer, base_dtype)
@@ -218,7 +219,7 @@ def prepare_case(case: Case, workdir: str, seed: int = 0) -> PreparedCase:
     paths = save_case_reference(case, os.path.join(workdir, "reference"), seed)
     out = os.path.join(workdir, f"converted-{case.storage}")
     DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, out, dtype=case.storage,
-                        u_convention=case.u_convention, progress=False)
+                        u_convention=case.u_convention, time_convention=case.time_convention, progress=False)
     return PreparedCase(case, paths, {"fp32": out})
 
 
@@ -234,11 +235,12 @@ def run_prepared(prepared: PreparedCase, mode: str = "graph", dtype: str = "fp32
     if dtype not in prepared.converted:
         out = os.path.join(os.path.dirname(prepared.converted["fp32"]), f"converted-{dtype}")
         DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, out, dtype=dtype,
-                            u_convention=case.u_convention, progress=False)
+                            u_convention=case.u_convention, time_convention=case.time_convention, progress=False)
         prepared.converted[dtype] = out
     ms_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[dtype]
     ms_model = DiffusionRM.from_pretrained(prepared.converted[dtype], dtype=ms_dtype, mode=mode, verify=True)
-    torch_model, rm_config, scheduler_config = load_reference_model(paths.src, paths.transformer, paths.scheduler)
+    torch_model, rm_config, scheduler_config = load_reference_model(paths.src, paths.transformer, paths.scheduler,
+                                                                    time_convention=case.time_convention)
     bb = ms_model.config.backbone
     inputs = Inputs.random(case.batch, bb.latent_channels, case.latent_hw, case.text_tokens, bb.joint_attention_dim,
                            bb.pooled_projection_dim, case.u, seed, case.ensemble)
@@ -282,7 +284,12 @@ def run_checkpoint(src: str, transformer: str, scheduler: str, converted: str, c
 
     from .reference import load_reference_model
 
-    torch_model, rm_config, scheduler_config = load_reference_model(src, transformer, scheduler, config)
+    from ms_rm import load_config
+    from ms_rm.io.converted import CONFIG_FILE
+
+    converted_config = load_config(os.path.join(converted, CONFIG_FILE))     # its conventions
+    torch_model, rm_config, scheduler_config = load_reference_model(src, transformer, scheduler, config,
+                                                                    converted_config.time_convention)
     ms_dtype = {"fp32": ms.float32, "bf16": ms.bfloat16, "fp16": ms.float16}[dtype]
     reports = []
     for mode in modes:

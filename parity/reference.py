@@ -141,24 +141,40 @@ class SD3Cut(nn.Module):
         return temb, visual, text
 
 
+REFERENCE_FLUX_GUIDANCE = 3.5        # the upstream FLUX reward model's hard-coded guidance
+
+
 class FluxCut(nn.Module):
     """The double-stream part of a diffusers FluxTransformer2DModel, cut after N blocks.
 
-    Takes SD3-style inputs (16-channel latents, timestep = sigma * 1000) and prepares them as
-    FluxPipeline does (2x2 packing, zero text ids, (0, row, col) image ids, t / 1000, a full
-    guidance vector), then runs FluxTransformer2DModel.forward's steps up to block N.
+    Takes SD3-style inputs (16-channel latents, timestep = sigma * 1000), packs them 2x2 with zero
+    text ids and (0, row, col) image ids, and calls diffusers' modules block by block. The time
+    and guidance reach `time_text_embed` by `time_convention`:
+    * "reference", written from the upstream FLUX reward model (HKUST-C4G/diffusion-rm,
+      diffusion_rm/models/flux_rm.py, FLUXBackbone.forward and FLUXRewardModel.forward): the
+      scheduler timestep / 1000 in float32, cast to the hidden dtype, and the guidance as a
+      one-element tensor, neither multiplied by 1000; the guidance is 3.5 whatever the config
+      says (that code hard-codes it);
+    * "diffusers": FluxPipeline's t / 1000 and a full guidance vector, both multiplied by 1000 in
+      the hidden dtype as FluxTransformer2DModel.forward does.
     """
 
     def __init__(self, transformer, num_layers: int, visual_taps: Sequence[int], text_taps: Sequence[int],
-                 guidance_scale: Optional[float]):
+                 guidance_scale: Optional[float], time_convention: str = "reference"):
         super().__init__()
+        self.time_convention = time_convention
         self.x_embedder = transformer.x_embedder
         self.time_text_embed = transformer.time_text_embed
         self.context_embedder = transformer.context_embedder
         self.pos_embed = transformer.pos_embed
         self.transformer_blocks = nn.ModuleList(transformer.transformer_blocks[:num_layers])
         self.visual_taps, self.text_taps = list(visual_taps), list(text_taps)
-        self.guidance_scale = guidance_scale if transformer.config.guidance_embeds else None
+        if not transformer.config.guidance_embeds:
+            self.guidance_scale = None
+        elif time_convention == "reference":
+            self.guidance_scale = REFERENCE_FLUX_GUIDANCE
+        else:
+            self.guidance_scale = guidance_scale
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
         b, c, h, w = hidden_states.shape
@@ -168,12 +184,16 @@ class FluxCut(nn.Module):
         image_ids[..., 1] += torch.arange(h // 2)[:, None]
         image_ids[..., 2] += torch.arange(w // 2)[None, :]
         text_ids = torch.zeros(encoder_hidden_states.shape[1], 3)
-        timestep = timestep.to(packed.dtype) / 1000                           # the pipeline's t / 1000
         hidden = self.x_embedder(packed)
-        timestep = timestep.to(hidden.dtype) * 1000                           # the model's own scaling
+        if self.time_convention == "reference":
+            timestep = (timestep.float() / 1000.0).to(hidden.dtype)
+            guidance = torch.tensor([self.guidance_scale or 0.0]).to(hidden.dtype)     # shape (1,), broadcast
+        else:
+            timestep = (timestep.to(packed.dtype) / 1000).to(hidden.dtype) * 1000    # pipeline t / 1000, model x 1000
+            guidance = torch.full([1], self.guidance_scale or 0.0, dtype=torch.float32).expand(b)
+            guidance = guidance.to(hidden.dtype) * 1000
         if self.guidance_scale is not None:
-            guidance = torch.full([1], self.guidance_scale, dtype=torch.float32).expand(b)
-            temb = self.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
+            temb = self.time_text_embed(timestep, guidance, pooled_projections)
         else:
             temb = self.time_text_embed(timestep, pooled_projections)
         context = self.context_embedder(encoder_hidden_states)
@@ -199,13 +219,14 @@ def transformer_class(config: dict):
     return SD3Transformer2DModel, SD3Cut
 
 
-def cut_backbone(transformer, model_cfg: dict):
-    """The reward model's backbone: the cut of `transformer` that the reference config describes."""
+def cut_backbone(transformer, model_cfg: dict, time_convention: str = "reference"):
+    """The reward model's backbone: the cut of `transformer` that the reference config describes
+    (FLUX: with the time convention asked for, see FluxCut)."""
     from diffusers import FluxTransformer2DModel
 
     args = (transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"], model_cfg["text_head_idx"])
     if isinstance(transformer, FluxTransformer2DModel):
-        return FluxCut(*args, model_cfg.get("guidance_scale"))
+        return FluxCut(*args, model_cfg.get("guidance_scale"), time_convention)
     return SD3Cut(*args)
 
 
@@ -289,7 +310,8 @@ def as_torch(array: np.ndarray, dtype: Optional[torch.dtype] = None) -> torch.Te
 
 
 # --- loading a reference checkpoint the way the reference's inferencer does ------------------
-def load_reference_model(src: str, transformer_dir: str, scheduler_path: str, config: Optional[str] = None):
+def load_reference_model(src: str, transformer_dir: str, scheduler_path: str, config: Optional[str] = None,
+                         time_convention: str = "reference"):
     """(TorchRewardModel, rm_config, scheduler_config) from reference-format files on disk.
 
     diffusers loads the base transformer, peft loads the adapter (active, not merged), the head
@@ -320,7 +342,7 @@ def load_reference_model(src: str, transformer_dir: str, scheduler_path: str, co
     else:
         transformer = cls.from_pretrained(transformer_dir, torch_dtype=torch.float32)
     model_cfg = rm_config["model"]
-    backbone = cut_backbone(transformer, model_cfg)
+    backbone = cut_backbone(transformer, model_cfg, time_convention)
     if mode == LORA:
         from peft import PeftModel
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = {"sd3": ("sd35m", "dina-lrm-12layers.json"), "flux": ("flux1-dev", "diffusion-rm-12layers.json")}
+FAMILIES = {"sd3": ("sd35m", "dina-lrm-12layers.json"), "flux": ("flux1-dev", "diffusion-rm-19layers.json")}
 MEMORY_BOUND = 1.5 * 1024 ** 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -147,7 +147,7 @@ def write_reference(root: str, family: str = "sd3", lora_rank: int = 64) -> Dict
                    "target_modules": LORA_TARGETS, "exclude_modules": None, "bias": "none", "use_rslora": False,
                    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}, f, indent=2)
     head_cfg = rm_cfg["model"]["reward_head"]
-    head = RewardHead(dim, 3, 3, **head_cfg)
+    head = RewardHead(dim, len(rm_cfg["model"]["visual_head_idx"]), len(rm_cfg["model"]["text_head_idx"]), **head_cfg)
     torch.save(head.state_dict(), os.path.join(ckpt, "rm_head.pt"))
     return paths
 

@@ -5,12 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from ms_rm.rewards.diffusion_rm.config import RewardModelConfig, load_config
-
 from ms_rm.backbones.config import SD3BackboneConfig
-
-from ms_rm.io.files import read_config_file
 from ms_rm.core.errors import ConfigError
+from ms_rm.io.files import read_config_file
+from ms_rm.rewards.diffusion_rm.config import RewardModelConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -106,3 +104,30 @@ def test_bad_scheduler_config(change, message):
 
     with pytest.raises(ConfigError, match=message):
         SchedulerConfig.from_diffusers(dict({"num_train_timesteps": 1000, "shift": 3.0}, **change))
+
+
+def _flux_release():
+    flux = CONFIGS / "flux1-dev"
+    return (read_config_file(flux / "diffusion-rm-19layers.json"), read_config_file(flux / "transformer_config.json"),
+            read_config_file(flux / "scheduler_config.json"))
+
+
+def test_flux_time_convention_and_guidance_follow_the_reference_by_default():
+    """The upstream FLUX config has no guidance key (its model embeds 3.5) and its model feeds
+    time_text_embed sigma and the guidance unscaled: both are the defaults, recorded in our
+    format; diffusers' convention only when asked for; a config written before the key existed
+    meant diffusers' convention; SD3 has one convention only."""
+    config = RewardModelConfig.from_reference(*_flux_release())
+    assert (config.guidance_scale, config.time_convention) == (3.5, "reference")
+    assert RewardModelConfig.from_dict(config.to_dict()) == config
+    diffusers = RewardModelConfig.from_reference(*_flux_release(), time_convention="diffusers")
+    assert diffusers.to_dict()["time_convention"] == "diffusers"
+    legacy = {k: v for k, v in config.to_dict().items() if k != "time_convention"}
+    assert RewardModelConfig.from_dict(legacy).time_convention == "diffusers"
+    explicit = _flux_release()
+    explicit[0]["model"]["guidance_scale"] = 4.0
+    assert RewardModelConfig.from_reference(*explicit).guidance_scale == 4.0
+    with pytest.raises(ConfigError, match="time_convention 'diffusers' applies to FLUX backbones only"):
+        RewardModelConfig.from_reference(*_release(), time_convention="diffusers")
+    with pytest.raises(ConfigError, match=r"time_convention 'x1000' must be one of \('reference', 'diffusers'\)"):
+        RewardModelConfig.from_reference(*_flux_release(), time_convention="x1000")

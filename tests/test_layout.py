@@ -4,6 +4,7 @@ install that puts no generic top-level module into site-packages yet keeps `ms-r
 import ast
 import configparser
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -90,9 +91,14 @@ def test_importing_ms_rm_never_imports_torch():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("wheel")
+    """The wheel `pip install` would build, from a copy of the sources (no build/ left in the checkout)."""
+    source, folder = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("ms_rm", "parity"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(folder),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(source)], check=True, capture_output=True)
     (path,) = folder.glob("*.whl")
     return path
 

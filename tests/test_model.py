@@ -185,25 +185,27 @@ def test_demo_shows_rewards():
 
 
 def test_flux_dev_model_has_the_shapes_of_diffusers():
-    """FLUX.1-dev's real configuration, cut after 12 double-stream blocks, built without weights."""
+    """The released FLUX reward config (all 19 double-stream blocks of FLUX.1-dev, taps 8/12/16/19,
+    no guidance key), built without weights: diffusers' shapes, the reference's guidance 3.5."""
     from diffusers import FluxTransformer2DModel
 
     flux = CONFIGS / "flux1-dev"
-    config = RewardModelConfig.from_reference(read_config_file(flux / "diffusion-rm-12layers.json"),
+    config = RewardModelConfig.from_reference(read_config_file(flux / "diffusion-rm-19layers.json"),
                                               read_config_file(flux / "transformer_config.json"),
                                               read_config_file(flux / "scheduler_config.json"))
     assert config.backbone.family == "flux" and config.guidance_scale == 3.5 and config.backbone.latent_channels == 16
+    assert config.time_convention == "reference" and config.last_depth == 19 and config.width == 1536
     ours = {p.name: tuple(p.shape) for p in DiffusionRM(config).get_parameters() if p.name.startswith("backbone.")}
     transformer_cfg = read_config_file(flux / "transformer_config.json")
     with torch.device("meta"):
         transformer = FluxTransformer2DModel(**{k: v for k, v in transformer_cfg.items() if not k.startswith("_")})
-    kept = ("x_embedder.", "time_text_embed.", "context_embedder.") + tuple(f"transformer_blocks.{i}." for i in range(12))
+    kept = ("x_embedder.", "time_text_embed.", "context_embedder.") + tuple(f"transformer_blocks.{i}." for i in range(19))
     theirs = {f"backbone.{k}": tuple(p.shape) for k, p in transformer.named_parameters() if k.startswith(kept)}
     assert ours == theirs
     d = 3072      # by arithmetic: a double block holds two 6D adaLN Linears, 8 attention Linears,
     block = 2 * (6 * d * d + 6 * d) + 8 * (d * d + d) + 4 * 128 + 2 * (8 * d * d + 5 * d)   # 4 qk norms, 2 FFNs
     embed = (64 * d + d) + (4096 * d + d) + 2 * (256 * d + d + d * d + d) + (768 * d + d + d * d + d)
-    assert sum(int(np.prod(s)) for s in ours.values()) == 12 * block + embed == 4_123_023_360
+    assert sum(int(np.prod(s)) for s in ours.values()) == 19 * block + embed == 6_501_842_432
     rotary = DiffusionRM(config).backbone.host_inputs(128, 128, 512, 2)
     assert rotary[0].shape == (1, 512 + 4096, 1, 128) and rotary[2].tolist() == [3.5, 3.5]
 

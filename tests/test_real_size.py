@@ -35,8 +35,8 @@ def test_real_size_conversion_stays_within_its_memory_bound(tmp_path):
 
 @pytest.mark.slow
 def test_real_size_flux_conversion_stays_within_its_memory_bound(tmp_path):
-    """FLUX.1-dev: the 12 kept double-stream blocks and the embedders at their real shapes, bf16,
-    in three shards with an index like the release."""
+    """FLUX.1-dev under the released FLUX reward config: all 19 double-stream blocks and the
+    embedders at their real shapes, bf16, in shards with an index like the release."""
     paths = write_reference(str(tmp_path / "reference"), family="flux")
     out = str(tmp_path / "converted")
     m = measured_convert(paths, out)
@@ -46,7 +46,7 @@ def test_real_size_flux_conversion_stays_within_its_memory_bound(tmp_path):
     assert m["largest_tensor"] == 18432 * 3072 * 2            # norm1.linear.weight, 6 x 3072 rows, bf16
     assert m["peak_rss"] <= MEMORY_BOUND + m["largest_tensor"]
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    assert manifest["lora"]["merged_modules"] == 12 * 8
+    assert manifest["lora"]["merged_modules"] == 19 * 8     # every target: text is tapped at block 19
 
 
 def test_peak_rss_is_the_childs_own_not_the_parents(tmp_path):

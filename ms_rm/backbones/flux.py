@@ -2,8 +2,10 @@
 
 Mirrors diffusers' FluxTransformer2DModel up to double-stream block N: 2x2 latent packing into
 x_embedder, the 3-axis rotary embedding of [text ids, image ids], timestep (and, for FLUX.1-dev,
-guidance) embeddings scaled by 1000 inside the model as diffusers does, pooled-text projection,
-context_embedder, FluxTransformerBlocks. Single-stream blocks, norm_out and proj_out are never
+guidance) embeddings, pooled-text projection, context_embedder, FluxTransformerBlocks. The time
+and guidance reach the embeddings by one of two conventions: "reference", as the upstream FLUX
+reward model calls `time_text_embed` (sigma = timestep / 1000 and the guidance as they are), or
+"diffusers", as FluxTransformer2DModel.forward does (both multiplied by 1000). Single-stream blocks, norm_out and proj_out are never
 used. Parameter names equal diffusers' state-dict keys.
 
 Shapes: latents (B, 16, H, W) -> packed (B, N = H/2 * W/2, 64); T text tokens; L = T + N; D width;
@@ -19,12 +21,13 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ..core import ops
-from ..core.errors import InputError
+from ..core.errors import ConfigError, InputError
 from ..core.layers import Linear
 from .config import FluxBackboneConfig, cut_streams
 from .joint import CombinedTimestepTextEmbedding, JointTransformerBlock, run_blocks
 
 ROPE_THETA = 10000.0
+TIME_SCALES = {"reference": 1.0, "diffusers": 1000.0}     # what time_text_embed's inputs are multiplied by
 
 
 @lru_cache(maxsize=16)
@@ -55,10 +58,13 @@ class FluxBackbone(nn.Cell):
     """
 
     def __init__(self, bb: FluxBackboneConfig, visual_taps: Tuple[int, ...], text_taps: Tuple[int, ...],
-                 guidance_scale: Optional[float] = None):
+                 guidance_scale: Optional[float] = None, time_convention: str = "reference"):
         super().__init__()
+        if time_convention not in TIME_SCALES:
+            raise ConfigError(f"time_convention must be one of {sorted(TIME_SCALES)}, got {time_convention!r}")
         self.config = bb
         self.guidance_scale = guidance_scale
+        self.time_scale = TIME_SCALES[time_convention]
         self.visual_taps = tuple(visual_taps)
         self.text_taps = tuple(text_taps)
         dim = bb.inner_dim
@@ -85,9 +91,9 @@ class FluxBackbone(nn.Cell):
         pooled (B, P), cos / sin (1, L, 1, d), guidance (B,) -> temb, visual taps, text taps."""
         hidden = self.x_embedder(ops.patchify(latents, 2))                   # (B, N, 64) -> (B, N, D)
         dtype = hidden.dtype
-        # The pipeline passes t / 1000, the model multiplies by 1000 in the hidden dtype; so here.
-        timestep = (timestep / 1000).astype(dtype) * 1000
-        guidance = guidance.astype(dtype) * 1000
+        # Both conventions pass t / 1000 in the hidden dtype; diffusers' forward then scales by 1000.
+        timestep = (timestep / 1000).astype(dtype) * self.time_scale
+        guidance = guidance.astype(dtype) * self.time_scale
         temb = self.time_text_embed(timestep, pooled_projections, guidance)  # (B, D)
         context = self.context_embedder(encoder_hidden_states)               # (B, T, D)
         visual, text = run_blocks(self.transformer_blocks, hidden, context, temb, self.visual_taps,

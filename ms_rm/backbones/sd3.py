@@ -100,10 +100,11 @@ class SD3Backbone(nn.Cell):
     """
 
     def __init__(self, bb: SD3BackboneConfig, visual_taps: Tuple[int, ...], text_taps: Tuple[int, ...],
-                 guidance_scale: Optional[float] = None):
+                 guidance_scale: Optional[float] = None, time_convention: str = "reference"):
         super().__init__()
-        if guidance_scale is not None:
-            raise ConfigError(f"guidance_scale {guidance_scale} is set, but SD3 transformers embed no guidance")
+        if guidance_scale is not None or time_convention != "reference":
+            raise ConfigError(f"guidance_scale {guidance_scale} / time_convention '{time_convention}': SD3 "
+                              "transformers embed no guidance and take the timestep one way only")
         self.config = bb
         self.visual_taps = tuple(visual_taps)
         self.text_taps = tuple(text_taps)

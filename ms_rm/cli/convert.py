@@ -10,7 +10,7 @@ from ..rewards.diffusion_rm import DiffusionRM
 def run(args: argparse.Namespace) -> int:
     out = DiffusionRM.convert(args.src, args.transformer, args.scheduler, args.out, config=args.config,
                               dtype=args.dtype, u_convention=args.u_convention, force=args.force,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, time_convention=args.time_convention)
     print(out)
     return 0
 
@@ -35,6 +35,9 @@ def add_parsers(sub) -> None:
     conv.add_argument("--u-convention", choices=["sigma", "index"], default="sigma",
                       help="how u maps to a noise level for this checkpoint (default: sigma, as the "
                            "released DiNa-LRM); recorded in the output")
+    conv.add_argument("--time-convention", choices=["reference", "diffusers"], default="reference",
+                      help="FLUX only: how the time and guidance reach the embeddings: as the upstream FLUX reward "
+                           "model (default: sigma and guidance as they are) or as diffusers' forward (x 1000)")
     conv.add_argument("--force", action="store_true", help="replace an existing output folder")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")
     conv.set_defaults(func=run)

@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "ms_rm.diffusion_rm"
 FORMAT_VERSION = 1
 U_CONVENTIONS = ("sigma", "index")
+# How a FLUX backbone's time_text_embed receives the time and the guidance: "reference" as the
+# upstream FLUX reward model calls it (sigma in [0, 1] and the guidance as they are), "diffusers"
+# as FluxTransformer2DModel.forward does (both multiplied by 1000). SD3 has one way only.
+TIME_CONVENTIONS = ("reference", "diffusers")
+REFERENCE_FLUX_GUIDANCE = 3.5         # the upstream FLUX reward model embeds this guidance, always
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,7 @@ class RewardModelConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     u_convention: str = "sigma"
     guidance_scale: Optional[float] = None      # FLUX.1-dev-style backbones embed it; None otherwise
+    time_convention: str = "reference"          # FLUX only: see TIME_CONVENTIONS
 
     def __post_init__(self):
         problem = self.problem()
@@ -152,6 +158,10 @@ class RewardModelConfig:
             return f"reward_head width {self.width} is too small (the adapters output width // 4)"
         if self.u_convention not in U_CONVENTIONS:
             return f"u_convention '{self.u_convention}' must be one of {U_CONVENTIONS}"
+        if self.time_convention not in TIME_CONVENTIONS:
+            return f"time_convention '{self.time_convention}' must be one of {TIME_CONVENTIONS}"
+        if self.backbone.family != "flux" and self.time_convention != "reference":
+            return f"time_convention '{self.time_convention}' applies to FLUX backbones only"
         return None
 
     @classmethod
@@ -166,7 +176,11 @@ class RewardModelConfig:
     def from_reference(cls, rm_config: Mapping, transformer_config: Mapping,
                        scheduler_config: Mapping, u_convention: str = "sigma",
                        sources: Tuple[str, str, str] = ("config.json", "transformer config.json",
-                                                        "scheduler_config.json")) -> "RewardModelConfig":
+                                                        "scheduler_config.json"),
+                       time_convention: str = "reference") -> "RewardModelConfig":
+        """The reference's files -> a config. A FLUX backbone that embeds guidance gets the
+        reference's guidance 3.5 unless model.guidance_scale says otherwise (the upstream config
+        has no such key: its model hard-codes 3.5)."""
         rm_src, tr_src, sc_src = sources
         model = get_value(rm_config, "model", dict, rm_src)
         model_src = f"{rm_src} [model]"
@@ -176,10 +190,15 @@ class RewardModelConfig:
         training = rm_config.get("training") or {}
         if not isinstance(training, Mapping):
             raise ConfigError(f"{rm_src}: key 'training' must be a mapping, got {training!r}")
+        backbone = backbone_from_diffusers(transformer_config, tr_src)
+        guidance = get_value(model, "guidance_scale", float, model_src, None)
+        if guidance is None and getattr(backbone, "guidance_embeds", False):
+            guidance = REFERENCE_FLUX_GUIDANCE
+            logger.info("%s: no guidance_scale: embedding the reference's guidance %s", model_src, guidance)
         return cls._build(
             model_src,
-            backbone=backbone_from_diffusers(transformer_config, tr_src),
-            guidance_scale=get_value(model, "guidance_scale", float, model_src, None),
+            backbone=backbone,
+            guidance_scale=guidance,
             num_transformer_layers=get_value(model, "num_transformer_layers", int, model_src),
             visual_head_idx=int_tuple(model, "visual_head_idx", model_src),
             text_head_idx=int_tuple(model, "text_head_idx", model_src),
@@ -189,6 +208,7 @@ class RewardModelConfig:
             add_noise=get_value(training, "add_noise", bool, f"{rm_src} [training]", True),
             scheduler=SchedulerConfig.from_diffusers(scheduler_config, sc_src),
             u_convention=u_convention,
+            time_convention=time_convention,
         )
 
     # --- our own format -----------------------------------------------------------------
@@ -206,6 +226,7 @@ class RewardModelConfig:
             "scheduler": dataclasses.asdict(self.scheduler),
             "u_convention": self.u_convention,
             "guidance_scale": self.guidance_scale,
+            "time_convention": self.time_convention,
         }
 
     @classmethod
@@ -237,6 +258,9 @@ class RewardModelConfig:
             scheduler=SchedulerConfig.from_diffusers(sched_d, f"{source} [scheduler]"),
             u_convention=get_value(d, "u_convention", str, source),
             guidance_scale=get_value(d, "guidance_scale", float, source, None),
+            # Folders converted before the key existed computed FLUX's temb as diffusers' forward does.
+            time_convention=get_value(d, "time_convention", str, source,
+                                      "diffusers" if backbone.family == "flux" else "reference"),
         )
 
     def replace(self, **changes) -> "RewardModelConfig":
@@ -245,7 +269,7 @@ class RewardModelConfig:
 
 _CONFIG_KEYS = ("format", "format_version", "backbone", "num_transformer_layers", "visual_head_idx",
                 "text_head_idx", "reward_head", "use_logistic", "add_noise", "scheduler", "u_convention",
-                "guidance_scale")
+                "guidance_scale", "time_convention")
 
 
 def load_config(path: Union[str, os.PathLike]) -> RewardModelConfig:

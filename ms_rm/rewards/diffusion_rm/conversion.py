@@ -245,14 +245,14 @@ class ConversionPlan:
 
     @classmethod
     def build(cls, sources: ReferenceSources, parameter_shapes: ParameterShapes,
-              u_convention: str = "sigma") -> "ConversionPlan":
+              u_convention: str = "sigma", time_convention: str = "reference") -> "ConversionPlan":
         """The plan for the model that `parameter_shapes(config)` describes (the model class
         defines its parameter names and shapes; the plan never builds a model itself)."""
 
         transformer_src = os.path.join(sources.transformer_dir, "config.json")
         config = RewardModelConfig.from_reference(
             sources.rm_config, sources.transformer_config, sources.scheduler_config, u_convention,
-            (sources.config_path, transformer_src, sources.scheduler_path))
+            (sources.config_path, transformer_src, sources.scheduler_path), time_convention)
         plan = cls(sources, config)
         if config.backbone.family == "sd3":
             plan._check_position_table()
@@ -444,13 +444,13 @@ class ConversionPlan:
 
 def convert(src: str, transformer: str, scheduler: str, out: str, parameter_shapes: ParameterShapes,
             config: Optional[str] = None, dtype: str = "keep", u_convention: str = "sigma",
-            force: bool = False, progress: bool = True) -> str:
+            force: bool = False, progress: bool = True, time_convention: str = "reference") -> str:
     """Convert a reference checkpoint into a converted folder `out` (ms_rm.io.converted); returns
     its path. Nothing is written unless the whole plan checks out; nothing is left on failure."""
     out = check_new_output(out, force)
     sources = open_reference(src, transformer, scheduler, config)
     try:
-        plan = ConversionPlan.build(sources, parameter_shapes, u_convention)
+        plan = ConversionPlan.build(sources, parameter_shapes, u_convention, time_convention)
         specs = [(t.name, plan.out_dtype(t, dtype), t.shape) for t in plan.tensors]   # validates dtype first
         for label, keys in plan.unused.items():
             reasons = set(keys.values())
@@ -464,6 +464,7 @@ def convert(src: str, transformer: str, scheduler: str, out: str, parameter_shap
             describe=lambda name: plan.by_name[name].describe(), sources=sources.files(),
             manifest={
                 "mode": sources.mode, "dtype": dtype, "u_convention": plan.config.u_convention,
+                "time_convention": plan.config.time_convention,
                 "lora": None if lora is None else {
                     "adapter_config": os.path.abspath(lora.config_path),
                     "merged_modules": sum(t.lora is not None for t in plan.tensors),

@@ -59,7 +59,7 @@ class DiffusionRM(CompiledCell):
         c = self.config
         with no_init_parameters():
             self.backbone = BACKBONES[c.backbone.family](c.backbone, c.visual_head_idx, c.text_head_idx,
-                                                         c.guidance_scale)
+                                                         c.guidance_scale, c.time_convention)
             self.reward_head = RewardHead(self.config)
             if self.config.use_logistic:
                 self.eta3 = Parameter(initializer(ETA3_INIT, (), ms.float32), name="eta3")
@@ -100,12 +100,12 @@ class DiffusionRM(CompiledCell):
     @classmethod
     def from_reference(cls, src: str, transformer: str, scheduler: str, config: Optional[str] = None,
                        u_convention: str = "sigma", dtype: ms.Type = ms.float32, storage_dtype: str = "keep",
-                       mode: str = "graph") -> "DiffusionRM":
+                       mode: str = "graph", time_convention: str = "reference") -> "DiffusionRM":
         """Build the model straight from the reference files, converting in memory (nothing is
         written). Same plan as `ms-rm convert`; storage_dtype plays the role of its --dtype."""
         sources = conversion.open_reference(src, transformer, scheduler, config)
         try:
-            plan = conversion.ConversionPlan.build(sources, cls.parameter_shapes, u_convention)
+            plan = conversion.ConversionPlan.build(sources, cls.parameter_shapes, u_convention, time_convention)
             plan.out_dtype(plan.tensors[0], storage_dtype)
             model = cls(plan.config, dtype=dtype, mode=mode)
             load_parameters(model, lambda name: plan.tensor(name, storage_dtype), plan.names,
@@ -117,10 +117,13 @@ class DiffusionRM(CompiledCell):
     @classmethod
     def convert(cls, src: str, transformer: str, scheduler: str, out: str, config: Optional[str] = None,
                 dtype: str = "keep", u_convention: str = "sigma", force: bool = False,
-                progress: bool = True) -> str:
-        """`ms-rm convert`: the reference files -> a converted folder `out` (see conversion.convert)."""
+                progress: bool = True, time_convention: str = "reference") -> str:
+        """`ms-rm convert`: the reference files -> a converted folder `out` (see conversion.convert).
+        time_convention (FLUX only): "reference" (default, as the upstream FLUX reward model) or
+        "diffusers" (as FluxTransformer2DModel.forward), see config.TIME_CONVENTIONS."""
         return conversion.convert(src, transformer, scheduler, out, cls.parameter_shapes, config=config,
-                                  dtype=dtype, u_convention=u_convention, force=force, progress=progress)
+                                  dtype=dtype, u_convention=u_convention, force=force, progress=progress,
+                                  time_convention=time_convention)
 
     # --- weights ---------------------------------------------------------------------------
     def load_state_dict(self, tensors, source: str = "state dict") -> None:
