@@ -181,7 +181,7 @@ def patchify(x: ms.Tensor, patch: int) -> ms.Tensor:
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
-# --- convolutional helpers (the SD3 VAE encoder, ms_rm/vae.py) --------------------------------
+# --- convolutional helpers (the SD3 VAE encoder, ms_rm/encoders/sd3_vae.py) --------------------
 
 def conv2d(x: ms.Tensor, weight: ms.Tensor, bias: Optional[ms.Tensor] = None, stride: int = 1,
            padding: int = 0) -> ms.Tensor:
