@@ -1,7 +1,12 @@
-"""The converter at the real SD3.5-Medium size (several GB on disk): memory bound and a real-size load."""
+"""The converter at the real SD3.5-Medium and FLUX.1-dev sizes: memory bound and a real-size load.
+
+These write 10-30 GB to disk: `workdir` removes it when the test ends, passed or failed, so
+repeated runs (pytest keeps the temporary folders of its last runs) cannot fill the disk.
+"""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -9,10 +14,16 @@ import pytest
 from ms_rm_parity.synthetic import MEMORY_BOUND, measured_convert, write_reference
 
 
+@pytest.fixture
+def workdir(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_real_size_conversion_stays_within_its_memory_bound(tmp_path):
-    paths = write_reference(str(tmp_path / "reference"))
-    out = str(tmp_path / "converted")
+def test_real_size_conversion_stays_within_its_memory_bound(workdir):
+    paths = write_reference(str(workdir / "reference"))
+    out = str(workdir / "converted")
     m = measured_convert(paths, out)
     gib = 1024 ** 3
     print(f"\nreal-size convert: {m['seconds']:.1f} s, peak RSS {m['peak_rss'] / gib:.2f} GiB, "
@@ -34,11 +45,11 @@ def test_real_size_conversion_stays_within_its_memory_bound(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_size_flux_conversion_stays_within_its_memory_bound(tmp_path):
+def test_real_size_flux_conversion_stays_within_its_memory_bound(workdir):
     """FLUX.1-dev under the released FLUX reward config: all 19 double-stream blocks and the
     embedders at their real shapes, bf16, in shards with an index like the release."""
-    paths = write_reference(str(tmp_path / "reference"), family="flux")
-    out = str(tmp_path / "converted")
+    paths = write_reference(str(workdir / "reference"), family="flux")
+    out = str(workdir / "converted")
     m = measured_convert(paths, out)
     gib = 1024 ** 3
     print(f"\nreal-size FLUX convert: {m['seconds']:.1f} s, peak RSS {m['peak_rss'] / gib:.2f} GiB, "

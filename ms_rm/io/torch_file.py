@@ -49,7 +49,7 @@ def _first_reason(error: Exception) -> str:
 def _refusal(error: Exception) -> str:
     """Why torch.load(weights_only=True) refused a pickle, in one short clause: the global it
     asked for, when the message names one. torch's own advice (allowlisting the global, or
-    weights_only=False) is deliberately not passed on."""
+    turning weights_only off) is deliberately not passed on."""
     match = re.search(r"GLOBAL ([\w.]+)", str(error))
     if match:
         return f"it asks for the global '{match.group(1)}', which is not a tensor or plain container"
