@@ -167,6 +167,10 @@ class FluxBackboneConfig(BackboneConfigBase):
                               f"sizes summing to attention_head_dim {self.attention_head_dim}")
 
 
+# FLUX's time conventions, and what each multiplies time_text_embed's time and guidance inputs by:
+# "reference" as the upstream FLUX reward model calls it, "diffusers" as FluxTransformer2DModel.forward.
+TIME_SCALES = {"reference": 1.0, "diffusers": 1000.0}
+
 BackboneConfig = Union[SD3BackboneConfig, FluxBackboneConfig]
 BACKBONE_CONFIGS = {"sd3": SD3BackboneConfig, "flux": FluxBackboneConfig}        # by family
 _BY_CLASS_NAME = {cls.CLASS_NAME: cls for cls in BACKBONE_CONFIGS.values()}

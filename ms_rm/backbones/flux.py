@@ -23,11 +23,10 @@ from mindspore import Tensor, nn
 from ..core import ops
 from ..core.errors import ConfigError, InputError
 from ..core.layers import Linear
-from .config import FluxBackboneConfig, cut_streams
+from .config import TIME_SCALES, FluxBackboneConfig, cut_streams
 from .joint import CombinedTimestepTextEmbedding, JointTransformerBlock, run_blocks
 
 ROPE_THETA = 10000.0
-TIME_SCALES = {"reference": 1.0, "diffusers": 1000.0}     # what time_text_embed's inputs are multiplied by
 
 
 @lru_cache(maxsize=16)

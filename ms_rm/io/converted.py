@@ -20,6 +20,8 @@ Writing (`write_converted`) assembles the folder in a hidden sibling and renames
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import zlib
@@ -141,8 +143,10 @@ class ConvertedFolder:
         self.weights_path = os.path.join(self.path, WEIGHTS_FILE)
         if not os.path.isfile(self.config_path):
             raise CheckpointError(f"{self.path}: no {CONFIG_FILE}; convert again")
+        with open(self.config_path, "rb") as f:       # hashed and parsed from the same bytes
+            config_bytes = f.read()
         recorded = _recorded_sha256(self.path, self.manifest, CONFIG_FILE)
-        if sha256_file(self.config_path) != recorded:
+        if hashlib.sha256(config_bytes).hexdigest() != recorded:
             raise CheckpointError(f"{self.config_path}: edited after conversion (its sha256 does not match "
                                   f"{MANIFEST_FILE}); a converted config is not to be changed by hand: convert "
                                   "again with the settings you want (e.g. --u-convention)")
@@ -152,7 +156,12 @@ class ConvertedFolder:
             if actual != expected:
                 raise CheckpointError(f"{self.weights_path}: sha256 {actual[:16]}... does not match the manifest "
                                       f"({expected[:16]}...): the file was modified or corrupted")
-        self.config = read_json(self.config_path, "converted config", CheckpointError)
+        try:
+            self.config = json.loads(config_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.config_path}: cannot read the converted config ({e})") from None
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{self.config_path}: the converted config must hold a JSON object")
         self._weights = SafetensorsFile(self.weights_path)
         try:
             self._check_listing()

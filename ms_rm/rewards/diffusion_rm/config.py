@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Tuple, Union
 
-from ...backbones.config import BackboneConfig, backbone_from_diffusers, backbone_from_dict, cut_streams
+from ...backbones.config import TIME_SCALES, BackboneConfig, backbone_from_diffusers, backbone_from_dict, cut_streams
 from ...core.config import MAX_SIZE, get_value, int_tuple, no_unknown, positive
 from ...core.errors import ConfigError
 from ...io.files import read_config_file
@@ -33,7 +33,7 @@ U_CONVENTIONS = ("sigma", "index")
 # How a FLUX backbone's time_text_embed receives the time and the guidance: "reference" as the
 # upstream FLUX reward model calls it (sigma in [0, 1] and the guidance as they are), "diffusers"
 # as FluxTransformer2DModel.forward does (both multiplied by 1000). SD3 has one way only.
-TIME_CONVENTIONS = ("reference", "diffusers")
+TIME_CONVENTIONS = tuple(TIME_SCALES)
 REFERENCE_FLUX_GUIDANCE = 3.5         # the upstream FLUX reward model embeds this guidance, always
 
 
