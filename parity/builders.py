@@ -16,7 +16,7 @@ import torch
 
 from ms_rm.core.weights import random_parameter
 
-from .reference import RewardHead, TorchRewardModel, cut_backbone, transformer_class
+from .reference import RewardHead, TorchRewardModel, cut_backbone, transformer_class, widths
 
 def randomize_(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
     """Overwrite every parameter of `module` with ms_rm's random_parameter values, named as the
@@ -41,8 +41,13 @@ class Reference:
 def lora_kwargs(rm_config: dict, transformer_config: Optional[dict] = None, **overrides) -> dict:
     """peft LoraConfig kwargs the way the reference builds them from config.json: the last block's
     text projections excluded unless text is tapped there; for FLUX (flux_rm.py) also the entries
-    `transformer_blocks.{0..3}.attn`, which under peft's matching rules exclude nothing."""
+    `transformer_blocks.{0..3}.attn`, which under peft's matching rules exclude nothing. Z-Image
+    (zimage_rm.py): to_q/k/v and to_out.0 of every layer, refiners included, nothing excluded."""
     model = rm_config["model"]
+    lora = dict(r=model["lora_config"]["r"], lora_alpha=model["lora_config"]["lora_alpha"],
+                init_lora_weights=model["lora_config"].get("init_lora_weights", True))
+    if (transformer_config or {}).get("_class_name") == "ZImageTransformer2DModel":
+        return {**lora, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "exclude_modules": [], **overrides}
     n = model["num_transformer_layers"]
     exclude = [f"transformer_blocks.{n - 1}.attn.{m}" for m in ("add_q_proj", "add_k_proj",
                                                                 "add_v_proj", "to_add_out")]
@@ -50,13 +55,8 @@ def lora_kwargs(rm_config: dict, transformer_config: Optional[dict] = None, **ov
         exclude += [f"transformer_blocks.{i}.attn" for i in range(4)]
     if model.get("use_text_features", True) and model["text_head_idx"][-1] == n:
         exclude = None
-    kwargs = dict(r=model["lora_config"]["r"], lora_alpha=model["lora_config"]["lora_alpha"],
-                  init_lora_weights=model["lora_config"].get("init_lora_weights", True),
-                  target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                  "add_v_proj", "to_add_out"],
-                  exclude_modules=exclude)
-    kwargs.update(overrides)
-    return kwargs
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    return {**lora, "target_modules": targets, "exclude_modules": exclude, **overrides}
 
 
 def build_reference(rm_config: dict, transformer_config: dict, scheduler_config: dict, seed: int = 0,
@@ -80,8 +80,9 @@ def build_reference(rm_config: dict, transformer_config: dict, scheduler_config:
                 if "lora_" in name:
                     p.copy_(torch.from_numpy(random_parameter(name, p.shape, seed + 1)))
     head_cfg = dict(model_cfg.get("reward_head", {}))
-    head = RewardHead(transformer.inner_dim, len(model_cfg["visual_head_idx"]),
-                      len(model_cfg["text_head_idx"]), **head_cfg)
+    dim, temb_dim = widths(transformer)
+    head = RewardHead(dim, len(model_cfg["visual_head_idx"]), len(model_cfg["text_head_idx"]), temb_dim=temb_dim,
+                      **head_cfg)
     model = TorchRewardModel(backbone, head, model_cfg.get("use_logistic", False)).eval()
     randomize_(head, seed, prefix="reward_head.")
     if model.use_logistic:

@@ -38,30 +38,44 @@ from .compare import FACTOR, FP32_BOUND, StageResult, compare_stages, first_fail
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
+VARIABLE_TEXT_STEP = 30        # random variable-length text: sample i has `tokens - 30 i` tokens (at least 1)
+
+
 @dataclass
 class Inputs:
     latents: np.ndarray                  # (B, C, H, W)
     encoder_hidden_states: np.ndarray    # (B, T, J)
-    pooled_projections: np.ndarray       # (B, P)
+    pooled_projections: Optional[np.ndarray]   # (B, P); None for Z-Image
     noise: np.ndarray                    # (B, C, H, W), or (K, B, C, H, W) with an ensemble
     u: Sequence[float]                   # one per sample
     ensemble: Optional[Sequence[float]] = None
+    encoder_attention_mask: Optional[np.ndarray] = None     # (B, T), 1 = token: variable-length text
 
     @classmethod
-    def random(cls, batch: int, channels: int, hw, tokens: int, joint_dim: int, pooled_dim: int,
+    def random(cls, batch: int, channels: int, hw, tokens: int, joint_dim: int, pooled_dim: Optional[int],
                u: Sequence[float], seed: int, ensemble=None) -> "Inputs":
+        """Random inputs; without a pooled width (Z-Image) the text is variable-length: sample i
+        has max(1, tokens - 30 i) tokens, zero-padded, with its mask."""
         rng = np.random.default_rng(seed)
         shape = (batch, channels) + tuple(hw)
         draw = lambda *s: rng.standard_normal(s, dtype=np.float32)
-        latents, ehs, pooled = draw(*shape), draw(batch, tokens, joint_dim), draw(batch, pooled_dim)
+        latents, ehs = draw(*shape), draw(batch, tokens, joint_dim)
+        pooled = mask = None
+        if pooled_dim is None:
+            mask = np.zeros((batch, tokens), np.float32)
+            for i in range(batch):
+                mask[i, :max(1, tokens - VARIABLE_TEXT_STEP * i)] = 1
+            ehs *= mask[:, :, None]
+        else:
+            pooled = draw(batch, pooled_dim)
         noise = draw(*((len(ensemble),) + shape if ensemble else shape))
         u = list(u) * batch if len(u) == 1 else list(u)[:batch]
-        return cls(latents, ehs, pooled, noise, u, ensemble)
+        return cls(latents, ehs, pooled, noise, u, ensemble, mask)
 
     @classmethod
     def load(cls, path: str, u: Sequence[float], seed: int) -> "Inputs":
         with np.load(path) as data:
-            missing = [k for k in ("latents", "encoder_hidden_states", "pooled_projections") if k not in data]
+            missing = [k for k in ("latents", "encoder_hidden_states") if k not in data]
             if missing:
                 raise ValueError(f"{path}: missing arrays {missing}")
             arrays = {k: np.asarray(data[k], dtype=np.float32) for k in data.files}
@@ -70,7 +84,17 @@ class Inputs:
         if noise is None:
             noise = np.random.default_rng(seed).standard_normal(latents.shape, dtype=np.float32)
         u = list(u) * latents.shape[0] if len(u) == 1 else list(u)
-        return cls(latents, arrays["encoder_hidden_states"], arrays["pooled_projections"], noise, u)
+        return cls(latents, arrays["encoder_hidden_states"], arrays.get("pooled_projections"), noise, u,
+                   encoder_attention_mask=arrays.get("encoder_attention_mask"))
+
+    def torch_text(self, put):
+        """encoder_hidden_states and pooled_projections as the torch side takes them: per-sample
+        (T_i, J) tensors for masked text, as the reference pipeline strips the padding."""
+        if self.encoder_attention_mask is None:
+            ehs = put(self.encoder_hidden_states)
+        else:
+            ehs = [put(e[m.astype(bool)]) for e, m in zip(self.encoder_hidden_states, self.encoder_attention_mask)]
+        return ehs, None if self.pooled_projections is None else put(self.pooled_projections)
 
 
 @dataclass
@@ -123,28 +147,29 @@ def torch_stages(model, rm_config: dict, scheduler_config: dict, inputs: Inputs,
     add_noise = (rm_config.get("training") or {}).get("add_noise", True)
     put = lambda a: as_torch(a).to(device)
     sigma, timestep = lookup_u(scheduler_config, inputs.u, u_convention)
+    ehs, pooled = inputs.torch_text(put)
     with torch.no_grad():
         noise = inputs.noise[0] if inputs.ensemble else inputs.noise
         out = model.stages(put(inputs.latents), put(noise), sigma.to(device), timestep.to(device),
-                           put(inputs.encoder_hidden_states), put(inputs.pooled_projections), add_noise, dtype,
-                           cfg["visual_head_idx"], cfg["text_head_idx"])
+                           ehs, pooled, add_noise, dtype, cfg["visual_head_idx"], cfg["text_head_idx"])
         if inputs.ensemble:
             levels = [lookup_u(scheduler_config, [u] * len(inputs.u), u_convention) for u in inputs.ensemble]
             out["ensemble_reward"] = model.ensemble(
                 put(inputs.latents), [put(n) for n in inputs.noise], [s.to(device) for s, _ in levels],
-                [t.to(device) for _, t in levels], put(inputs.encoder_hidden_states),
-                put(inputs.pooled_projections), add_noise, dtype)
+                [t.to(device) for _, t in levels], ehs, pooled, add_noise, dtype)
     return out
 
 
 def ms_stages(model, inputs: Inputs) -> Dict[str, np.ndarray]:
     noise = inputs.noise[0] if inputs.ensemble else inputs.noise
+    mask = inputs.encoder_attention_mask
     out = stages_as_numpy(model.reward_stages(inputs.latents, inputs.encoder_hidden_states,
-                                              inputs.pooled_projections, u=inputs.u, noise=noise))
+                                              inputs.pooled_projections, u=inputs.u, noise=noise,
+                                              encoder_attention_mask=mask))
     if inputs.ensemble:
         out["ensemble_reward"] = stages_as_numpy({"r": model.reward_ensemble(
             inputs.latents, inputs.encoder_hidden_states, inputs.pooled_projections,
-            us=list(inputs.ensemble), noise=inputs.noise)})["r"]
+            us=list(inputs.ensemble), noise=inputs.noise, encoder_attention_mask=mask)})["r"]
     return out
 
 

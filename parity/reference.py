@@ -1,7 +1,9 @@
 """The torch reference of Diffusion-RM, for parity.
 
 * The backbone is diffusers' own SD3Transformer2DModel, cut after N blocks (wrapped by peft
-  when a LoRA is active), so every number on this side comes from diffusers' code.
+  when a LoRA is active), so every number on this side comes from diffusers' code. FLUX and
+  Z-Image run diffusers' modules the way the upstream reward models call them (FluxCut,
+  ZImageCut: written by us from the reference's model files, whose conventions they state).
 * The reward head is ours, written in torch from the spec (../shared/spec/diffusion-rm.md,
   section 3) with the module names of the released `rm_head.pt`, so reference checkpoints
   load into it unchanged.
@@ -12,7 +14,7 @@ Shapes: B batch, N image tokens, T text tokens, D backbone width, W head width, 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,11 +24,11 @@ import torch.nn.functional as F
 
 # --- reward head ---------------------------------------------------------------------------
 class FiLMLayerAdapter(nn.Module):
-    def __init__(self, dim: int, width: int, use_proj_in: bool):
+    def __init__(self, dim: int, width: int, use_proj_in: bool, temb_dim: int):
         super().__init__()
         self.proj_in = nn.Linear(dim, width) if (use_proj_in or dim != width) else nn.Identity()
         self.layer_embed = nn.Parameter(torch.zeros(1, 1, width))
-        self.cond_mlp = nn.Sequential(nn.Linear(dim, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width))
+        self.cond_mlp = nn.Sequential(nn.Linear(temb_dim, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width))
         self.proj = nn.Linear(width, width // 4)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -79,14 +81,15 @@ class CrossAttnBlockVGated(nn.Module):
 class RewardHead(nn.Module):
     def __init__(self, dim: int, n_visual: int, n_text: int, width: int = -1, out_dim: int = 1,
                  num_queries: int = 4, num_attn_heads: int = 8, dropout: float = 0.0,
-                 use_proj_in: bool = False):
+                 use_proj_in: bool = False, temb_dim: Optional[int] = None, **ignored):
         super().__init__()
         width = dim if width == -1 else width
         features = width // 4
+        temb_dim = temb_dim or dim           # the upstream models pass t_embed_dim = their temb width
         self.layer_adapters_visual = nn.ModuleList(
-            [FiLMLayerAdapter(dim, width, use_proj_in) for _ in range(n_visual)])
+            [FiLMLayerAdapter(dim, width, use_proj_in, temb_dim) for _ in range(n_visual)])
         self.layer_adapters_text = nn.ModuleList(
-            [FiLMLayerAdapter(dim, width, use_proj_in) for _ in range(n_text)])
+            [FiLMLayerAdapter(dim, width, use_proj_in, temb_dim) for _ in range(n_text)])
         self.agg_visual = nn.Linear(n_visual * features, width)
         self.agg_text = nn.Linear(n_text * features, width)
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, width))
@@ -210,23 +213,115 @@ class FluxCut(nn.Module):
         return temb, visual, text
 
 
+class ZImageCut(nn.Module):
+    """A diffusers ZImageTransformer2DModel run as the upstream Z-Image reward model runs it
+    (HKUST-C4G/diffusion-rm, diffusion_rm/models/zimage_rm.py ZImageRewardModel.forward and
+    zimage_transformers.py ZImageBackbone.forward), written by us from those steps:
+
+    t = (1000 - timestep) / 1000, times t_scale, through t_embedder: temb (the adaLN input).
+    Latents become one-frame images; diffusers' patchify_and_embed pads image and caption tokens to
+    multiples of 32 and builds their RoPE position ids; the embedded pads become x_pad_token /
+    cap_pad_token; batches are zero-padded with boolean key masks; noise refiner on the images,
+    context refiner on the captions, then the main layers on [image_i, caption_i] of each sample.
+    After main layer k in the taps: the visual tap is each sample's first len(image_i) rows and
+    the text tap every row after them (batch padding included), each zero-padded across the batch.
+
+    The module holds what the reference's backbone holds (all_final_layer too), so its state dict
+    has the keys of a reference full_model.pt.
+    """
+
+    def __init__(self, transformer, num_layers: int, visual_taps: Sequence[int], text_taps: Sequence[int]):
+        super().__init__()
+        for name in ("all_x_embedder", "all_final_layer", "noise_refiner", "context_refiner", "t_embedder",
+                     "cap_embedder"):
+            setattr(self, name, getattr(transformer, name))
+        self.x_pad_token = transformer.x_pad_token
+        self.cap_pad_token = transformer.cap_pad_token
+        self.layers = nn.ModuleList(transformer.layers[:num_layers])
+        self.t_scale = transformer.t_scale
+        self.rope_embedder = transformer.rope_embedder                      # not a module: no parameters
+        self.patchify_and_embed = transformer.patchify_and_embed           # diffusers' own method
+        self.visual_taps, self.text_taps = list(visual_taps), list(text_taps)
+
+    @staticmethod
+    def _batch(rows: List[torch.Tensor]):
+        """Zero-padded (B, L, ...) and the boolean key mask (B, L) of per-sample sequences."""
+        from torch.nn.utils.rnn import pad_sequence
+
+        mask = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            mask[i, :len(r)] = True
+        return pad_sequence(rows, batch_first=True, padding_value=0.0), mask
+
+    def _embed(self, tokens: List[torch.Tensor], pads: List[torch.Tensor], embedder, pad_token, pos_ids):
+        lengths = [len(t) for t in tokens]
+        flat = embedder(torch.cat(tokens, dim=0))
+        flat[torch.cat(pads)] = pad_token
+        freqs = self.rope_embedder(torch.cat(pos_ids, dim=0)).split(lengths, dim=0)
+        return list(flat.split(lengths, dim=0)), list(freqs)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        t = (1000 - timestep) / 1000.0 * self.t_scale
+        adaln = self.t_embedder(t)
+        images = list(hidden_states.unsqueeze(2).unbind(dim=0))             # (C, 1, H, W) each
+        x, caps, _, x_pos, cap_pos, x_pads, cap_pads = self.patchify_and_embed(
+            images, list(encoder_hidden_states), 2, 1)
+        x, x_freqs = self._embed(x, x_pads, self.all_x_embedder["2-1"], self.x_pad_token, x_pos)
+        adaln = adaln.type_as(x[0])
+        x_lens = [len(r) for r in x]
+        x, x_mask = self._batch(x)
+        x_freqs = self._batch(x_freqs)[0]
+        for layer in self.noise_refiner:
+            x = layer(x, x_mask, x_freqs, adaln)
+        caps, cap_freqs = self._embed(caps, cap_pads, self.cap_embedder, self.cap_pad_token, cap_pos)
+        cap_lens = [len(r) for r in caps]
+        cap, cap_mask = self._batch(caps)
+        cap_freqs_b = self._batch(cap_freqs)[0]
+        for layer in self.context_refiner:
+            cap = layer(cap, cap_mask, cap_freqs_b)
+        unified, mask = self._batch([torch.cat([x[i, :x_lens[i]], cap[i, :cap_lens[i]]]) for i in range(len(x_lens))])
+        freqs = self._batch([torch.cat([x_freqs[i, :x_lens[i]], cap_freqs[i]]) for i in range(len(x_lens))])[0]
+        visual, text = [], []
+        for k, layer in enumerate(self.layers, start=1):
+            unified = layer(unified, mask, freqs, adaln)
+            if k in self.visual_taps:
+                visual.append(self._batch([unified[i, :n] for i, n in enumerate(x_lens)])[0])
+            if k in self.text_taps:
+                text.append(self._batch([unified[i, n:] for i, n in enumerate(x_lens)])[0])
+        return adaln, visual, text
+
+
 def transformer_class(config: dict):
     """diffusers' transformer class for a config, and the cut that wraps it."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, ZImageTransformer2DModel
 
-    if config.get("_class_name", "SD3Transformer2DModel") == "FluxTransformer2DModel":
+    name = config.get("_class_name", "SD3Transformer2DModel")
+    if name == "FluxTransformer2DModel":
         return FluxTransformer2DModel, FluxCut
+    if name == "ZImageTransformer2DModel":
+        return ZImageTransformer2DModel, ZImageCut
     return SD3Transformer2DModel, SD3Cut
+
+
+def widths(transformer) -> Tuple[int, int]:
+    """(token width, temb width) of a diffusers transformer: the reward head's token_dim and t_embed_dim."""
+    from diffusers import ZImageTransformer2DModel
+
+    if isinstance(transformer, ZImageTransformer2DModel):
+        return transformer.dim, min(transformer.dim, 256)
+    return transformer.inner_dim, transformer.inner_dim
 
 
 def cut_backbone(transformer, model_cfg: dict, time_convention: str = "reference"):
     """The reward model's backbone: the cut of `transformer` that the reference config describes
     (FLUX: with the time convention asked for, see FluxCut)."""
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel, ZImageTransformer2DModel
 
     args = (transformer, model_cfg["num_transformer_layers"], model_cfg["visual_head_idx"], model_cfg["text_head_idx"])
     if isinstance(transformer, FluxTransformer2DModel):
         return FluxCut(*args, model_cfg.get("guidance_scale"), time_convention)
+    if isinstance(transformer, ZImageTransformer2DModel):
+        return ZImageCut(*args)
     return SD3Cut(*args)
 
 
@@ -254,8 +349,12 @@ class TorchRewardModel(nn.Module):
         if add_noise:
             s = sigma.float().view(-1, 1, 1, 1)
             x = (1.0 - s) * x + s * noise.float()
-        return self.backbone(x.to(dtype), encoder_hidden_states.to(dtype),
-                             pooled_projections.to(dtype), timestep)
+        if isinstance(encoder_hidden_states, (list, tuple)):          # Z-Image: one (T_i, F) per sample
+            encoder_hidden_states = [e.to(dtype) for e in encoder_hidden_states]
+        else:
+            encoder_hidden_states = encoder_hidden_states.to(dtype)
+        pooled = None if pooled_projections is None else pooled_projections.to(dtype)
+        return self.backbone(x.to(dtype), encoder_hidden_states, pooled, timestep)
 
     def stages(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections,
                add_noise: bool = True, dtype: torch.dtype = torch.float32,
@@ -347,8 +446,9 @@ def load_reference_model(src: str, transformer_dir: str, scheduler_path: str, co
         from peft import PeftModel
 
         backbone = PeftModel.from_pretrained(backbone, os.path.join(ckpt, "backbone_lora"))
-    head = RewardHead(transformer.inner_dim, len(model_cfg["visual_head_idx"]), len(model_cfg["text_head_idx"]),
-                      **dict(model_cfg.get("reward_head", {})))
+    dim, temb_dim = widths(transformer)
+    head = RewardHead(dim, len(model_cfg["visual_head_idx"]), len(model_cfg["text_head_idx"]),
+                      temb_dim=temb_dim, **dict(model_cfg.get("reward_head", {})))
     model = TorchRewardModel(backbone, head, model_cfg.get("use_logistic", False))
     if mode == FULL:
         model.load_state_dict(torch.load(os.path.join(ckpt, "full_model.pt"), map_location="cpu",

@@ -1,13 +1,15 @@
 """The diffusion transformers' configs: diffusers' transformer config.json, validated.
 
 One class per family, all with the same surface (`from_diffusers`, `to_dict`, `inner_dim`,
-`latent_channels`, `max_cut`, `family`); defaults are diffusers' own. Every problem raises
+`temb_dim`, `latent_channels`, `joint_attention_dim` (text width), `pooled_projection_dim`
+(None: no pooled text), `max_cut`, `family`); defaults are diffusers' own. Every problem raises
 ConfigError naming the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -26,6 +28,11 @@ class BackboneConfigBase:
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def temb_dim(self) -> int:
+        """Width of the time embedding the backbone returns (the reward head's t_embed_dim)."""
+        return self.inner_dim
 
     @classmethod
     def _sizes(cls, d: Mapping, source: str) -> dict:
@@ -167,12 +174,114 @@ class FluxBackboneConfig(BackboneConfigBase):
                               f"sizes summing to attention_head_dim {self.attention_head_dim}")
 
 
+@dataclass(frozen=True)
+class ZImageBackboneConfig(BackboneConfigBase):
+    """diffusers ZImageTransformer2DModel config (Z-Image, Z-Image-Turbo).
+
+    One stream of `dim`-wide tokens: noise and context refiners, then `n_layers` main layers over
+    [image, caption]. Only the 2x2 (x 1 frame) patching exists in the released models, and it is
+    the one the reference calls. diffusers builds k and v with n_heads heads whatever
+    n_kv_heads says; it is read and kept, not used.
+    """
+
+    all_patch_size: Tuple[int, ...] = (2,)
+    all_f_patch_size: Tuple[int, ...] = (1,)
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    cap_feat_dim: int = 2560
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: Tuple[int, ...] = (32, 48, 48)
+    axes_lens: Tuple[int, ...] = (1024, 512, 512)
+    family: str = field(default="zimage", init=False)
+
+    CLASS_NAME: ClassVar[str] = "ZImageTransformer2DModel"
+    SIZE_KEYS: ClassVar[Tuple[str, ...]] = ("in_channels", "dim", "n_layers", "n_heads", "n_kv_heads",
+                                            "cap_feat_dim")
+    ADALN_DIM: ClassVar[int] = 256          # diffusers' ADALN_EMBED_DIM
+    PATCH: ClassVar[Tuple[int, int]] = (2, 1)
+    SEQ_MULTIPLE: ClassVar[int] = 32        # diffusers' SEQ_MULTI_OF: image and caption padded to it
+
+    @property
+    def inner_dim(self) -> int:
+        return self.dim
+
+    @property
+    def num_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def temb_dim(self) -> int:
+        """The adaLN input min(dim, 256): what the reference returns as temb."""
+        return min(self.dim, self.ADALN_DIM)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels
+
+    @property
+    def joint_attention_dim(self) -> int:
+        return self.cap_feat_dim
+
+    @property
+    def pooled_projection_dim(self) -> None:
+        return None
+
+    @property
+    def max_cut(self) -> int:
+        return self.n_layers
+
+    @classmethod
+    def from_diffusers(cls, d: Mapping, source: str = "transformer config") -> "ZImageBackboneConfig":
+        sizes = cls._sizes(d, source)
+        refiners = get_value(d, "n_refiner_layers", int, source, cls.n_refiner_layers)
+        if not 0 <= refiners <= MAX_SIZE:
+            raise ConfigError(f"{source}: n_refiner_layers must be in 0..{MAX_SIZE}, got {refiners}")
+        floats = {}
+        for key in ("norm_eps", "rope_theta", "t_scale"):
+            value = get_value(d, key, float, source, getattr(cls, key))
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{source}: {key} must be a positive finite number, got {value}")
+            floats[key] = value
+        config = cls(all_patch_size=int_tuple(d, "all_patch_size", source, cls.all_patch_size),
+                     all_f_patch_size=int_tuple(d, "all_f_patch_size", source, cls.all_f_patch_size),
+                     n_refiner_layers=refiners, qk_norm=get_value(d, "qk_norm", bool, source, True),
+                     axes_dims=int_tuple(d, "axes_dims", source, cls.axes_dims),
+                     axes_lens=int_tuple(d, "axes_lens", source, cls.axes_lens), **floats, **sizes)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        if self.PATCH not in zip(self.all_patch_size, self.all_f_patch_size):
+            raise ConfigError(f"{source}: all_patch_size {list(self.all_patch_size)} / all_f_patch_size "
+                              f"{list(self.all_f_patch_size)} lack the 2 x 1 patching the reward model runs")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"{source}: dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if (len(self.axes_dims) != 3 or sum(self.axes_dims) != self.head_dim
+                or any(a <= 0 or a % 2 for a in self.axes_dims)):
+            raise ConfigError(f"{source}: axes_dims {list(self.axes_dims)} must be three positive even sizes "
+                              f"summing to the head width dim / n_heads = {self.head_dim}")
+        if len(self.axes_lens) != 3 or any(not 0 < n <= 1 << 20 for n in self.axes_lens):
+            raise ConfigError(f"{source}: axes_lens {list(self.axes_lens)} must be three positive lengths")
+
+
 # FLUX's time conventions, and what each multiplies time_text_embed's time and guidance inputs by:
 # "reference" as the upstream FLUX reward model calls it, "diffusers" as FluxTransformer2DModel.forward.
 TIME_SCALES = {"reference": 1.0, "diffusers": 1000.0}
 
-BackboneConfig = Union[SD3BackboneConfig, FluxBackboneConfig]
-BACKBONE_CONFIGS = {"sd3": SD3BackboneConfig, "flux": FluxBackboneConfig}        # by family
+BackboneConfig = Union[SD3BackboneConfig, FluxBackboneConfig, ZImageBackboneConfig]
+BACKBONE_CONFIGS = {"sd3": SD3BackboneConfig, "flux": FluxBackboneConfig, "zimage": ZImageBackboneConfig}
 _BY_CLASS_NAME = {cls.CLASS_NAME: cls for cls in BACKBONE_CONFIGS.values()}
 
 

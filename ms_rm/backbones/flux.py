@@ -93,8 +93,8 @@ class FluxBackbone(nn.Cell):
         # Both conventions pass t / 1000 in the hidden dtype; diffusers' forward then scales by 1000.
         timestep = (timestep / 1000).astype(dtype) * self.time_scale
         guidance = guidance.astype(dtype) * self.time_scale
-        temb = self.time_text_embed(timestep, pooled_projections, guidance)  # (B, D)
-        context = self.context_embedder(encoder_hidden_states)               # (B, T, D)
+        temb = self.time_text_embed(timestep, pooled_projections.astype(dtype), guidance)   # (B, D)
+        context = self.context_embedder(encoder_hidden_states.astype(dtype))                # (B, T, D)
         visual, text = run_blocks(self.transformer_blocks, hidden, context, temb, self.visual_taps,
                                   self.text_taps, (cos, sin))
         return temb, visual, text

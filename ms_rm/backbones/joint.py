@@ -1,4 +1,5 @@
-"""The joint (MMDiT / FLUX double-stream) transformer block shared by the SD3 and FLUX backbones.
+"""The joint (MMDiT / FLUX double-stream) transformer block shared by the SD3 and FLUX backbones,
+and the attention that Z-Image's single-stream layers share with it.
 
 Attribute names follow diffusers' modules, so parameter names are the checkpoint's tensor names
 and the converter maps nothing. Shapes: B batch, N image tokens, T text tokens, D width,
@@ -25,12 +26,14 @@ class Attention(nn.Cell):
     (`text_first`), and the output is split back. `context_out=False` skips to_add_out when the
     caller will not use the text output. `qk_norm` is None or "rms_norm": per-head RMSNorm, as
     diffusers' RMSNorm (SD3) or, with `torch_qk_norm`, as torch.nn.RMSNorm (FLUX). A `rotary`
-    (cos, sin) pair, for the whole joint sequence, rotates q and k after the norm (FLUX).
+    (cos, sin) pair, for the whole joint sequence, rotates q and k after the norm (FLUX,
+    Z-Image). `bias=False` drops the projections' biases (Z-Image); a `key_bias` (B, 1, 1, L)
+    masks keys (see ops.attention).
     """
 
     def __init__(self, dim: int, heads: int, joint: bool, qk_norm: Optional[str],
                  context_out: bool = True, eps: float = 1e-6, text_first: bool = False,
-                 torch_qk_norm: bool = False):
+                 torch_qk_norm: bool = False, bias: bool = True):
         super().__init__()
         head_dim = dim // heads
         self.heads = heads
@@ -38,10 +41,10 @@ class Attention(nn.Cell):
         self.context_out = context_out
         self.text_first = text_first
         self.use_qk_norm = qk_norm is not None
-        self.to_q = Linear(dim, dim)
-        self.to_k = Linear(dim, dim)
-        self.to_v = Linear(dim, dim)
-        self.to_out = nn.SequentialCell([Linear(dim, dim)])   # to_out.1 is diffusers' dropout
+        self.to_q = Linear(dim, dim, bias)
+        self.to_k = Linear(dim, dim, bias)
+        self.to_v = Linear(dim, dim, bias)
+        self.to_out = nn.SequentialCell([Linear(dim, dim, bias)])   # to_out.1 is diffusers' dropout
         if self.use_qk_norm:
             self.norm_q = RMSNorm(head_dim, eps, torch_qk_norm)
             self.norm_k = RMSNorm(head_dim, eps, torch_qk_norm)
@@ -65,7 +68,7 @@ class Attention(nn.Cell):
             q, k = norm_q(q), norm_k(k)
         return q, k, v
 
-    def construct(self, x: Tensor, context: Optional[Tensor] = None, rotary=None):
+    def construct(self, x: Tensor, context: Optional[Tensor] = None, rotary=None, key_bias=None):
         """x (B, N, D), context (B, T, D) -> out (B, N, D) [, context out (B, T, D) or None]."""
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v,
                             self.norm_q if self.use_qk_norm else None,
@@ -81,7 +84,7 @@ class Attention(nn.Cell):
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         q, k, v = ops.heads_first(q), ops.heads_first(k), ops.heads_first(v)      # (B, H, L, d)
-        out = ops.merge_heads(ops.attention(q, k, v))                            # (B, L, D)
+        out = ops.merge_heads(ops.attention(q, k, v, key_bias))                  # (B, L, D)
         if not self.joint:
             return self.to_out(out)
         n_text = context.shape[1]

@@ -132,8 +132,9 @@ class SD3Backbone(nn.Cell):
                   pooled_projections: Tensor, positions: Tensor):
         """latents (B, C, H, W), timestep (B,), encoder_hidden_states (B, T, J), pooled (B, P),
         positions (1, N, D) -> temb (B, D), visual taps ((B, N, D), ...), text taps ((B, T, D), ...)."""
+        dtype = latents.dtype
         hidden = self.pos_embed(latents, positions)                          # (B, N, D)
-        temb = self.time_text_embed(timestep, pooled_projections)            # (B, D)
-        context = self.context_embedder(encoder_hidden_states)               # (B, T, D)
+        temb = self.time_text_embed(timestep, pooled_projections.astype(dtype))          # (B, D)
+        context = self.context_embedder(encoder_hidden_states.astype(dtype))             # (B, T, D)
         visual, text = run_blocks(self.transformer_blocks, hidden, context, temb, self.visual_taps, self.text_taps)
         return temb, visual, text

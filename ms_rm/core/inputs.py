@@ -7,7 +7,7 @@ dtype, bf16 included.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -53,13 +53,12 @@ def reward_inputs(latents: Any, encoder_hidden_states: Any, pooled_projections: 
                   in_channels: int, joint_dim: int, pooled_dim: int, check_values: bool = True
                   ) -> Tuple[Tensor, Tensor, Tensor]:
     """The three conditioning inputs of a reward call, checked against the model's sizes."""
-    latents = as_float_tensor(latents, "latents")
+    latents = latent_input(latents, in_channels, check_values)
+    if encoder_hidden_states is None or pooled_projections is None:
+        raise InputError("encoder_hidden_states and pooled_projections are required by this model")
     ehs = as_float_tensor(encoder_hidden_states, "encoder_hidden_states")
     pooled = as_float_tensor(pooled_projections, "pooled_projections")
-    check_shape(latents, "latents", (None, in_channels, None, None), "= (B, channels, H, W)")
     batch = latents.shape[0]
-    if batch == 0:
-        raise InputError("latents has an empty batch")
     check_shape(ehs, "encoder_hidden_states", (batch, None, joint_dim),
                 "= (B, tokens, joint_attention_dim) with B from latents")
     if ehs.shape[1] == 0:
@@ -67,10 +66,20 @@ def reward_inputs(latents: Any, encoder_hidden_states: Any, pooled_projections: 
     check_shape(pooled, "pooled_projections", (batch, pooled_dim),
                 "= (B, pooled_projection_dim) with B from latents")
     if check_values:
-        for tensor, name in ((latents, "latents"), (ehs, "encoder_hidden_states"),
-                             (pooled, "pooled_projections")):
+        for tensor, name in ((ehs, "encoder_hidden_states"), (pooled, "pooled_projections")):
             check_finite(tensor, name)
     return latents, ehs, pooled
+
+
+def latent_input(latents: Any, in_channels: int, check_values: bool = True) -> Tensor:
+    """Latents (B, in_channels, H, W) of a float dtype, B > 0."""
+    latents = as_float_tensor(latents, "latents")
+    check_shape(latents, "latents", (None, in_channels, None, None), "= (B, channels, H, W)")
+    if latents.shape[0] == 0:
+        raise InputError("latents has an empty batch")
+    if check_values:
+        check_finite(latents, "latents")
+    return latents
 
 
 def noise_input(noise: Any, shape: Tuple[int, ...], name: str = "noise", check_values: bool = True) -> Tensor:
@@ -80,3 +89,52 @@ def noise_input(noise: Any, shape: Tuple[int, ...], name: str = "noise", check_v
     if check_values:
         check_finite(tensor, name)
     return tensor.astype(ms.float32)
+
+
+def variable_length_text(encoder_hidden_states: Any, encoder_attention_mask: Any, pooled_projections: Any,
+                         batch: int, dim: int, check_values: bool = True) -> List[np.ndarray]:
+    """Per-sample text features of variable length (Z-Image): B float32 arrays (T_i, dim).
+
+    encoder_hidden_states: a list of B arrays (T_i, dim), or a padded (B, T, dim) array with
+    encoder_attention_mask (B, T) (1 = token; a sample's tokens are its rows where the mask is 1,
+    in order, as the pipeline selects them), or a (B, T, dim) array whose rows are all tokens.
+    """
+    if pooled_projections is not None:
+        raise InputError("pooled_projections must be None: this backbone takes no pooled text embedding")
+    if encoder_hidden_states is None:
+        raise InputError("encoder_hidden_states is required: a list of (tokens, dim) arrays, or (B, T, dim) "
+                         "with encoder_attention_mask (B, T)")
+    if isinstance(encoder_hidden_states, (list, tuple)):
+        if encoder_attention_mask is not None:
+            raise InputError("encoder_attention_mask goes with a padded (B, T, dim) encoder_hidden_states, "
+                             "not with a list of per-sample arrays")
+        if len(encoder_hidden_states) != batch:
+            raise InputError(f"encoder_hidden_states lists {len(encoder_hidden_states)} samples, latents hold {batch}")
+        texts = []
+        for i, item in enumerate(encoder_hidden_states):
+            tensor = as_float_tensor(item, f"encoder_hidden_states[{i}]")
+            check_shape(tensor, f"encoder_hidden_states[{i}]", (None, dim), "= (tokens, text width)")
+            texts.append(tensor.astype(ms.float32).asnumpy())
+    else:
+        ehs = as_float_tensor(encoder_hidden_states, "encoder_hidden_states")
+        check_shape(ehs, "encoder_hidden_states", (batch, None, dim),
+                    "= (B, tokens, text width) with B from latents")
+        array = ehs.astype(ms.float32).asnumpy()
+        if encoder_attention_mask is None:
+            texts = list(array)
+        else:
+            mask = np.asarray(encoder_attention_mask.asnumpy() if isinstance(encoder_attention_mask, Tensor)
+                              else encoder_attention_mask)
+            if mask.shape != array.shape[:2]:
+                raise InputError(f"encoder_attention_mask has shape {mask.shape}; it must be (B, T) = "
+                                 f"{array.shape[:2]}, one entry per row of encoder_hidden_states")
+            if mask.dtype.kind not in "biuf" or not np.isin(mask, (0, 1)).all():
+                raise InputError("encoder_attention_mask must hold 0 (padding) and 1 (token) only")
+            texts = [row[m.astype(bool)] for row, m in zip(array, mask)]
+    for i, text in enumerate(texts):
+        if text.shape[0] == 0:
+            raise InputError(f"sample {i} has no text tokens (an empty caption, or an all-zero "
+                             "encoder_attention_mask row)")
+        if check_values and not np.isfinite(text).all():
+            raise InputError(f"encoder_hidden_states of sample {i} contain NaN or Inf values")
+    return texts

@@ -159,25 +159,35 @@ def merge_heads(x: ms.Tensor) -> ms.Tensor:
     return mint.swapaxes(x, 1, 2).reshape(b, length, heads * d)
 
 
-def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor) -> ms.Tensor:
-    """softmax(q k^T / sqrt(d)) v on split heads: q (B,H,Lq,d), k and v (B,H,Lk,d) -> (B,H,Lq,d)."""
+def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, bias: Optional[ms.Tensor] = None) -> ms.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v on split heads: q (B,H,Lq,d), k and v (B,H,Lk,d) -> (B,H,Lq,d).
+
+    bias: float32 (B, 1, 1, Lk), 0 for keys to attend and -inf for masked ones (what torch's
+    scaled_dot_product_attention makes of a boolean key mask)."""
     scale = q.shape[-1] ** -0.5
     # Scaling q rather than the (Lq, Lk) scores is cheaper, and exact for power-of-two d.
     scores = _BATCH_MATMUL_T(q * scale, k)                     # (B, H, Lq, Lk)
     # Softmax in float32 (torch's fused attention keeps scores in float32 for fp16/bf16 inputs).
-    probs = mint.softmax(_float32(scores), dim=-1).astype(q.dtype)
+    scores = _float32(scores)
+    if bias is not None:
+        scores = scores + expand(bias, scores)
+    probs = mint.softmax(scores, dim=-1).astype(q.dtype)
     return _BATCH_MATMUL(probs, v)
 
 
-def patchify(x: ms.Tensor, patch: int) -> ms.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), row-major patches with (C, p, p) inside each.
+def patchify(x: ms.Tensor, patch: int, channels_last: bool = False) -> ms.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), row-major patches with (C, p, p) inside each,
+    or (p, p, C) with `channels_last` (Z-Image's order).
 
     Followed by a Linear with the conv weight flattened to (D, C*p*p) this is exactly the
     stride-p Conv2d patch embedding (mint.nn.Conv2d does not run on the CPU).
     """
     b, c, h, w = x.shape
     x = x.reshape(b, c, h // patch, patch, w // patch, patch)
-    x = x.permute(0, 2, 4, 1, 3, 5)                            # (B, H/p, W/p, C, p, p)
+    if channels_last:
+        x = x.permute(0, 2, 4, 3, 5, 1)                        # (B, H/p, W/p, p, p, C)
+    else:
+        x = x.permute(0, 2, 4, 1, 3, 5)                        # (B, H/p, W/p, C, p, p)
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 

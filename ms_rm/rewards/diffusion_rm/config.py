@@ -151,6 +151,9 @@ class RewardModelConfig:
                         "taps in block order)")
             if taps[0] < 0 or taps[-1] > n:
                 return f"{key} {list(taps)} must lie in 0..{n} (num_transformer_layers = {n})"
+            if taps[0] == 0 and self.backbone.family == "zimage":
+                return (f"{key} {list(taps)}: the Z-Image reference collects taps after main layers 1..{n} only, "
+                        "not at depth 0")
         if self.width % self.head.num_attn_heads:
             return (f"reward_head width {self.width} is not divisible by num_attn_heads "
                     f"{self.head.num_attn_heads}")

@@ -46,6 +46,7 @@ ParameterShapes = Callable[[RewardModelConfig], Dict[str, Tuple[int, ...]]]   # 
 
 BACKBONE = "backbone."
 _BLOCK = re.compile(r"backbone\.transformer_blocks\.(\d+)\.(.+)")
+_ZIMAGE_LAYER = re.compile(r"backbone\.layers\.(\d+)\.")
 
 
 def unused_reason(key: str, config: RewardModelConfig) -> Optional[str]:
@@ -57,6 +58,11 @@ def unused_reason(key: str, config: RewardModelConfig) -> Optional[str]:
         return "output layers of the full transformer, not part of the cut"
     if key.startswith("backbone.single_transformer_blocks."):
         return "FLUX single-stream block: the cut keeps double-stream blocks only"
+    if key.startswith("backbone.all_final_layer."):
+        return "Z-Image output layer, not part of the cut"
+    layer = _ZIMAGE_LAYER.match(key)
+    if layer and int(layer.group(1)) >= config.last_depth:
+        return f"Z-Image layer {layer.group(1)} lies after the deepest tap (depth {config.last_depth})"
     match = _BLOCK.match(key)
     if not match:
         return None

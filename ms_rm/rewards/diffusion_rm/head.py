@@ -4,8 +4,8 @@ FiLM adapters per tap -> view tokens; learned queries -> V-gated cross attention
 and text tokens -> visual-only refine -> FFN -> Linear -> mean over queries. Parameter names
 equal the reference head's state-dict keys (`rm_head.pt`).
 
-Shapes: B batch, Nv visual tokens, Nt text tokens, D backbone width, W head width,
-F = W // 4 adapter output, Q queries.
+Shapes: B batch, Nv visual tokens, Nt text tokens, D backbone width, E temb width (D, or 256 for
+Z-Image), W head width, F = W // 4 adapter output, Q queries.
 """
 
 from __future__ import annotations
@@ -38,21 +38,21 @@ def mlp(dim_in: int, hidden: int, dim_out: int) -> nn.SequentialCell:
 
 
 class FiLMAdapter(nn.Cell):
-    """x (B, L, D) conditioned on temb (B, D) -> (B, L, F)."""
+    """x (B, L, D) conditioned on temb (B, E) -> (B, L, F)."""
 
-    def __init__(self, dim: int, width: int, use_proj_in: bool):
+    def __init__(self, dim: int, width: int, use_proj_in: bool, temb_dim: int):
         super().__init__()
         self.has_proj_in = use_proj_in or dim != width
         if self.has_proj_in:
             self.proj_in = Linear(dim, width)
         self.layer_embed = Parameter(initializer("zeros", (1, 1, width), ms.float32), name="layer_embed")
-        self.cond_mlp = mlp(dim, 2 * width, 2 * width)
+        self.cond_mlp = mlp(temb_dim, 2 * width, 2 * width)
         self.proj = Linear(width, width // 4)
 
     def construct(self, x: Tensor, temb: Tensor) -> Tensor:
         if self.has_proj_in:
             x = self.proj_in(x)                                          # (B, L, W)
-        gamma, beta = mint.chunk(self.cond_mlp(temb), 2, dim=-1)         # (B, W) each
+        gamma, beta = mint.chunk(self.cond_mlp(temb), 2, dim=-1)         # (B, E) -> (B, W) each
         x = modulate(x, beta, gamma)
         x = x + ops.expand(self.layer_embed, x)
         return self.proj(x)                                              # (B, L, F)
@@ -109,12 +109,13 @@ class RewardHead(nn.Cell):
     def __init__(self, config: RewardModelConfig):
         super().__init__()
         dim, width, head = config.backbone.inner_dim, config.width, config.head
+        temb_dim = config.backbone.temb_dim                  # the reference's t_embed_dim
         features = width // 4
         n_visual, n_text = len(config.visual_head_idx), len(config.text_head_idx)
         self.layer_adapters_visual = nn.CellList(
-            [FiLMAdapter(dim, width, head.use_proj_in) for _ in range(n_visual)])
+            [FiLMAdapter(dim, width, head.use_proj_in, temb_dim) for _ in range(n_visual)])
         self.layer_adapters_text = nn.CellList(
-            [FiLMAdapter(dim, width, head.use_proj_in) for _ in range(n_text)])
+            [FiLMAdapter(dim, width, head.use_proj_in, temb_dim) for _ in range(n_text)])
         self.agg_visual = Linear(n_visual * features, width)
         self.agg_text = Linear(n_text * features, width)
         self.query_tokens = Parameter(initializer("zeros", (1, head.num_queries, width), ms.float32),

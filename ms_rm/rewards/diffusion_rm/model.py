@@ -2,6 +2,10 @@
 
     reward = model.reward(latents, encoder_hidden_states, pooled_projections, u=0.4, seed=0)
 
+Z-Image models take variable-length text and no pooled vector: encoder_hidden_states is a list of
+(T_i, 2560) arrays, or a padded (B, T, 2560) array with encoder_attention_mask=(B, T), and
+pooled_projections is None.
+
 One call: u -> (sigma, timestep) on the host; noise drawn on the host (or given);
 x_t = (1 - sigma) x0 + sigma eps; backbone -> taps; head -> raw; optional logistic squash.
 The tensor part runs compiled (`ms.jit`, once per input shape) in "graph" mode, eagerly in
@@ -24,7 +28,8 @@ from ...backbones import BACKBONES
 from ...core import ops
 from ...core.compiled import CompiledCell
 from ...core.errors import CheckpointError, InputError
-from ...core.inputs import noise_input, reward_inputs
+from ...backbones.zimage import pack_captions
+from ...core.inputs import latent_input, noise_input, reward_inputs, variable_length_text
 from ...core.weights import load_parameters, random_parameter
 from ...io.converted import ConvertedFolder
 from . import conversion
@@ -68,7 +73,7 @@ class DiffusionRM(CompiledCell):
             param.set_dtype(self.compute_dtype)
         self.schedule = NoiseSchedule(self.config.scheduler)
         self._rng = np.random.default_rng()            # fresh noise when no seed is given
-        # (H, W, T, B) -> the backbone's host-computed tensors for that input shape, least recently used first
+        # (H, W, text shape) -> the backbone's host-computed tensors for that input shape, least recently used first
         self._host_inputs: "OrderedDict[Tuple[int, ...], Tuple[Tensor, ...]]" = OrderedDict()
 
     # --- construction from checkpoints -------------------------------------------------
@@ -138,17 +143,14 @@ class DiffusionRM(CompiledCell):
         return self
 
     # --- the tensor program ----------------------------------------------------------------
-    def embed(self, latents: Tensor, noise: Tensor, sigma: Tensor, timestep: Tensor,
-              encoder_hidden_states: Tensor, pooled_projections: Tensor, *host):
-        """Noise the latents and run the backbone: -> temb (B, D), visual taps, text taps.
-        `host`: the backbone's host-computed inputs (positions, rotary tables, guidance)."""
+    def embed(self, latents: Tensor, noise: Tensor, sigma: Tensor, timestep: Tensor, *conditioning):
+        """Noise the latents and run the backbone: -> temb (B, E), visual taps, text taps.
+        `conditioning`: the text tensors and host-computed inputs of `_prepare`."""
         x = latents.astype(ms.float32)
         if self.config.add_noise:
             s = sigma.reshape(-1, 1, 1, 1)
             x = (1.0 - s) * x + s * noise                                  # (B, C, H, W)
-        dtype = self.compute_dtype
-        return self.backbone(x.astype(dtype), timestep, encoder_hidden_states.astype(dtype),
-                             pooled_projections.astype(dtype), *host)
+        return self.backbone(x.astype(self.compute_dtype), timestep, *conditioning)
 
     def squash(self, raw: Tensor) -> Tensor:
         """The optional logistic: raw -> (eta1 - eta2) / (1 + exp(-(raw - eta3) / (|eta4| + 1e-6))) + eta2."""
@@ -157,17 +159,15 @@ class DiffusionRM(CompiledCell):
         z = -(raw - self.eta3) / (mint.abs(self.eta4) + 1e-6)
         return (ETA1 - ETA2) / (1 + mint.exp(z)) + ETA2
 
-    def construct(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections, *host):
+    def construct(self, latents, noise, sigma, timestep, *conditioning):
         """All stages of one reward call: temb, visual taps, text taps, raw (B, out), reward (B, out)."""
-        temb, visual, text = self.embed(latents, noise, sigma, timestep, encoder_hidden_states,
-                                        pooled_projections, *host)
+        temb, visual, text = self.embed(latents, noise, sigma, timestep, *conditioning)
         raw = self.reward_head(visual, text, temb)
         return temb, visual, text, raw, self.squash(raw)
 
-    def level_tokens(self, latents, noise, sigma, timestep, encoder_hidden_states, pooled_projections, *host):
+    def level_tokens(self, latents, noise, sigma, timestep, *conditioning):
         """One noise level of the ensemble: -> view tokens (visual (B, Nv, W), text (B, Nt, W))."""
-        temb, visual, text = self.embed(latents, noise, sigma, timestep, encoder_hidden_states,
-                                        pooled_projections, *host)
+        temb, visual, text = self.embed(latents, noise, sigma, timestep, *conditioning)
         return self.reward_head.view_tokens(visual, text, temb)
 
     def pool_tokens(self, visual_tokens: Tensor, text_tokens: Tensor):
@@ -176,19 +176,32 @@ class DiffusionRM(CompiledCell):
         return raw, self.squash(raw)
 
     # --- host-side preparation -----------------------------------------------------------
-    def _prepare(self, latents, encoder_hidden_states, pooled_projections, check_values: bool = True):
+    def _prepare(self, latents, encoder_hidden_states, pooled_projections, encoder_attention_mask=None,
+                 check_values: bool = True) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """Checked latents, and the backbone's conditioning: text tensors, then host-computed ones."""
         bb = self.config.backbone
-        latents, ehs, pooled = reward_inputs(latents, encoder_hidden_states, pooled_projections,
-                                             bb.latent_channels, bb.joint_attention_dim,
-                                             bb.pooled_projection_dim, check_values)
-        key = (latents.shape[2], latents.shape[3], ehs.shape[1], latents.shape[0])
+        if bb.pooled_projection_dim is None:             # variable-length text, no pooled vector (Z-Image)
+            latents = latent_input(latents, bb.latent_channels, check_values)
+            captions = variable_length_text(encoder_hidden_states, encoder_attention_mask, pooled_projections,
+                                            latents.shape[0], bb.joint_attention_dim, check_values)
+            text = (Tensor(pack_captions(captions)),)
+            key = (latents.shape[2], latents.shape[3], tuple(len(c) for c in captions))
+        else:
+            if encoder_attention_mask is not None:
+                raise InputError(f"encoder_attention_mask applies to variable-length text (Z-Image); this "
+                                 f"{bb.family} model reads every row of encoder_hidden_states")
+            latents, ehs, pooled = reward_inputs(latents, encoder_hidden_states, pooled_projections,
+                                                 bb.latent_channels, bb.joint_attention_dim,
+                                                 bb.pooled_projection_dim, check_values)
+            text = (ehs, pooled)
+            key = (latents.shape[2], latents.shape[3], ehs.shape[1], latents.shape[0])
         if key in self._host_inputs:
             self._host_inputs.move_to_end(key)
         else:
             self._host_inputs[key] = tuple(Tensor(a) for a in self.backbone.host_inputs(*key))
             if len(self._host_inputs) > HOST_INPUT_CACHE:
                 self._host_inputs.popitem(last=False)
-        return latents, ehs, pooled, self._host_inputs[key]
+        return latents, text + self._host_inputs[key]
 
     def noise_level(self, u: ArrayLike, batch: int) -> Tuple[np.ndarray, np.ndarray]:
         """u -> sigma (B,), timestep (B,) under this model's u convention."""
@@ -203,15 +216,16 @@ class DiffusionRM(CompiledCell):
 
     # --- public calls ---------------------------------------------------------------------
     def reward_stages(self, latents, encoder_hidden_states, pooled_projections, u: ArrayLike,
-                      noise=None, seed: Optional[int] = None) -> Dict[str, Tensor]:
+                      noise=None, seed: Optional[int] = None, encoder_attention_mask=None) -> Dict[str, Tensor]:
         """Every stage of one reward call, by name: sigma, timestep, temb, visual_tap_{k},
         text_tap_{k}, raw, reward. For parity checks and debugging."""
-        latents, ehs, pooled, host = self._prepare(latents, encoder_hidden_states, pooled_projections)
+        latents, conditioning = self._prepare(latents, encoder_hidden_states, pooled_projections,
+                                              encoder_attention_mask)
         batch = latents.shape[0]
         sigma, timestep = self.noise_level(u, batch)
         eps = self._noise(tuple(latents.shape), noise, seed)
         temb, visual, text, raw, reward = self.run("construct", latents, eps, Tensor(sigma),
-                                                    Tensor(timestep), ehs, pooled, *host)
+                                                    Tensor(timestep), *conditioning)
         stages = {"sigma": Tensor(sigma), "timestep": Tensor(timestep), "temb": temb}
         stages.update({f"visual_tap_{k}": t for k, t in zip(self.config.visual_head_idx, visual)})
         stages.update({f"text_tap_{k}": t for k, t in zip(self.config.text_head_idx, text)})
@@ -219,35 +233,38 @@ class DiffusionRM(CompiledCell):
         return stages
 
     def reward(self, latents, encoder_hidden_states, pooled_projections, u: ArrayLike,
-               noise=None, seed: Optional[int] = None, check_values: bool = True) -> Tensor:
+               noise=None, seed: Optional[int] = None, check_values: bool = True,
+               encoder_attention_mask=None) -> Tensor:
         """The reward (B, out_dim) of latents (B, C, H, W) in the VAE's scaled space.
 
         u: the noise level (a number or one per sample), read under the model's u convention.
         noise: the eps to use (B, C, H, W); else drawn from `seed` (deterministic) or fresh.
         check_values: refuse NaN/Inf inputs (one host sync per input).
+        encoder_attention_mask: (B, T), 1 = token, for Z-Image's padded text (see the module notes).
         """
-        latents, ehs, pooled, host = self._prepare(latents, encoder_hidden_states,
-                                                        pooled_projections, check_values)
+        latents, conditioning = self._prepare(latents, encoder_hidden_states, pooled_projections,
+                                              encoder_attention_mask, check_values)
         sigma, timestep = self.noise_level(u, latents.shape[0])
         eps = self._noise(tuple(latents.shape), noise, seed, check_values)
-        return self.run("construct", latents, eps, Tensor(sigma), Tensor(timestep), ehs, pooled,
-                         *host)[-1]
+        return self.run("construct", latents, eps, Tensor(sigma), Tensor(timestep), *conditioning)[-1]
 
     def score(self, latents, encoder_hidden_states, pooled_projections, u: ArrayLike,
-              noise=None, seed: Optional[int] = None) -> List[float]:
+              noise=None, seed: Optional[int] = None, encoder_attention_mask=None) -> List[float]:
         """One float per sample: the first reward output of `reward`, without gradient."""
-        rewards = self.reward(latents, encoder_hidden_states, pooled_projections, u, noise=noise, seed=seed)
+        rewards = self.reward(latents, encoder_hidden_states, pooled_projections, u, noise=noise, seed=seed,
+                              encoder_attention_mask=encoder_attention_mask)
         return [float(v) for v in rewards.astype(ms.float32).asnumpy()[:, 0]]
 
     def reward_ensemble(self, latents, encoder_hidden_states, pooled_projections, us: Sequence[float],
-                        noise=None, seed: Optional[int] = None) -> Tensor:
+                        noise=None, seed: Optional[int] = None, encoder_attention_mask=None) -> Tensor:
         """One reward from several noise levels at once (the reference's forward_ensemble).
 
         Each level u_k noises the latents with its own eps (noise: (K, B, C, H, W), or drawn),
         runs the backbone and builds view tokens with its own temb; the tokens of all levels
         are concatenated and pooled by one pass of the head.
         """
-        latents, ehs, pooled, host = self._prepare(latents, encoder_hidden_states, pooled_projections)
+        latents, conditioning = self._prepare(latents, encoder_hidden_states, pooled_projections,
+                                              encoder_attention_mask)
         levels = list(us) if isinstance(us, (list, tuple, np.ndarray)) else None
         if not levels:
             raise InputError(f"us must be a non-empty list of noise levels, got {us!r}")
@@ -256,8 +273,7 @@ class DiffusionRM(CompiledCell):
         visual_tokens, text_tokens = [], []
         for k, u in enumerate(levels):
             sigma, timestep = self.noise_level(u, latents.shape[0])
-            vis, txt = self.run("level_tokens", latents, eps[k], Tensor(sigma), Tensor(timestep),
-                                 ehs, pooled, *host)
+            vis, txt = self.run("level_tokens", latents, eps[k], Tensor(sigma), Tensor(timestep), *conditioning)
             visual_tokens.append(vis)
             text_tokens.append(txt)
         return self.run("pool_tokens", mint.cat(visual_tokens, dim=1), mint.cat(text_tokens, dim=1))[-1]
