@@ -11,14 +11,16 @@ import logging
 from .core.errors import CheckpointError, ConfigError, InputError, MissingDependencyError, MsRmError
 from .rewards import REWARD_MODELS, RewardModel, load_reward_model
 from .rewards.diffusion_rm import DiffusionRM, HeadConfig, RewardModelConfig, SchedulerConfig, load_config
-from .backbones.config import FluxBackboneConfig, SD3BackboneConfig
-from .scoring import SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer, MultiScorer
+from .backbones.config import FluxBackboneConfig, SD3BackboneConfig, ZImageBackboneConfig
+from .scoring import (SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer,
+                      DiffusionRMZImageScorer, MultiScorer)
 from .version import __version__
 
 __all__ = [
     "DiffusionRM", "RewardModel", "REWARD_MODELS", "load_reward_model",
-    "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer", "MultiScorer", "SCORERS",
-    "RewardModelConfig", "SD3BackboneConfig", "FluxBackboneConfig", "HeadConfig", "SchedulerConfig",
+    "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer", "DiffusionRMZImageScorer", "MultiScorer",
+    "SCORERS",
+    "RewardModelConfig", "SD3BackboneConfig", "FluxBackboneConfig", "ZImageBackboneConfig", "HeadConfig", "SchedulerConfig",
     "load_config", "MsRmError", "ConfigError", "CheckpointError", "InputError",
     "MissingDependencyError", "__version__",
 ]

@@ -37,12 +37,13 @@ FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_t
                   "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                   "max_image_seq_len": 4096}
 
-# A tiny Z-Image: refiners, RMS qk-norm, 3-axis RoPE (4 + 6 + 6 = head width 16), caption width 48.
-# D = 64, temb 64 (min(dim, 256)); axes_lens leave room for captions up to 158 padded tokens.
+# A tiny Z-Image: refiners, RMS qk-norm, 3-axis RoPE (8 + 20 + 20 = head width 48), caption width 48.
+# D = 288 = 6 x 48, wider than temb (min(dim, 256) = 256) as in the release; axes_lens leave room for
+# captions up to 158 padded tokens.
 TINY_ZIMAGE = {"_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1],
-               "in_channels": 16, "dim": 64, "n_layers": 4, "n_refiner_layers": 2, "n_heads": 4, "n_kv_heads": 4,
+               "in_channels": 16, "dim": 288, "n_layers": 4, "n_refiner_layers": 2, "n_heads": 6, "n_kv_heads": 6,
                "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 48, "rope_theta": 256.0, "t_scale": 1000.0,
-               "axes_dims": [4, 6, 6], "axes_lens": [160, 32, 32]}
+               "axes_dims": [8, 20, 20], "axes_lens": [160, 32, 32]}
 ZIMAGE_HEAD = {"reward_head": {"width": 48, "num_attn_heads": 4, "use_proj_in": True}}
 
 
@@ -112,7 +113,7 @@ CASES: Dict[str, Case] = {c.name: c for c in [
          model={"guidance_scale": 4.0, "visual_head_idx": [1, 3], "text_head_idx": [2]}, u=(0.3, 0.7)),
     Case("tiny-zimage", "Z-Image-style as the upstream Z-Image reward model computes it: refiners, image and "
          "caption padded to 32 with learned pad tokens, captions of 37 and 7 tokens in one batch, t = 1 - sigma, "
-         "LoRA on every attention (refiners included), proj_in head on the 64-wide temb",
+         "LoRA on every attention (refiners included), proj_in head, temb 256 narrower than the tokens (288)",
          transformer=TINY_ZIMAGE, latent_hw=(8, 12), text_tokens=37, model=ZIMAGE_HEAD),
     Case("tiny-zimage-full", "Z-Image-style, full_model.pt (all_final_layer declared unused), deepest tap visual "
          "only, 16x16 latents (64 image tokens, no image pad), captions of 32 and 2 tokens",

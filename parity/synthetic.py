@@ -1,13 +1,15 @@
 """A synthetic reference checkpoint at real size, and a measured conversion of it.
 
-    python -m ms_rm_parity.synthetic --out DIR [--family sd3|flux] [--convert]
+    python -m ms_rm_parity.synthetic --out DIR [--family sd3|flux|zimage] [--convert]
 
 sd3 (default): DIR/transformer holds all 24 blocks of SD3.5-Medium (real shapes and key names,
 taken from diffusers on the meta device), bf16 in one safetensors file like the release
 (~4.9 GB), with the real position table. flux: the kept double-stream blocks (12) and the
 embedders of FLUX.1-dev at their real shapes, bf16, in three shards with an index like the
-release (~8.2 GB). Both: DIR/scheduler, and DIR/model (the reward config from configs/, an
-r=64 LoRA on the kept blocks, a full-size fp32 rm_head.pt). Values are arbitrary but finite.
+release (~8.2 GB). zimage: Z-Image-Turbo's embedders, refiners, first 16 layers and output layer,
+bf16 in three shards (~7.3 GB). All: DIR/scheduler, and DIR/model (the reward config from configs/,
+an r=64 LoRA on the kept blocks (Z-Image: every kept attention, refiners included), a full-size
+fp32 rm_head.pt). Values are arbitrary but finite.
 With --convert it then runs `ms-rm convert` on it in a child process and reports wall time and
 peak RSS against the converter's memory bound: 1.5 GB plus the largest single output tensor.
 """
@@ -26,9 +28,12 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = {"sd3": ("sd35m", "dina-lrm-12layers.json"), "flux": ("flux1-dev", "diffusion-rm-19layers.json")}
+FAMILIES = {"sd3": ("sd35m", "dina-lrm-12layers.json"), "flux": ("flux1-dev", "diffusion-rm-19layers.json"),
+            "zimage": ("zimage-turbo", "diffusion-rm-16layers.json")}
 MEMORY_BOUND = 1.5 * 1024 ** 3
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+ZIMAGE_KEPT = ("all_x_embedder.", "all_final_layer.", "noise_refiner.", "context_refiner.", "t_embedder.",
+               "cap_embedder.", "x_pad_token", "cap_pad_token")
 
 
 def _json(path: str) -> dict:
@@ -76,7 +81,10 @@ def write_transformer(folder: str, config: dict, keep_blocks: int = None, shards
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     shapes = transformer_shapes(config)
-    if keep_blocks is not None:
+    if keep_blocks is not None and config["_class_name"] == "ZImageTransformer2DModel":
+        kept = ZIMAGE_KEPT + tuple(f"layers.{i}." for i in range(keep_blocks))
+        shapes = {k: s for k, s in shapes.items() if k.startswith(kept)}
+    elif keep_blocks is not None:
         kept = ("x_embedder.", "time_text_embed.", "context_embedder.") + \
             tuple(f"transformer_blocks.{i}." for i in range(keep_blocks))
         shapes = {k: s for k, s in shapes.items() if k.startswith(kept)}
@@ -117,7 +125,7 @@ def write_reference(root: str, family: str = "sd3", lora_rank: int = 64) -> Dict
     paths = {"src": os.path.join(root, "model"), "transformer": os.path.join(root, "transformer"),
              "scheduler": os.path.join(root, "scheduler")}
     n = rm_cfg["model"]["num_transformer_layers"]
-    if family == "flux":
+    if family in ("flux", "zimage"):
         write_transformer(paths["transformer"], transformer_cfg, keep_blocks=n, shards=3)
     else:
         write_transformer(paths["transformer"], transformer_cfg)
@@ -131,23 +139,32 @@ def write_reference(root: str, family: str = "sd3", lora_rank: int = 64) -> Dict
     rm_cfg["model"]["lora_config"]["r"] = lora_rank
     with open(os.path.join(paths["src"], "config.json"), "w") as f:
         json.dump(rm_cfg, f, indent=2)
-    dim = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
+    if family == "zimage":
+        dim, temb_dim, targets = transformer_cfg["dim"], 256, LORA_TARGETS[:4]
+        refiners = [f"{kind}.{i}.attention" for kind in ("noise_refiner", "context_refiner")
+                    for i in range(transformer_cfg["n_refiner_layers"])]
+        attentions = [(a, targets) for a in refiners + [f"layers.{i}.attention" for i in range(n)]]
+    else:
+        dim = temb_dim = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
+        targets = LORA_TARGETS
+        per_block = (("attn", LORA_TARGETS), ("attn2", LORA_TARGETS[:4])) if family == "sd3" else (("attn", LORA_TARGETS),)
+        attentions = [(f"transformer_blocks.{b}.{a}", m) for b in range(n) for a, m in per_block]
     rng = np.random.default_rng(1)
     factors = {}
-    attentions = (("attn", LORA_TARGETS), ("attn2", LORA_TARGETS[:4])) if family == "sd3" else (("attn", LORA_TARGETS),)
-    for block in range(n):
-        for attn, modules in attentions:
-            for module in modules:
-                key = f"base_model.model.transformer_blocks.{block}.{attn}.{module}"
-                factors[f"{key}.lora_A.weight"] = rng.standard_normal((lora_rank, dim), dtype=np.float32) * 0.01
-                factors[f"{key}.lora_B.weight"] = rng.standard_normal((dim, lora_rank), dtype=np.float32) * 0.01
+    for attn, modules in attentions:
+        for module in modules:
+            key = f"base_model.model.{attn}.{module}"
+            factors[f"{key}.lora_A.weight"] = rng.standard_normal((lora_rank, dim), dtype=np.float32) * 0.01
+            factors[f"{key}.lora_B.weight"] = rng.standard_normal((dim, lora_rank), dtype=np.float32) * 0.01
     save_file(factors, os.path.join(lora_dir, "adapter_model.safetensors"))
     with open(os.path.join(lora_dir, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": lora_rank, "lora_alpha": rm_cfg["model"]["lora_config"]["lora_alpha"],
-                   "target_modules": LORA_TARGETS, "exclude_modules": None, "bias": "none", "use_rslora": False,
+                   "target_modules": targets, "exclude_modules": [] if family == "zimage" else None,
+                   "bias": "none", "use_rslora": False,
                    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}}, f, indent=2)
     head_cfg = rm_cfg["model"]["reward_head"]
-    head = RewardHead(dim, len(rm_cfg["model"]["visual_head_idx"]), len(rm_cfg["model"]["text_head_idx"]), **head_cfg)
+    head = RewardHead(dim, len(rm_cfg["model"]["visual_head_idx"]), len(rm_cfg["model"]["text_head_idx"]),
+                      temb_dim=temb_dim, **head_cfg)
     torch.save(head.state_dict(), os.path.join(ckpt, "rm_head.pt"))
     return paths
 
@@ -180,7 +197,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ms_rm_parity.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write the synthetic reference into")
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd3", help="SD3.5-Medium or FLUX.1-dev")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd3",
+                        help="SD3.5-Medium, FLUX.1-dev or Z-Image-Turbo")
     parser.add_argument("--convert", action="store_true", help="then convert it and measure time and peak RSS")
     parser.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"])
     args = parser.parse_args(argv)

@@ -229,3 +229,35 @@ def test_diffusion_rm_implements_the_reward_model_protocol(twins, tmp_path):
     (tmp_path / "manifest.json").write_text('{"format": "ms_rm.future", "tensors": {}, "files": {}}')
     with pytest.raises(MsRmError, match="holds a 'ms_rm.future' model, which this ms_rm does not know"):
         load_reward_model(str(tmp_path))
+
+
+def test_zimage_turbo_model_has_the_shapes_of_diffusers():
+    """The Z-Image reward config (16 of Z-Image-Turbo's 30 layers, taps 4/8/12/16), built without
+    weights: diffusers' shapes for the refiners, embedders and kept layers; temb 256 wide."""
+    from diffusers import ZImageTransformer2DModel
+
+    zimage = CONFIGS / "zimage-turbo"
+    transformer_cfg = read_config_file(zimage / "transformer_config.json")
+    config = RewardModelConfig.from_reference(read_config_file(zimage / "diffusion-rm-16layers.json"),
+                                              transformer_cfg, read_config_file(zimage / "scheduler_config.json"))
+    assert config.backbone.family == "zimage" and config.guidance_scale is None and config.last_depth == 16
+    assert (config.backbone.temb_dim, config.width, config.scheduler.shift) == (256, 1536, 3.0)
+    model = DiffusionRM(config)
+    ours = {p.name: tuple(p.shape) for p in model.get_parameters() if p.name.startswith("backbone.")}
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel(**{k: v for k, v in transformer_cfg.items() if not k.startswith("_")})
+    kept = ("all_x_embedder.", "noise_refiner.", "context_refiner.", "t_embedder.", "cap_embedder.", "x_pad_token",
+            "cap_pad_token") + tuple(f"layers.{i}." for i in range(16))
+    theirs = {f"backbone.{k}": tuple(p.shape) for k, p in transformer.named_parameters() if k.startswith(kept)}
+    assert ours == theirs
+    d, f = 3840, 10240   # by arithmetic: q, k, v, out (no biases), 2 qk norms, a 3-matrix SwiGLU, 4 RMSNorms
+    layer = 4 * d * d + 2 * 128 + 3 * d * f + 4 * d
+    adaln = 256 * 4 * d + 4 * d
+    embed = (64 * d + d) + (256 * 1024 + 1024 + 1024 * 256 + 256) + (2560 + 2560 * d + d) + 2 * d
+    assert sum(int(np.prod(s)) for s in ours.values()) == 18 * (layer + adaln) + 2 * layer + embed == 3_620_931_328
+    head = {p.name: tuple(p.shape) for p in model.get_parameters() if p.name.startswith("reward_head.")}
+    assert head["reward_head.layer_adapters_visual.0.cond_mlp.0.weight"] == (3072, 256)    # t_embed_dim 256
+    assert head["reward_head.layer_adapters_visual.0.proj_in.weight"] == (1536, 3840)
+    tables = model.backbone.host_inputs(128, 128, (100, 7))          # 1024 px: 4096 image tokens
+    assert [t.shape for t in tables[:3]] == [(2, 128, 1), (2, 128, 1), (2, 1, 1, 128)]
+    assert tables[3].shape == (2, 4096, 1, 128) and tables[5].shape == (2, 128, 1, 128)

@@ -1,4 +1,4 @@
-"""The converter at the real SD3.5-Medium and FLUX.1-dev sizes: memory bound and a real-size load.
+"""The converter at the real SD3.5-Medium, FLUX.1-dev and Z-Image-Turbo sizes: memory bound and a real-size load.
 
 These write 10-30 GB to disk: `workdir` removes it when the test ends, passed or failed, so
 repeated runs (pytest keeps the temporary folders of its last runs) cannot fill the disk.
@@ -58,6 +58,37 @@ def test_real_size_flux_conversion_stays_within_its_memory_bound(workdir):
     assert m["peak_rss"] <= MEMORY_BOUND + m["largest_tensor"]
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["lora"]["merged_modules"] == 19 * 8     # every target: text is tapped at block 19
+
+
+
+@pytest.mark.slow
+def test_real_size_zimage_conversion_stays_within_its_memory_bound(workdir):
+    """Z-Image-Turbo under the Z-Image reward config: embedders, both refiners, 16 layers and the
+    output layer at their real shapes, bf16, in shards; an r=64 LoRA on every kept attention.
+    The converted folder's parameters are exactly the model's (strict load checked by shapes,
+    without the 14 GB fp32 load)."""
+    paths = write_reference(str(workdir / "reference"), family="zimage")
+    out = str(workdir / "converted")
+    m = measured_convert(paths, out)
+    gib = 1024 ** 3
+    print(f"\nreal-size Z-Image convert: {m['seconds']:.1f} s, peak RSS {m['peak_rss'] / gib:.2f} GiB, "
+          f"bound {m['bound'] / gib:.2f} GiB")
+    assert m["largest_tensor"] == 10240 * 3840 * 2            # feed_forward.w1 / w3, bf16
+    assert m["peak_rss"] <= MEMORY_BOUND + m["largest_tensor"] and m["peak_rss"] < 1.6e9
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["lora"]["merged_modules"] == (16 + 4) * 4    # to_q/k/v/out.0, refiners included
+    assert sorted(manifest["unused"]["transformer"]) == [
+        "all_final_layer.2-1.adaLN_modulation.1.bias", "all_final_layer.2-1.adaLN_modulation.1.weight",
+        "all_final_layer.2-1.linear.bias", "all_final_layer.2-1.linear.weight"]
+
+    from ms_rm import DiffusionRM, RewardModelConfig
+    from ms_rm.io.converted import ConvertedFolder
+
+    with ConvertedFolder(out, verify=True) as folder:
+        config = RewardModelConfig.from_dict(folder.config)
+        stored = {name: tuple(entry["shape"]) for name, entry in folder.manifest["tensors"].items()}
+    model_shapes = DiffusionRM.parameter_shapes(config)
+    assert stored == model_shapes
 
 
 def test_peak_rss_is_the_childs_own_not_the_parents(tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 from ..rewards import load_reward_model
-from ..scoring.runs import read_inputs, score_arrays, write_npz
+from ..scoring.runs import input_arrays, read_inputs, score_arrays, write_npz
 
 
 def run(args: argparse.Namespace) -> int:
-    arrays = read_inputs(args.inputs)
     model = load_reward_model(args.model, mode=args.mode, verify=args.verify)
+    arrays = read_inputs(args.inputs, *input_arrays(model))
     result = score_arrays(model, arrays, args.u if len(args.u) > 1 else args.u[0], args.seed, args.features)
     write_npz(args.out, result)
     for i, value in enumerate(result["reward"][:, 0]):
@@ -21,7 +21,9 @@ def run(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     score = sub.add_parser("score", help="score latents from an .npz file with a converted model",
                            description="Score latents (latents, encoder_hidden_states, pooled_projections "
-                                       "[, noise] in an .npz) and write reward (and features) to an .npz.")
+                                       "[, noise] in an .npz; for Z-Image: latents, zero-padded "
+                                       "encoder_hidden_states, encoder_attention_mask (1 = token) [, noise], "
+                                       "no pooled_projections) and write reward (and features) to an .npz.")
     score.add_argument("model", help="a folder written by ms-rm convert")
     score.add_argument("--inputs", required=True, help="input .npz")
     score.add_argument("--u", type=float, nargs="+", required=True, help="noise level, or one per sample")

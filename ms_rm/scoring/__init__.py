@@ -2,6 +2,8 @@
 over files (what `ms-rm score` and `ms-rm score-images` do)."""
 
 from .multi import MultiScorer
-from .scorers import SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer, Scorer
+from .scorers import (SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer, DiffusionRMZImageScorer,
+                      Scorer)
 
-__all__ = ["Scorer", "SCORERS", "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer", "MultiScorer"]
+__all__ = ["Scorer", "SCORERS", "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer",
+           "DiffusionRMZImageScorer", "MultiScorer"]

@@ -44,17 +44,19 @@ class MultiScorer:
                                   "scorers as instances in scorer_configs")
 
     def __call__(self, images=None, prompts: Optional[Sequence[str]] = None, latents=None, prompt_embeds=None,
-                 pooled_prompt_embeds=None) -> Dict[str, List[float]]:
+                 pooled_prompt_embeds=None, encoder_attention_mask=None) -> Dict[str, List[float]]:
+        """encoder_attention_mask: (B, T) with Z-Image's padded prompt_embeds (no pooled embeddings there)."""
         details: Dict[str, List[float]] = {}
         total: Optional[List[float]] = None
         batch = None
         for name, weight in self.scorers.items():
             scorer = self.score_fn[name]
             if hasattr(scorer, "score_latents") and latents is not None:
-                if prompt_embeds is None or pooled_prompt_embeds is None:
-                    raise InputError(f"scorer '{name}' reads latents: pass prompt_embeds and pooled_prompt_embeds "
-                                     "with them")
-                scores = scorer.score_latents(latents, prompt_embeds, pooled_prompt_embeds)
+                if prompt_embeds is None:
+                    raise InputError(f"scorer '{name}' reads latents: pass prompt_embeds (and pooled_prompt_embeds "
+                                     "unless it is a Z-Image model) with them")
+                mask = {} if encoder_attention_mask is None else {"encoder_attention_mask": encoder_attention_mask}
+                scores = scorer.score_latents(latents, prompt_embeds, pooled_prompt_embeds, **mask)
             else:
                 if images is None:
                     raise InputError(f"scorer '{name}' scores images, and this call carries none")

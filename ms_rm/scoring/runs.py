@@ -2,6 +2,9 @@
 
 * Latents from an .npz (`ms-rm score`): `latents` (B, C, H, W), `encoder_hidden_states` (B, T, J),
   `pooled_projections` (B, P), optionally `noise` (B, C, H, W), used instead of random noise.
+  Z-Image models take no `pooled_projections`; their text is variable-length: zero-padded
+  `encoder_hidden_states` with `encoder_attention_mask` (B, T) (1 = token), or without a mask
+  when every row is a token.
   Output .npz: `reward` (B, out_dim), `sigma` and `timestep` (B,), and with features=True `temb`,
   `visual_tap_{k}`, `text_tap_{k}` and `raw`.
 * Image files against prompts (`ms-rm score-images`): pairs from the command line or from a
@@ -29,12 +32,23 @@ from ..io.files import atomic_file
 from .images import load_image
 
 REQUIRED = ("latents", "encoder_hidden_states", "pooled_projections")
+OPTIONAL = ("noise",)
+VARIABLE_TEXT_REQUIRED = ("latents", "encoder_hidden_states")         # Z-Image: no pooled text
+VARIABLE_TEXT_OPTIONAL = ("noise", "encoder_attention_mask")
+
+
+def input_arrays(model) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(required, optional) array names of an inputs file for `model`."""
+    if model.config.backbone.pooled_projection_dim is None:
+        return VARIABLE_TEXT_REQUIRED, VARIABLE_TEXT_OPTIONAL
+    return REQUIRED, OPTIONAL
 Pair = Tuple[str, str]
 
 
 # --- latents from an .npz ------------------------------------------------------------------------
 
-def read_inputs(path: str) -> Dict[str, np.ndarray]:
+def read_inputs(path: str, required: Sequence[str] = REQUIRED, optional: Sequence[str] = OPTIONAL
+                ) -> Dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -42,12 +56,14 @@ def read_inputs(path: str) -> Dict[str, np.ndarray]:
         raise InputError(f"{path}: inputs file not found") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise InputError(f"{path}: not a readable .npz file ({e})") from None
-    missing = [k for k in REQUIRED if k not in arrays]
+    missing = [k for k in required if k not in arrays]
     if missing:
-        raise InputError(f"{path}: missing arrays {missing}; it must hold {list(REQUIRED)} (and may hold noise)")
-    unknown = sorted(set(arrays) - set(REQUIRED) - {"noise"})
+        raise InputError(f"{path}: missing arrays {missing}; it must hold {list(required)} (and may hold "
+                         f"{' and '.join(optional)})")
+    unknown = sorted(set(arrays) - set(required) - set(optional))
     if unknown:
-        raise InputError(f"{path}: unknown arrays {unknown}; expected {list(REQUIRED)} and optionally noise")
+        raise InputError(f"{path}: unknown arrays {unknown}; expected {list(required)} and optionally "
+                         f"{' and '.join(optional)}")
     return arrays
 
 
@@ -55,8 +71,9 @@ def score_arrays(model, arrays: Dict[str, np.ndarray], u: Union[float, Sequence[
                  seed: Optional[int] = None, features: bool = False) -> Dict[str, np.ndarray]:
     """Run the model on the arrays of an inputs file; the arrays of an output file."""
     noise = arrays.get("noise")
-    stages = model.reward_stages(arrays["latents"], arrays["encoder_hidden_states"], arrays["pooled_projections"],
-                                 u=u, noise=noise, seed=None if noise is not None else seed)
+    stages = model.reward_stages(arrays["latents"], arrays["encoder_hidden_states"], arrays.get("pooled_projections"),
+                                 u=u, noise=noise, seed=None if noise is not None else seed,
+                                 encoder_attention_mask=arrays.get("encoder_attention_mask"))
     keep = stages if features else {k: stages[k] for k in ("reward", "sigma", "timestep")}
     return {k: v.astype("float32").asnumpy() for k, v in keep.items()}
 

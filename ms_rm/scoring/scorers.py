@@ -151,17 +151,21 @@ class DiffusionRMScorer:
     def reward(self, latents, text_conds: Mapping[str, Any], u: Optional[float] = None,
                groups: Optional[Sequence[Any]] = None) -> Tensor:
         """Normalized rewards (B, 1) of latents (B, C, H, W); text_conds holds the prompt embeddings
-        under `encoder_hidden_states` and `pooled_projections`. Differentiable w.r.t. the latents.
+        under `encoder_hidden_states` and `pooled_projections` (Z-Image: `encoder_hidden_states`, a
+        list of (T_i, D) or padded with `encoder_attention_mask`). Differentiable w.r.t. the latents.
         u: this call's noise level (default: `default_u("latents")`)."""
-        missing = [k for k in ("encoder_hidden_states", "pooled_projections") if k not in text_conds]
+        variable = self.model.config.backbone.pooled_projection_dim is None
+        needed = ("encoder_hidden_states",) if variable else ("encoder_hidden_states", "pooled_projections")
+        missing = [k for k in needed if k not in text_conds]
         if missing:
-            raise InputError(f"text_conds lacks {missing}; it must hold encoder_hidden_states and pooled_projections")
+            raise InputError(f"text_conds lacks {missing}; it must hold {' and '.join(needed)}")
         latents = as_float_tensor(latents, "latents")
         if latents.ndim != 4:
             raise InputError(f"latents must have shape (B, C, H, W), got {tuple(latents.shape)}")
-        ehs, pooled = text_conds["encoder_hidden_states"], text_conds["pooled_projections"]
+        ehs, pooled = text_conds["encoder_hidden_states"], text_conds.get("pooled_projections")
+        mask = text_conds.get("encoder_attention_mask")
         if self.common_noise and groups is None:
-            groups = _row_keys(pooled)
+            groups = _text_keys(ehs, mask) if variable else _row_keys(pooled)
         noise = self.draw_noise(tuple(latents.shape), groups)
         if u is None and self.ensemble_u is None:
             u = self.default_u("latents")
@@ -170,25 +174,32 @@ class DiffusionRMScorer:
         chunks = []
         for start in range(0, batch, step):
             part = slice(start, min(start + step, batch))
-            chunks.append(self._score_chunk(latents[part], ehs[part], pooled[part], noise[:, :, part], u))
+            chunks.append(self._score_chunk(latents[part], _take(ehs, part), _take(pooled, part),
+                                            _take(mask, part), noise[:, :, part], u))
         raw = chunks[0] if len(chunks) == 1 else mint.cat(chunks, dim=0)
         return raw * self.scale + self.offset
 
-    def _score_chunk(self, latents, ehs, pooled, noise: np.ndarray, u) -> Tensor:
+    def _score_chunk(self, latents, ehs, pooled, mask, noise: np.ndarray, u) -> Tensor:
         total = None
         for draw in noise:                                       # (levels, b, C, H, W) per draw
             if self.ensemble_u is not None:
-                r = self.model.reward_ensemble(latents, ehs, pooled, us=self.ensemble_u, noise=draw)
+                r = self.model.reward_ensemble(latents, ehs, pooled, us=self.ensemble_u, noise=draw,
+                                               encoder_attention_mask=mask)
             else:
-                r = self.model.reward(latents, ehs, pooled, u=u, noise=draw[0])
+                r = self.model.reward(latents, ehs, pooled, u=u, noise=draw[0], encoder_attention_mask=mask)
             total = r if total is None else total + r
         return total / len(noise) if len(noise) > 1 else total
 
-    def score_latents(self, latents, prompt_embeds, pooled_prompt_embeds,
-                      groups: Optional[Sequence[Any]] = None, u: Optional[float] = None) -> List[float]:
+    def score_latents(self, latents, prompt_embeds, pooled_prompt_embeds=None,
+                      groups: Optional[Sequence[Any]] = None, u: Optional[float] = None,
+                      encoder_attention_mask=None) -> List[float]:
         """One float per sample: the scorer contract, from latents and prompt embeddings."""
-        rewards = self.reward(latents, {"encoder_hidden_states": prompt_embeds,
-                                        "pooled_projections": pooled_prompt_embeds}, u=u, groups=groups)
+        text_conds = {"encoder_hidden_states": prompt_embeds}
+        if pooled_prompt_embeds is not None:
+            text_conds["pooled_projections"] = pooled_prompt_embeds
+        if encoder_attention_mask is not None:
+            text_conds["encoder_attention_mask"] = encoder_attention_mask
+        rewards = self.reward(latents, text_conds, u=u, groups=groups)
         return [float(v) for v in rewards.astype(ms.float32).asnumpy()[:, 0]]
 
     def __call__(self, images, prompts: Optional[Sequence[str]] = None, prompt_embeds=None,
@@ -241,6 +252,40 @@ class DiffusionRMFluxScorer(DiffusionRMScorer):
     family = "flux"
 
 
+class DiffusionRMZImageScorer(DiffusionRMScorer):
+    """Diffusion-RM on a Z-Image backbone. Scores latents with Qwen3 caption features of variable
+    length: `score_latents(latents, prompt_embeds)` with a list of (T_i, 2560) arrays, or padded
+    (B, T, 2560) with `encoder_attention_mask=` (B, T); no pooled embedding."""
+
+    name = "diffusion-rm-zimage"
+    family = "zimage"
+
+    def __call__(self, images, prompts: Optional[Sequence[str]] = None, prompt_embeds=None,
+                 pooled_prompt_embeds=None) -> List[float]:
+        raise ConfigError("the Z-Image scorer scores latents: ms_rm has no Z-Image VAE or Qwen3 text encoder, so "
+                          "call score_latents(latents, prompt_embeds[, encoder_attention_mask=...]) with the "
+                          "Z-Image pipeline's latents and caption features")
+
+
+def _take(value, part: slice):
+    """Rows `part` of a batch-major tensor, array or list (None stays None)."""
+    return None if value is None else value[part]
+
+
+def _text_keys(ehs, mask) -> List[bytes]:
+    """A hashable key per sample of variable-length text: its token rows."""
+    def array(v):
+        return v.astype(ms.float32).asnumpy() if isinstance(v, Tensor) else np.asarray(v, np.float32)
+
+    if isinstance(ehs, (list, tuple)):
+        return [array(e).tobytes() for e in ehs]
+    rows = array(ehs)
+    if mask is None:
+        return [r.tobytes() for r in rows]
+    mask = array(mask).astype(bool)
+    return [r[m].tobytes() for r, m in zip(rows, mask)]
+
+
 def _rows(tensor: Tensor, indices: List[int]) -> Tensor:
     """The rows `indices` of a tensor (the tensor itself when that is all of them, in order)."""
     if indices == list(range(tensor.shape[0])):
@@ -254,4 +299,5 @@ def _row_keys(pooled) -> List[bytes]:
     return [row.tobytes() for row in array]
 
 
-SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer)}
+SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
+                                                       DiffusionRMZImageScorer)}
