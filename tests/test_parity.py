@@ -138,3 +138,37 @@ def test_every_registered_reward_model_has_parity_cases():
 
     covered = {case.reward_model for case in CASES.values()}
     assert set(REWARD_MODELS) <= covered, sorted(set(REWARD_MODELS) - covered)
+
+
+def test_checkpoint_mode_validates_a_zimage_conversion(prepared, tmp_path, capsys):
+    """`ms-rm parity --checkpoint` on a Z-Image reference: random variable-length text (no pooled)."""
+    from ms_rm.cli import main as cli
+
+    prepared_case = prepared("tiny-zimage")
+    paths = prepared_case.paths
+    args = ["parity", "--checkpoint", paths.src, "--transformer", paths.transformer, "--scheduler", paths.scheduler,
+            "--latent-size", "8", "8", "--text-tokens", "40", "--u", "0.3", "--mode", "graph"]
+    assert cli(args + ["--converted", prepared_case.converted["fp32"]]) == 0
+    assert "1 passed, 0 failed" in capsys.readouterr().out
+
+
+def test_zimage_text_tap_keeps_the_batch_padding_rows(prepared, monkeypatch):
+    """The reference's text tap of a shorter caption holds the layers' output at the batch-padding
+    rows (not zeros) and the reward head reads them: zeroing them, as a reading of "zero-padded
+    across the batch" would, fails parity at the first text tap."""
+    import numpy as np
+
+    import ms_rm.backbones.zimage as zimage
+
+    original = zimage.ZImageBackbone.construct
+
+    def zero_padding_rows(self, latents, timestep, caption, cap_pad, cap_valid, *rest):
+        temb, visual, text = original(self, latents, timestep, caption, cap_pad, cap_valid, *rest)
+        return temb, visual, tuple(t * cap_valid.astype(t.dtype) for t in text)
+
+    report = run_prepared(prepared("tiny-zimage"), "pynative")
+    assert report.passed
+    monkeypatch.setattr(zimage.ZImageBackbone, "construct", zero_padding_rows)
+    report = run_prepared(prepared("tiny-zimage"), "pynative")
+    assert report.first_failure == "text_tap_1", format_table(report.stages)
+    assert np.isfinite([r.max_rel for r in report.stages]).all()
