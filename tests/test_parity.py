@@ -65,7 +65,8 @@ def test_real_width_case_matches_torch_in_fp32(prepared, name, mode):
 
 
 @pytest.mark.parametrize("name, dtype", [("tiny-sd35", "bf16"), ("logistic", "bf16"), ("bf16-sharded", "bf16"),
-                                         ("tiny-sd35", "fp16"), ("ensemble", "fp16")])
+                                         ("tiny-sd35", "fp16"), ("ensemble", "fp16"), ("tiny-zimage", "bf16"),
+                                         ("tiny-zimage", "fp16")])
 def test_reduced_precision_within_measured_bound(prepared, name, dtype):
     report = run_prepared(prepared(name), "graph", dtype)
     table = format_table(report.stages)
