@@ -44,13 +44,17 @@ def run(args: argparse.Namespace) -> int:
 
     from .cases import CASES
     from .encoders import ENCODER_CASES, run_encoder_case
+    from .generator import GENERATOR_CASES, run_generator_case
     from .harness import run_case, run_checkpoint
 
+    # Cases outside the reward-model case table, fp32 only: name -> (description, runner).
+    fp32_cases = {**{n: (d, run_encoder_case) for n, d in ENCODER_CASES.items()},
+                  **{n: (d, run_generator_case) for n, d in GENERATOR_CASES.items()}}
     if args.list:
-        width = max(map(len, list(CASES) + list(ENCODER_CASES)))
+        width = max(map(len, list(CASES) + list(fp32_cases)))
         for case in CASES.values():
             print(f"{case.name:<{width}}  {case.description}{'  [slow]' if case.slow else ''}")
-        for name, description in ENCODER_CASES.items():
+        for name, (description, _) in fp32_cases.items():
             print(f"{name:<{width}}  {description}  [fp32]")
         return 0
     if args.torch_device == "npu":
@@ -68,19 +72,20 @@ def run(args: argparse.Namespace) -> int:
                                  args.dtype, args.seed, args.ms_device, args.torch_device)
     else:
         names = args.case or ["all"]
-        if names == ["all"]:    # the encoder cases compare fp32 only
-            names = list(CASES) + (list(ENCODER_CASES) if args.dtype == "fp32" else [])
-        unknown = [n for n in names if n not in CASES and n not in ENCODER_CASES]
+        if names == ["all"]:    # the encoder and generator cases compare fp32 only
+            names = list(CASES) + (list(fp32_cases) if args.dtype == "fp32" else [])
+        unknown = [n for n in names if n not in CASES and n not in fp32_cases]
         if unknown:
             print(f"ms-rm parity: error: unknown cases {unknown}; see --list", file=sys.stderr)
             return 2
-        if args.dtype != "fp32" and any(n in ENCODER_CASES for n in names):
-            print(f"ms-rm parity: error: the encoder cases {list(ENCODER_CASES)} compare fp32 only", file=sys.stderr)
+        if args.dtype != "fp32" and any(n in fp32_cases for n in names):
+            print(f"ms-rm parity: error: the encoder and generator cases {list(fp32_cases)} compare fp32 only",
+                  file=sys.stderr)
             return 2
         reports = []
         for name in names:
-            if name in ENCODER_CASES:
-                new = run_encoder_case(name, modes, args.dtype, args.seed, args.ms_device, args.torch_device)
+            if name in fp32_cases:
+                new = fp32_cases[name][1](name, modes, args.dtype, args.seed, args.ms_device, args.torch_device)
             else:
                 new = run_case(CASES[name], modes, args.dtype, args.seed, args.ms_device, args.torch_device)
             reports += new

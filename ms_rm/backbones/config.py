@@ -69,6 +69,7 @@ class SD3BackboneConfig(BackboneConfigBase):
     sample_size: int = 128
     dual_attention_layers: Tuple[int, ...] = ()
     qk_norm: Optional[str] = None
+    out_channels: Optional[int] = None       # None: in_channels (what the full transformer predicts)
     # Not a diffusers setting: the dtype the checkpoint stores the position table in (diffusers
     # loads the stored table back, so a bf16 checkpoint adds bf16-rounded positions).
     position_table_dtype: str = "float32"
@@ -94,6 +95,7 @@ class SD3BackboneConfig(BackboneConfigBase):
         config = cls(pos_embed_max_size=get_value(d, "pos_embed_max_size", int, source, cls.pos_embed_max_size),
                      dual_attention_layers=int_tuple(d, "dual_attention_layers", source, ()),
                      qk_norm=get_value(d, "qk_norm", str, source, None),
+                     out_channels=get_value(d, "out_channels", int, source, None),
                      position_table_dtype=get_value(d, "position_table_dtype", str, source, "float32"),
                      **sizes)
         config.validate(source)

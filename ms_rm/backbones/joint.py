@@ -141,18 +141,23 @@ class JointTransformerBlock(nn.Cell):
     qk-norm and an fp16 clip of the text stream (`flux=True`). image_out / context_out False skip
     (and do not hold the weights of) the part whose output nobody reads: attn2 and ff for the
     image stream, to_add_out and ff_context for the text stream; the joint attention itself
-    always needs both streams' q, k, v.
+    always needs both streams' q, k, v. `context_pre_only` is diffusers' last SD3 block: its text
+    stream is only read (AdaLayerNormContinuous: scale and shift from linear(silu(temb))), never
+    written.
     """
 
     def __init__(self, dim: int, heads: int, qk_norm, dual_attention: bool = False,
-                 image_out: bool = True, context_out: bool = True, flux: bool = False):
+                 image_out: bool = True, context_out: bool = True, flux: bool = False,
+                 context_pre_only: bool = False):
         super().__init__()
         self.dual_attention = dual_attention
         self.image_out = image_out
-        self.context_out = context_out
+        self.context_pre_only = context_pre_only
+        self.context_out = context_out and not context_pre_only
+        context_out = self.context_out
         self.flux = flux
         self.norm1 = AdaLNModulation(dim, 9 if dual_attention else 6)
-        self.norm1_context = AdaLNModulation(dim, 6)
+        self.norm1_context = AdaLNModulation(dim, 2 if context_pre_only else 6)
         self.attn = Attention(dim, heads, joint=True, qk_norm=qk_norm, context_out=context_out,
                               text_first=flux, torch_qk_norm=flux)
         if image_out:
@@ -165,10 +170,11 @@ class JointTransformerBlock(nn.Cell):
     def construct(self, hidden: Tensor, context: Tensor, temb: Tensor, rotary=None):
         """hidden (B, N, D), context (B, T, D), temb (B, D) -> (hidden, context), each maybe None."""
         mod = self.norm1(temb)            # shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp[, msa2 x3]
-        c_mod = self.norm1_context(temb)  # the same six for the text stream
+        c_mod = self.norm1_context(temb)  # the same six for the text stream (context_pre_only: scale, shift)
+        c_shift, c_scale = (c_mod[1], c_mod[0]) if self.context_pre_only else (c_mod[0], c_mod[1])
         normed = ops.layer_norm(hidden)
-        attn_out, context_attn_out = self.attn(modulate(normed, mod[0], mod[1]),
-                                               modulate(ops.layer_norm(context), c_mod[0], c_mod[1]), rotary)
+        attn = self.attn(modulate(normed, mod[0], mod[1]), modulate(ops.layer_norm(context), c_shift, c_scale), rotary)
+        attn_out = attn[0]
         if self.image_out:
             hidden = gated_residual(hidden, mod[2], attn_out)
             if self.dual_attention:
@@ -177,7 +183,7 @@ class JointTransformerBlock(nn.Cell):
         else:
             hidden = None
         if self.context_out:
-            context = gated_residual(context, c_mod[2], context_attn_out)
+            context = gated_residual(context, c_mod[2], attn[1])
             context = gated_residual(context, c_mod[5],
                                      self.ff_context(modulate(ops.layer_norm(context), c_mod[3], c_mod[4])))
             if self.flux and context.dtype == ms.float16:

@@ -75,6 +75,9 @@ class VAEConfig:
     force_upcast: bool = True
     use_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    out_channels: int = 3                   # the decoder's (ms_rm.generators.sd3_vae_decoder)
+    up_block_types: Tuple[str, ...] = ("UpDecoderBlock2D",)
+    use_post_quant_conv: bool = True
 
     @property
     def downsample_factor(self) -> int:
@@ -136,6 +139,11 @@ class VAEConfig:
         if bad:
             raise fail("norm_num_groups", f"({groups}) must divide every entry of block_out_channels, "
                                           f"not {bad}")
+        up_blocks = get("up_block_types", ("UpDecoderBlock2D",) * len(channels))
+        if not isinstance(up_blocks, (list, tuple)) or len(up_blocks) != len(channels) \
+                or any(b != "UpDecoderBlock2D" for b in up_blocks):
+            raise fail("up_block_types", f"must list UpDecoderBlock2D (the SD3 VAE's) once per entry of "
+                                         f"block_out_channels ({len(channels)}), got {up_blocks!r}")
         for key in ("latents_mean", "latents_std"):
             if raw.get(key) is not None:
                 raise fail(key, "is set: per-channel latent normalisation is not implemented (ms_rm maps "
@@ -148,6 +156,9 @@ class VAEConfig:
                      shift_factor=number("shift_factor", defaults.shift_factor),
                      force_upcast=flag("force_upcast", defaults.force_upcast),
                      use_quant_conv=flag("use_quant_conv", defaults.use_quant_conv),
+                     out_channels=positive_int("out_channels", defaults.out_channels),
+                     up_block_types=tuple(up_blocks),
+                     use_post_quant_conv=flag("use_post_quant_conv", defaults.use_post_quant_conv),
                      mid_block_add_attention=flag("mid_block_add_attention", defaults.mid_block_add_attention))
         if config.scaling_factor == 0.0:
             raise fail("scaling_factor", "is 0: the latents would all be zero")

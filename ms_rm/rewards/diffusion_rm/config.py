@@ -23,6 +23,7 @@ from typing import Any, List, Mapping, Optional, Tuple, Union
 from ...backbones.config import TIME_SCALES, BackboneConfig, backbone_from_diffusers, backbone_from_dict, cut_streams
 from ...core.config import MAX_SIZE, get_value, int_tuple, no_unknown, positive
 from ...core.errors import ConfigError
+from ...core.flow_match import SchedulerConfig
 from ...io.files import read_config_file
 
 logger = logging.getLogger(__name__)
@@ -35,32 +36,6 @@ U_CONVENTIONS = ("sigma", "index")
 # as FluxTransformer2DModel.forward does (both multiplied by 1000). SD3 has one way only.
 TIME_CONVENTIONS = tuple(TIME_SCALES)
 REFERENCE_FLUX_GUIDANCE = 3.5         # the upstream FLUX reward model embeds this guidance, always
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """The parts of diffusers' FlowMatchEulerDiscreteScheduler config that shape its training table."""
-
-    num_train_timesteps: int = 1000
-    shift: float = 1.0
-    use_dynamic_shifting: bool = False
-
-    @classmethod
-    def from_diffusers(cls, d: Mapping, source: str = "scheduler config") -> "SchedulerConfig":
-        name = d.get("_class_name", "FlowMatchEulerDiscreteScheduler")
-        if name != "FlowMatchEulerDiscreteScheduler":
-            raise ConfigError(f"{source}: _class_name is '{name}'; Diffusion-RM's noise table needs "
-                              "FlowMatchEulerDiscreteScheduler")
-        # Only these three enter the table built in the scheduler's __init__; the others
-        # (shift_terminal, karras/exponential/beta sigmas, ...) act in set_timesteps only.
-        steps = get_value(d, "num_train_timesteps", int, source, 1000)
-        if not 1 <= steps <= 100_000:
-            raise ConfigError(f"{source}: num_train_timesteps must be in 1..100000, got {steps}")
-        shift = get_value(d, "shift", float, source, 1.0)
-        if not (math.isfinite(shift) and 0 < shift <= 1e4):
-            raise ConfigError(f"{source}: shift must be a finite number in (0, 1e4], got {shift}")
-        return cls(num_train_timesteps=steps, shift=shift,
-                   use_dynamic_shifting=get_value(d, "use_dynamic_shifting", bool, source, False))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """From u to a noise level, and the noise itself.
 
-The table is the one diffusers' FlowMatchEulerDiscreteScheduler builds in __init__ (float32,
-descending): s = linspace(1, n, n)[::-1] / n, sigma = shift*s / (1 + (shift-1)*s) unless the
-scheduler shifts dynamically, timestep = sigma * n. Two conventions turn u into a row:
+The table is the one diffusers' FlowMatchEulerDiscreteScheduler builds in __init__
+(ms_rm.core.flow_match.training_table). Two conventions turn u into a row:
 
 * "sigma" (the released DiNa-LRM code): the row whose sigma is nearest to u. u is the noise
   level itself: 0.1 almost clean, 0.9 almost pure noise.
@@ -19,7 +18,8 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ...core.errors import ConfigError, InputError
-from .config import U_CONVENTIONS, SchedulerConfig
+from ...core.flow_match import SchedulerConfig, training_table
+from .config import U_CONVENTIONS
 
 ArrayLike = Union[float, Sequence[float], np.ndarray]
 
@@ -41,16 +41,8 @@ class NoiseSchedule:
     """The scheduler's training table and the u -> (sigma, timestep) lookup."""
 
     def __init__(self, config: SchedulerConfig):
-        n = config.num_train_timesteps
-        self.num_train_timesteps = n
-        steps = np.linspace(1, n, n, dtype=np.float32)[::-1].copy()
-        sigmas = steps / np.float32(n)
-        if not config.use_dynamic_shifting:
-            # Python scalars as torch treats them: shift - 1 is formed in double, each scalar is
-            # then rounded to float32 for the elementwise float32 arithmetic.
-            sigmas = np.float32(config.shift) * sigmas / (np.float32(1.0) + np.float32(config.shift - 1.0) * sigmas)
-        self.sigmas = sigmas.astype(np.float32)                     # (n,) descending
-        self.timesteps = (self.sigmas * np.float32(n)).astype(np.float32)
+        self.num_train_timesteps = config.num_train_timesteps
+        self.sigmas, self.timesteps = training_table(config)          # (n,) each, descending
 
     def index(self, u: np.ndarray, convention: str) -> np.ndarray:
         """Table rows (int64) for u values (float32 array), by convention."""

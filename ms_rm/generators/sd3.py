@@ -1,0 +1,234 @@
+"""SD3 / SD3.5 generation in MindSpore: prompt embeddings and initial noise in, latents out.
+
+    gen = SD3Generator.from_pretrained("stable-diffusion-3.5-medium")          # a diffusers folder
+    latents = gen.generate(prompt_embeds, pooled, noise, num_inference_steps=28, guidance_scale=4.5,
+                           negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+
+What `StableDiffusion3Pipeline(..., latents=noise, output_type="latent")` computes with given
+embeddings: the scheduler's `set_timesteps` schedule (ms_rm.core.flow_match), then per step the
+transformer on [negative, positive] halves when guidance_scale > 1, v = v_uncond + g (v_text -
+v_uncond), and the Euler step; or, with `sde=True`, Flow-GRPO's SDE step with its log-probability
+(ms_rm.generators.sampling). Each transformer call is compiled (graph mode) once per input shape.
+
+Shapes: latents / noise (B, 16, H, W) in the VAE's scaled space; prompt_embeds (B, T, 4096);
+pooled (B, 2048).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint
+from mindspore.nn.utils import no_init_parameters
+from tqdm import tqdm
+
+from ..backbones.config import SD3BackboneConfig
+from ..backbones.sd3 import POSITION_TABLE_KEY
+from ..core import ops
+from ..core.compiled import CompiledCell
+from ..core.errors import CheckpointError, ConfigError, InputError
+from ..core.flow_match import SchedulerConfig, inference_schedule
+from ..core.inputs import check_finite, noise_input, reward_inputs
+from ..core.weights import check_key_sets, load_parameters
+from ..io.files import find_weights, read_config_file
+from ..io.lora import LoraAdapter
+from ..io.safetensors_file import open_safetensors
+from .sampling import euler_step, sde_step
+from .sd3_transformer import SD3Transformer
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMER_WEIGHTS = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors")
+# Scheduler settings that change set_timesteps and that this sampler does not implement.
+UNSUPPORTED_SCHEDULER_KEYS = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas",
+                              "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
+
+
+def _subfolder(path: str, name: str, marker: str) -> str:
+    """`path/name` when path is a pipeline folder, else `path` itself when it holds `marker`."""
+    for folder in (os.path.join(path, name), path):
+        if os.path.isfile(os.path.join(folder, marker)):
+            return folder
+    raise CheckpointError(f"{path}: no {name}/{marker} (expected a diffusers SD3 pipeline folder)")
+
+
+def scheduler_from_folder(path: str) -> SchedulerConfig:
+    """The pipeline's scheduler config, refusing settings the sampler does not implement."""
+    config_path = os.path.join(_subfolder(path, "scheduler", "scheduler_config.json"), "scheduler_config.json")
+    d = read_config_file(config_path)
+    used = [k for k in UNSUPPORTED_SCHEDULER_KEYS if d.get(k)]
+    if used:
+        raise ConfigError(f"{config_path}: {used} change the sampling schedule in ways ms_rm's sampler does not "
+                          "implement (SD3 / SD3.5 schedulers use none of them)")
+    return SchedulerConfig.from_diffusers(d, config_path)
+
+
+class SD3Generator(CompiledCell):
+    """The full SD3 transformer with its sampler. Build with `from_pretrained` (a diffusers
+    pipeline or transformer folder) or `SD3Generator(config, scheduler)` + `load_state_dict`."""
+
+    def __init__(self, transformer_config: SD3BackboneConfig, scheduler: SchedulerConfig = SchedulerConfig(shift=3.0),
+                 dtype: ms.Type = ms.float32, mode: str = "graph"):
+        super().__init__(mode)
+        self.config = transformer_config
+        self.scheduler = scheduler
+        self.compute_dtype = ops.compute_dtype(dtype)
+        with no_init_parameters():
+            self.transformer = SD3Transformer(transformer_config)
+        for param in self.get_parameters():
+            param.set_dtype(self.compute_dtype)
+        self._positions: Dict[tuple, Tensor] = {}
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, lora: Optional[str] = None, dtype: ms.Type = ms.float32,
+                        mode: str = "graph") -> "SD3Generator":
+        """A diffusers SD3 / SD3.5 folder (the pipeline folder, or its transformer/ with a scheduler/
+        beside it), every transformer tensor read strictly (bf16 upcast on the CPU); `lora`: a peft
+        adapter folder merged into the weights (W + scale B A in float32)."""
+        path = os.fspath(path)
+        folder = _subfolder(path, "transformer", "config.json")
+        config_path = os.path.join(folder, "config.json")
+        raw = read_config_file(config_path)
+        source = open_safetensors(find_weights(folder, TRANSFORMER_WEIGHTS, "transformer"))
+        adapter = LoraAdapter(lora) if lora is not None else None
+        try:
+            if POSITION_TABLE_KEY in source:
+                raw = dict(raw, position_table_dtype=source.dtype(POSITION_TABLE_KEY).name)
+            config = SD3BackboneConfig.from_diffusers(raw, config_path)
+            scheduler_root = path if folder != path else os.path.dirname(path)
+            model = cls(config, scheduler_from_folder(scheduler_root), dtype=dtype, mode=mode)
+            names = {p.name: tuple(p.shape) for p in model.get_parameters()}
+            keys = {f"transformer.{k}" for k in source.keys() if k != POSITION_TABLE_KEY}
+            check_key_sets(names, keys, config_path.replace("config.json", ""),
+                           "Is this the transformer of an SD3 / SD3.5 pipeline, and does config.json match it?")
+            merged = model._lora_plan(adapter, names) if adapter is not None else {}
+
+            def read(name: str) -> np.ndarray:
+                values = source.read(name[len("transformer."):])
+                if name not in merged:
+                    return values
+                return values.astype(np.float32) + adapter.delta(*merged[name])
+
+            load_parameters(model, read, names, folder)
+        finally:
+            source.close()
+            if adapter is not None:
+                adapter.close()
+        return model
+
+    def _lora_plan(self, adapter: LoraAdapter, names: Dict[str, tuple]) -> Dict[str, tuple]:
+        """parameter name -> (module, scale) of every adapted Linear; every module accounted for."""
+        plan = {}
+        for module in adapter.modules:
+            name = f"transformer.{module}.weight"
+            if name not in names or len(names[name]) != 2:
+                raise CheckpointError(f"{adapter.weights_path}: holds a LoRA for '{module}', which is not a Linear "
+                                      "of this transformer")
+            plan[name] = (module, adapter.check_module(module, names[name])[2])
+        return plan
+
+    def load_state_dict(self, tensors, source: str = "state dict") -> None:
+        """Fill every parameter from {diffusers key: array} (the transformer's state dict), strictly."""
+        load_parameters(self, lambda name: np.asarray(tensors[name[len("transformer."):]]),
+                        [f"transformer.{k}" for k in tensors if k != POSITION_TABLE_KEY], source)
+
+    # --- compiled calls ------------------------------------------------------------------------
+    def velocity(self, latents, timestep, encoder_hidden_states, pooled, positions):
+        """The transformer's output (B, C, H, W)."""
+        return self.transformer(latents.astype(self.compute_dtype), timestep, encoder_hidden_states, pooled,
+                                positions)
+
+    def block_outputs(self, latents, timestep, encoder_hidden_states, pooled, positions):
+        """temb, the image stream after every block, and the velocity: for parity checks."""
+        x = latents.astype(self.compute_dtype)
+        temb, streams = self.transformer.blocks(x, timestep, encoder_hidden_states, pooled, positions)
+        return temb, streams, self.transformer.output(streams[-1], temb, x.shape[2], x.shape[3])
+
+    def guided_velocity(self, latents, timestep, encoder_hidden_states, pooled, positions, guidance):
+        """Classifier-free guidance as the pipeline does it: the transformer on [latents, latents] with
+        [negative, positive] embeddings, v_uncond + g (v_text - v_uncond)."""
+        x = latents.astype(self.compute_dtype)
+        v = self.transformer(mint.cat([x, x], dim=0), mint.cat([timestep, timestep], dim=0), encoder_hidden_states,
+                             pooled, positions)
+        uncond, text = mint.chunk(v, 2, dim=0)
+        return uncond + guidance * (text - uncond)
+
+    # --- generation ------------------------------------------------------------------------------
+    def schedule(self, num_inference_steps: Optional[int] = None, sigmas: Optional[Sequence[float]] = None):
+        """(sigmas (N + 1,), timesteps (N,)) of `set_timesteps`, float32."""
+        return inference_schedule(self.scheduler, num_inference_steps, sigmas)
+
+    def _positions_for(self, height: int, width: int) -> Tensor:
+        if (height, width) not in self._positions:
+            self._positions[(height, width)] = Tensor(self.transformer.positions(height, width))
+        return self._positions[(height, width)]
+
+    def _conditioning(self, noise, prompt_embeds, pooled, negative_embeds, negative_pooled, guidance_scale: float):
+        bb = self.config
+        latents, ehs, pooled = reward_inputs(noise, prompt_embeds, pooled, bb.in_channels, bb.joint_attention_dim,
+                                             bb.pooled_projection_dim)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if guidance_scale <= 1:                    # the pipeline guides only when guidance_scale > 1
+            return latents, ehs, pooled, False
+        if negative_embeds is None or negative_pooled is None:
+            raise InputError("guidance_scale > 1 needs negative_prompt_embeds and negative_pooled_prompt_embeds "
+                             "(the pipeline's unconditional half; encode an empty prompt for the default)")
+        _, neg, neg_pooled = reward_inputs(noise, negative_embeds, negative_pooled, bb.in_channels,
+                                           bb.joint_attention_dim, bb.pooled_projection_dim)
+        if neg.shape != ehs.shape:
+            raise InputError(f"negative_prompt_embeds has shape {tuple(neg.shape)}, prompt_embeds {tuple(ehs.shape)}: "
+                             "they must match")
+        return latents, mint.cat([neg, ehs], dim=0), mint.cat([neg_pooled, pooled], dim=0), True
+
+    def generate(self, prompt_embeds, pooled_prompt_embeds, noise, num_inference_steps: Optional[int] = 28,
+                 guidance_scale: float = 7.0, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 sigmas: Optional[Sequence[float]] = None, sde: bool = False, seed: Optional[int] = None,
+                 sde_noise=None, return_trajectory: bool = False, progress: bool = False) -> Any:
+        """Latents (B, C, H, W) from initial `noise`, as the SD3 pipeline computes them with
+        output_type="latent". With `sde=True` every step is Flow-GRPO's SDE step, its noise drawn
+        from `seed` (or given as `sde_noise` (N, B, C, H, W)). With return_trajectory, a dict:
+        latents after every step ("trajectory", (N + 1) arrays from the noise on), the sigmas and
+        timesteps and, for SDE sampling, the log-probability of every step ("log_probs", N x (B,))."""
+        latents, ehs, pooled, guided = self._conditioning(noise, prompt_embeds, pooled_prompt_embeds,
+                                                          negative_prompt_embeds, negative_pooled_prompt_embeds,
+                                                          guidance_scale)
+        check_finite(latents, "noise")
+        sigma_values, timesteps = self.schedule(num_inference_steps, sigmas)
+        steps = len(timesteps)
+        batch = latents.shape[0]
+        if sde:
+            if sde_noise is None:
+                sde_noise = np.random.default_rng(seed).standard_normal((steps,) + tuple(latents.shape), np.float32)
+            sde_noise = noise_input(sde_noise, (steps,) + tuple(latents.shape), "sde_noise")
+        positions = self._positions_for(latents.shape[2], latents.shape[3])
+        x = latents.astype(ms.float32)
+        trajectory: List[Tensor] = [x]
+        log_probs: List[Tensor] = []
+        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+            t = Tensor(np.full(batch, timesteps[i], np.float32))
+            if guided:
+                v = self.run("guided_velocity", x, t, ehs, pooled, positions, Tensor(float(guidance_scale), ms.float32))
+            else:
+                v = self.run("velocity", x, t, ehs, pooled, positions)
+            sigma, sigma_next = Tensor(sigma_values[i]), Tensor(sigma_values[i + 1])
+            if sde:
+                shape = (batch, 1, 1, 1)
+                x, log_prob, _, _ = sde_step(x, v, mint.broadcast_to(sigma, shape), mint.broadcast_to(sigma_next, shape),
+                                             float(sigma_values[1]), noise=sde_noise[i])
+                log_probs.append(log_prob)
+            else:
+                x = euler_step(x, v, sigma, sigma_next)
+            trajectory.append(x)
+        if not return_trajectory:
+            return x
+        out = {"latents": x, "trajectory": trajectory, "sigmas": sigma_values, "timesteps": timesteps}
+        if sde:
+            out["log_probs"] = log_probs
+        return out

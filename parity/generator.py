@@ -1,0 +1,204 @@
+"""Parity of the generator: ms_rm's full SD3 transformer and sampler against diffusers.
+
+Harness cases, fp32, on a tiny random SD3.5-style transformer (the parity cases' TINY_SD35: dual
+attention, RMS qk-norm, the last block context_pre_only) saved with diffusers' `save_pretrained`
+and loaded by `SD3Generator.from_pretrained`:
+
+* sd3-transformer: temb, the image stream after every block and the velocity, vs diffusers'
+  SD3Transformer2DModel (block outputs through forward hooks);
+* sd3-sampling: latents after step 1, 2 and all 4 of `StableDiffusion3Pipeline(latents=noise,
+  output_type="latent")` without and with classifier-free guidance (4.5), plus a 3-step SDE
+  trajectory and the log-probability of every step against Flow-GRPO's `sde_step_with_logprob`
+  (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py), written here in torch from that code;
+* sd3-vae-decode: diffusers' AutoencoderKL.decode of scaled latents (z / scaling + shift) and the
+  pipeline's image postprocessing, against ms_rm's VAE decoder, latents 4x4 and 3x5.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from .cases import SCHEDULER, TINY_SD35
+from .compare import compare_stages
+from .harness import FP32_BOUND, Report, environment
+from .reference import as_torch
+
+GENERATOR_CASES = {
+    "sd3-transformer": "full SD3.5-style transformer (last block context_pre_only, norm_out, proj_out) vs diffusers: "
+                       "temb, every block, velocity",
+    "sd3-sampling": "StableDiffusion3Pipeline latents after steps 1, 2, 4 (guidance 1 and 4.5) and a Flow-GRPO SDE "
+                    "trajectory with its log-probabilities",
+    "sd3-vae-decode": "SD3 VAE decoder vs diffusers AutoencoderKL.decode and the pipeline's [0, 1] images",
+}
+LATENT_HW = (16, 12)
+TEXT_TOKENS = 7
+STEPS = 4
+SDE_STEPS = 3
+
+
+def _reference(seed: int, folder: str):
+    """A random diffusers transformer saved under `folder` (transformer/, scheduler/)."""
+    import json
+    import os
+
+    from diffusers import SD3Transformer2DModel
+
+    from .builders import randomize_
+
+    config = {k: v for k, v in TINY_SD35.items() if not k.startswith("_")}
+    transformer = SD3Transformer2DModel(**config).eval()
+    randomize_(transformer, seed)
+    transformer.save_pretrained(os.path.join(folder, "transformer"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SCHEDULER, f)
+    return transformer
+
+
+def _inputs(seed: int, batch: int = 2):
+    rng = np.random.default_rng(seed + 100)
+    draw = lambda *shape: rng.standard_normal(shape, dtype=np.float32)
+    cfg = TINY_SD35
+    return {"noise": draw(batch, cfg["in_channels"], *LATENT_HW),
+            "ehs": draw(batch, TEXT_TOKENS, cfg["joint_attention_dim"]), "pooled": draw(batch, cfg["pooled_projection_dim"]),
+            "neg": draw(batch, TEXT_TOKENS, cfg["joint_attention_dim"]), "neg_pooled": draw(batch, cfg["pooled_projection_dim"]),
+            "sde_noise": draw(SDE_STEPS, batch, cfg["in_channels"], *LATENT_HW)}
+
+
+def _transformer_stages(transformer, generator, a) -> Dict[str, Dict[str, np.ndarray]]:
+    from mindspore import Tensor
+
+    timestep = np.array([1000.0, 437.5], np.float32)
+    captured: Dict[str, torch.Tensor] = {}
+    hooks = [transformer.time_text_embed.register_forward_hook(lambda m, i, o: captured.__setitem__("temb", o))]
+    for k, block in enumerate(transformer.transformer_blocks):
+        hooks.append(block.register_forward_hook(
+            lambda m, i, o, k=k: captured.__setitem__(f"block_{k + 1}", o[1])))
+    with torch.no_grad():
+        velocity = transformer(hidden_states=as_torch(a["noise"]), encoder_hidden_states=as_torch(a["ehs"]),
+                               pooled_projections=as_torch(a["pooled"]), timestep=as_torch(timestep)).sample
+    for hook in hooks:
+        hook.remove()
+    ref = {k: v.numpy() for k, v in captured.items()}
+    ref["velocity"] = velocity.numpy()
+    positions = Tensor(generator.transformer.positions(*LATENT_HW))
+    temb, streams, v = generator.run("block_outputs", Tensor(a["noise"]), Tensor(timestep), Tensor(a["ehs"]),
+                                     Tensor(a["pooled"]), positions)
+    ours = {"temb": temb.asnumpy()}
+    ours.update({f"block_{k + 1}": s.asnumpy() for k, s in enumerate(streams)})
+    ours["velocity"] = v.asnumpy()
+    return {"ours": ours, "ref": ref}
+
+
+def torch_sde_step(scheduler_sigmas: torch.Tensor, model_output, sample, sigma, sigma_prev, noise):
+    """Flow-GRPO's sde_step_with_logprob in torch (noise given instead of a generator)."""
+    sigma_max = scheduler_sigmas[1].item()
+    dt = sigma_prev - sigma
+    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * 0.7
+    prev_sample_mean = (sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
+                        + model_output * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
+    prev_sample = prev_sample_mean + std_dev_t * torch.sqrt(-1 * dt) * noise
+    log_prob = (-((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * ((std_dev_t * torch.sqrt(-1 * dt)) ** 2))
+                - torch.log(std_dev_t * torch.sqrt(-1 * dt)) - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+def _sampling_stages(transformer, generator, a) -> Dict[str, Dict[str, np.ndarray]]:
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    scheduler_config = {k: v for k, v in SCHEDULER.items() if not k.startswith("_")}
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+                                    vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    ref, ours = {}, {}
+    for guidance in (1.0, 4.5):
+        steps: List[np.ndarray] = []
+
+        def keep(pipeline, i, t, kwargs):
+            steps.append(kwargs["latents"].numpy().copy())
+            return kwargs
+
+        with torch.no_grad():
+            pipe(prompt_embeds=as_torch(a["ehs"]), pooled_prompt_embeds=as_torch(a["pooled"]),
+                 negative_prompt_embeds=as_torch(a["neg"]), negative_pooled_prompt_embeds=as_torch(a["neg_pooled"]),
+                 latents=as_torch(a["noise"]), num_inference_steps=STEPS, guidance_scale=guidance,
+                 height=LATENT_HW[0] * 8, width=LATENT_HW[1] * 8, output_type="latent", callback_on_step_end=keep)
+        run = generator.generate(a["ehs"], a["pooled"], a["noise"], STEPS, guidance, a["neg"], a["neg_pooled"],
+                                 return_trajectory=True)
+        for k in (1, 2, STEPS):
+            ref[f"g{guidance:g}_step_{k}"] = steps[k - 1]
+            ours[f"g{guidance:g}_step_{k}"] = run["trajectory"][k].asnumpy()
+    # The SDE: Flow-GRPO samples without guidance in its rollouts' log-probabilities here (guidance 1).
+    scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_config)
+    scheduler.set_timesteps(SDE_STEPS)
+    x = as_torch(a["noise"])
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            v = transformer(hidden_states=x, encoder_hidden_states=as_torch(a["ehs"]),
+                            pooled_projections=as_torch(a["pooled"]), timestep=t.expand(x.shape[0])).sample
+            sigma = scheduler.sigmas[i].view(-1, 1, 1, 1)
+            sigma_next = scheduler.sigmas[i + 1].view(-1, 1, 1, 1)
+            x, log_prob = torch_sde_step(scheduler.sigmas, v, x.float(), sigma, sigma_next,
+                                         as_torch(a["sde_noise"][i]))
+            ref[f"sde_step_{i + 1}"], ref[f"sde_log_prob_{i + 1}"] = x.numpy(), log_prob.numpy()
+    run = generator.generate(a["ehs"], a["pooled"], a["noise"], SDE_STEPS, 1.0, sde=True, sde_noise=a["sde_noise"],
+                             return_trajectory=True)
+    for i in range(SDE_STEPS):
+        ours[f"sde_step_{i + 1}"] = run["trajectory"][i + 1].asnumpy()
+        ours[f"sde_log_prob_{i + 1}"] = run["log_probs"][i].asnumpy()
+    return {"ours": ours, "ref": ref}
+
+
+def _decode_stages(seed: int, mode: str, folder: str) -> Dict[str, Dict[str, np.ndarray]]:
+    from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
+
+    from .vae_reference import build_reference_vae, tiny_vae_config
+
+    reference = build_reference_vae(tiny_vae_config(), seed=seed)
+    reference.save_pretrained(folder, safe_serialization=True)
+    ours = load_vae_decoder(folder, mode=mode)
+    rng = np.random.default_rng(seed + 7)
+    shift, scale = reference.config.shift_factor or 0.0, reference.config.scaling_factor
+    out: Dict[str, Dict[str, np.ndarray]] = {"ours": {}, "ref": {}}
+    for h, w in ((4, 4), (3, 5)):
+        latents = rng.standard_normal((2, reference.config.latent_channels, h, w), dtype=np.float32)
+        with torch.no_grad():
+            pixels = reference.decode(as_torch(latents) / scale + shift).sample
+        ours_pixels = ours.decode(latents).asnumpy()
+        out["ref"].update({f"pixels_{h}x{w}": pixels.numpy(), f"images_{h}x{w}": (pixels / 2 + 0.5).clamp(0, 1).numpy()})
+        out["ours"].update({f"pixels_{h}x{w}": ours_pixels, f"images_{h}x{w}": np.clip(ours_pixels / 2 + 0.5, 0, 1)})
+    return out
+
+
+def run_generator_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str,
+                       torch_device: str) -> List[Report]:
+    """One report per mode."""
+    from ms_rm.generators.sd3 import SD3Generator
+
+    if dtype != "fp32":
+        raise ValueError(f"the generator cases compare fp32 only, not {dtype}")
+    reports = []
+    if name == "sd3-vae-decode":
+        for mode in modes:
+            with tempfile.TemporaryDirectory() as folder:
+                stages = _decode_stages(seed, mode, folder)
+            reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed,
+                                  compare_stages(stages["ours"], stages["ref"], {"default": FP32_BOUND}),
+                                  environment=environment(ms_device, torch_device)))
+        return reports
+    with tempfile.TemporaryDirectory() as folder:
+        transformer = _reference(seed, folder)
+        a = _inputs(seed)
+        for mode in modes:
+            generator = SD3Generator.from_pretrained(folder, mode=mode)
+            stages = (_transformer_stages if name == "sd3-transformer" else _sampling_stages)(transformer, generator, a)
+            results = compare_stages(stages["ours"], stages["ref"], {"default": FP32_BOUND})
+            reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed, results,
+                                  environment=environment(ms_device, torch_device)))
+    return reports
