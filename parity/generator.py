@@ -10,6 +10,10 @@ and loaded by `SD3Generator.from_pretrained`:
   output_type="latent")` without and with classifier-free guidance (4.5), plus a 3-step SDE
   trajectory and the log-probability of every step against Flow-GRPO's `sde_step_with_logprob`
   (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py), written here in torch from that code;
+* sd3-lora: a peft LoRA (rank 4 on to_q/k/v/to_out.0, random factors) on the transformer: the
+  velocity with the adapter merged (`lora_mode="merge"`) and with separate factors ("train")
+  against peft's model, and the gradient of sum(w * Euler step output) with respect to every
+  LoRA factor against torch autograd;
 * sd3-vae-decode: diffusers' AutoencoderKL.decode of scaled latents (z / scaling + shift) and the
   pipeline's image postprocessing, against ms_rm's VAE decoder, latents 4x4 and 3x5.
 """
@@ -25,7 +29,7 @@ import torch
 
 from .cases import SCHEDULER, TINY_SD35
 from .compare import compare_stages
-from .harness import FP32_BOUND, Report, environment
+from .harness import FP32_BOUND, Report, bounds_for, environment
 from .reference import as_torch
 
 GENERATOR_CASES = {
@@ -33,6 +37,8 @@ GENERATOR_CASES = {
                        "temb, every block, velocity",
     "sd3-sampling": "StableDiffusion3Pipeline latents after steps 1, 2, 4 (guidance 1 and 4.5) and a Flow-GRPO SDE "
                     "trajectory with its log-probabilities",
+    "sd3-lora": "peft LoRA on the transformer: velocity merged and separate, and the gradient of one step's output "
+                "w.r.t. every LoRA factor vs torch autograd",
     "sd3-vae-decode": "SD3 VAE decoder vs diffusers AutoencoderKL.decode and the pipeline's [0, 1] images",
 }
 LATENT_HW = (16, 12)
@@ -155,6 +161,59 @@ def _sampling_stages(transformer, generator, a) -> Dict[str, Dict[str, np.ndarra
     return {"ours": ours, "ref": ref}
 
 
+def _lora_stages(transformer, folder: str, mode: str, seed: int, a) -> Dict[str, Dict[str, np.ndarray]]:
+    import copy
+    import os
+
+    from mindspore import Tensor
+    from peft import LoraConfig, get_peft_model
+
+    from ms_rm.core.weights import random_parameter
+    from ms_rm.generators.sd3 import SD3Generator
+
+    model = get_peft_model(copy.deepcopy(transformer), LoraConfig(r=4, lora_alpha=8,
+                                                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():             # peft starts lora_B at zero: make every factor matter
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.from_numpy(random_parameter(name, p.shape, seed + 1)))
+    adapter = os.path.join(folder, "lora")
+    model.save_pretrained(adapter)
+    x, timestep = a["noise"], np.array([700.0, 700.0], np.float32)
+    sigma, sigma_next = np.float32(0.7), np.float32(0.3)
+    weight = np.random.default_rng(seed + 3).standard_normal(x.shape, dtype=np.float32)
+
+    def torch_run(dtype: torch.dtype) -> Dict[str, np.ndarray]:
+        net = copy.deepcopy(model).to(dtype)
+        put = lambda array: as_torch(array).to(dtype)
+        v = net(hidden_states=put(x), encoder_hidden_states=put(a["ehs"]), pooled_projections=put(a["pooled"]),
+                timestep=as_torch(timestep)).sample
+        loss = ((put(x) + (torch.tensor(sigma_next, dtype=dtype) - torch.tensor(sigma, dtype=dtype)) * v)
+                * put(weight)).sum()
+        loss.backward()
+        out = {"velocity_merged": v, "velocity_separate": v, "step_scalar": loss}
+        out.update({"grad:" + n[len("base_model.model."):].replace(".default.weight", ""): p.grad
+                    for n, p in net.named_parameters() if "lora_" in n})
+        return {k: t.detach().float().numpy() for k, t in out.items()}
+
+    args = [Tensor(x), Tensor(timestep), Tensor(a["ehs"]), Tensor(a["pooled"])]
+    merged = SD3Generator.from_pretrained(folder, lora=adapter, mode=mode)
+    separate = SD3Generator.from_pretrained(folder, lora=adapter, lora_mode="train", mode=mode)
+    positions = Tensor(merged.transformer.positions(*LATENT_HW))
+    value, grads = separate.lora_gradients("weighted_step", *args, positions, Tensor(sigma), Tensor(sigma_next),
+                                           Tensor(weight))
+    ours = {"velocity_merged": merged.run("velocity", *args, positions).asnumpy(),
+            "velocity_separate": separate.run("velocity", *args, positions).asnumpy(),
+            "step_scalar": value.asnumpy()}
+    ours.update({"grad:" + p.name[len("transformer."):]: g.asnumpy()
+                 for p, g in zip(separate.lora_parameters(), grads)})
+    ref32, ref64 = torch_run(torch.float32), torch_run(torch.float64)
+    # The gradients sum over every token: their bound is the tolerance policy's, from torch's own
+    # fp32 error against float64 (ms_rm_parity.harness.bounds_for).
+    bounds = bounds_for("fp32", {k: ref64[k] for k in ours}, {k: ref32[k] for k in ours})
+    return {"ours": ours, "ref": {k: ref32[k] for k in ours}, "bounds": bounds}
+
+
 def _decode_stages(seed: int, mode: str, folder: str) -> Dict[str, Dict[str, np.ndarray]]:
     from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
 
@@ -196,9 +255,13 @@ def run_generator_case(name: str, modes: List[str], dtype: str, seed: int, ms_de
         transformer = _reference(seed, folder)
         a = _inputs(seed)
         for mode in modes:
-            generator = SD3Generator.from_pretrained(folder, mode=mode)
-            stages = (_transformer_stages if name == "sd3-transformer" else _sampling_stages)(transformer, generator, a)
-            results = compare_stages(stages["ours"], stages["ref"], {"default": FP32_BOUND})
+            if name == "sd3-lora":
+                stages = _lora_stages(transformer, folder, mode, seed, a)
+            else:
+                generator = SD3Generator.from_pretrained(folder, mode=mode)
+                stages = (_transformer_stages if name == "sd3-transformer" else _sampling_stages)(transformer,
+                                                                                                  generator, a)
+            results = compare_stages(stages["ours"], stages["ref"], stages.get("bounds", {"default": FP32_BOUND}))
             reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed, results,
                                   environment=environment(ms_device, torch_device)))
     return reports

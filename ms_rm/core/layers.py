@@ -46,16 +46,30 @@ class Linear(nn.Cell):
     """y = x W^T + b with weight (out, in) and bias (out,), torch's layout and names.
 
     Through ops.linear (MatMul + BiasAdd) rather than mint.nn.Linear: faster on the CPU, and
-    its memory is reused inside compiled graphs.
+    its memory is reused inside compiled graphs. `add_lora` gives it separate low-rank factors,
+    peft's LoRA: y + scale * (x A^T) B^T with lora_A (r, in) and lora_B (out, r).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
         self.weight = Parameter(initializer("zeros", (out_features, in_features), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (out_features,), ms.float32), name="bias") if bias else None
+        self.lora_A = self.lora_B = None
+        self.lora_scale = 0.0
+
+    def add_lora(self, a: np.ndarray, b: np.ndarray, scale: float, prefix: str) -> None:
+        """Separate (trainable) LoRA factors a (r, in), b (out, r), in the weight's dtype, named
+        `prefix`.lora_A / .lora_B (`prefix`: this Linear's path in the model; MindSpore does not
+        prefix parameters added after construction)."""
+        self.lora_A = Parameter(Tensor(np.asarray(a, np.float32), self.weight.dtype), name=f"{prefix}.lora_A")
+        self.lora_B = Parameter(Tensor(np.asarray(b, np.float32), self.weight.dtype), name=f"{prefix}.lora_B")
+        self.lora_scale = float(scale)
 
     def construct(self, x: Tensor) -> Tensor:
-        return ops.linear(x, self.weight, self.bias)
+        y = ops.linear(x, self.weight, self.bias)
+        if self.lora_A is not None:
+            y = y + ops.linear(ops.linear(x, self.lora_A), self.lora_B) * self.lora_scale
+        return y
 
 
 class Timesteps(nn.Cell):

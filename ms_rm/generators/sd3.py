@@ -85,11 +85,14 @@ class SD3Generator(CompiledCell):
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str, lora: Optional[str] = None, dtype: ms.Type = ms.float32,
-                        mode: str = "graph") -> "SD3Generator":
+    def from_pretrained(cls, path: str, lora: Optional[str] = None, lora_mode: str = "merge",
+                        dtype: ms.Type = ms.float32, mode: str = "graph") -> "SD3Generator":
         """A diffusers SD3 / SD3.5 folder (the pipeline folder, or its transformer/ with a scheduler/
-        beside it), every transformer tensor read strictly (bf16 upcast on the CPU); `lora`: a peft
-        adapter folder merged into the weights (W + scale B A in float32)."""
+        beside it), every transformer tensor read strictly (bf16 upcast on the CPU). `lora`: a peft
+        adapter folder, merged into the weights (lora_mode "merge": W + scale B A in float32) or
+        kept as separate trainable factors ("train", see add_lora)."""
+        if lora_mode not in ("merge", "train"):
+            raise ConfigError(f"lora_mode must be 'merge' or 'train', got {lora_mode!r}")
         path = os.fspath(path)
         folder = _subfolder(path, "transformer", "config.json")
         config_path = os.path.join(folder, "config.json")
@@ -106,7 +109,8 @@ class SD3Generator(CompiledCell):
             keys = {f"transformer.{k}" for k in source.keys() if k != POSITION_TABLE_KEY}
             check_key_sets(names, keys, config_path.replace("config.json", ""),
                            "Is this the transformer of an SD3 / SD3.5 pipeline, and does config.json match it?")
-            merged = model._lora_plan(adapter, names) if adapter is not None else {}
+            plan = model._lora_plan(adapter, names) if adapter is not None else {}
+            merged = plan if lora_mode == "merge" else {}
 
             def read(name: str) -> np.ndarray:
                 values = source.read(name[len("transformer."):])
@@ -115,11 +119,54 @@ class SD3Generator(CompiledCell):
                 return values.astype(np.float32) + adapter.delta(*merged[name])
 
             load_parameters(model, read, names, folder)
+            if lora_mode == "train" and adapter is not None:
+                for name, (module, scale) in plan.items():
+                    a_key, b_key = adapter.modules[module]
+                    model._linear(module).add_lora(adapter.file.read(a_key), adapter.file.read(b_key), scale,
+                                                   f"transformer.{module}")
         finally:
             source.close()
             if adapter is not None:
                 adapter.close()
         return model
+
+    # --- LoRA ------------------------------------------------------------------------------------
+    def _linear(self, module: str):
+        cell = self.transformer
+        for part in module.split("."):
+            cell = cell[int(part)] if part.isdigit() else getattr(cell, part)
+        return cell
+
+    def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+                 seed: int = 0) -> List[str]:
+        """Fresh trainable LoRA factors on every Linear whose module name ends with a target (peft's
+        rule for a list of names): lora_A ~ kaiming-uniform(a=sqrt(5)) as peft's default init,
+        lora_B = 0, scale alpha / rank. Returns the adapted module names."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise InputError(f"rank must be a positive integer, got {rank!r}")
+        rng = np.random.default_rng(seed)
+        adapted = []
+        for name, cell in self.transformer.cells_and_names():
+            if not name or not hasattr(cell, "add_lora") or not any(name == t or name.endswith("." + t)
+                                                                     for t in target_modules):
+                continue
+            out_features, in_features = cell.weight.shape
+            bound = 1.0 / np.sqrt(in_features)
+            cell.add_lora(rng.uniform(-bound, bound, (rank, in_features)), np.zeros((out_features, rank)),
+                          alpha / rank, f"transformer.{name}")
+            adapted.append(name)
+        if not adapted:
+            raise InputError(f"no Linear of the transformer matches target_modules {list(target_modules)}")
+        return adapted
+
+    def lora_parameters(self) -> List[ms.Parameter]:
+        """The separate LoRA factors (lora_A, lora_B of every adapted Linear), in a fixed order."""
+        return [p for p in self.get_parameters() if p.name.endswith((".lora_A", ".lora_B"))]
+
+    def lora_state(self) -> Dict[str, np.ndarray]:
+        """The LoRA factors under peft's saved names (base_model.model.<module>.lora_A.weight)."""
+        prefix = len("transformer.")
+        return {f"base_model.model.{p.name[prefix:]}.weight": p.asnumpy() for p in self.lora_parameters()}
 
     def _lora_plan(self, adapter: LoraAdapter, names: Dict[str, tuple]) -> Dict[str, tuple]:
         """parameter name -> (module, scale) of every adapted Linear; every module accounted for."""
@@ -148,6 +195,24 @@ class SD3Generator(CompiledCell):
         x = latents.astype(self.compute_dtype)
         temb, streams = self.transformer.blocks(x, timestep, encoder_hidden_states, pooled, positions)
         return temb, streams, self.transformer.output(streams[-1], temb, x.shape[2], x.shape[3])
+
+    def weighted_step(self, latents, timestep, encoder_hidden_states, pooled, positions, sigma, sigma_next, weight):
+        """sum(weight * Euler step of latents): a scalar of one step's output, differentiable with
+        respect to the LoRA factors (see lora_gradients)."""
+        v = self.velocity(latents, timestep, encoder_hidden_states, pooled, positions)
+        return (euler_step(latents, v, sigma, sigma_next) * weight).sum()
+
+    def lora_gradients(self, name: str, *args):
+        """(value, gradients of every LoRA factor) of the scalar method `name` on args; compiled in
+        graph mode. The base weights are not differentiated."""
+        params = self.lora_parameters()
+        if not params:
+            raise InputError("the transformer has no LoRA factors: load an adapter with lora_mode='train' or add_lora")
+        key = f"grad:{name}:{self.mode}"
+        if key not in self._compiled:
+            grad_fn = ms.value_and_grad(getattr(self, name), grad_position=None, weights=params)
+            self._compiled[key] = ms.jit(grad_fn) if self.mode == "graph" else grad_fn
+        return self._compiled[key](*args)
 
     def guided_velocity(self, latents, timestep, encoder_hidden_states, pooled, positions, guidance):
         """Classifier-free guidance as the pipeline does it: the transformer on [latents, latents] with
