@@ -3,7 +3,7 @@
 `import ms_rm` needs MindSpore, numpy, safetensors, PyYAML and tqdm only; it never imports
 torch (nor mindone). Layout (imports point one way, left to right):
 
-    cli -> scoring -> rewards -> backbones / encoders -> core / io
+    cli -> scoring / generators -> rewards -> backbones / encoders -> core / io
 """
 
 import logging
@@ -12,6 +12,7 @@ from .core.errors import CheckpointError, ConfigError, InputError, MissingDepend
 from .rewards import REWARD_MODELS, RewardModel, load_reward_model
 from .rewards.diffusion_rm import DiffusionRM, HeadConfig, RewardModelConfig, SchedulerConfig, load_config
 from .backbones.config import FluxBackboneConfig, SD3BackboneConfig, ZImageBackboneConfig
+from .generators.sd3 import SD3Generator
 from .scoring import (SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer,
                       DiffusionRMZImageScorer, MultiScorer)
 from .version import __version__
@@ -19,7 +20,7 @@ from .version import __version__
 __all__ = [
     "DiffusionRM", "RewardModel", "REWARD_MODELS", "load_reward_model",
     "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer", "DiffusionRMZImageScorer", "MultiScorer",
-    "SCORERS",
+    "SCORERS", "SD3Generator",
     "RewardModelConfig", "SD3BackboneConfig", "FluxBackboneConfig", "ZImageBackboneConfig", "HeadConfig", "SchedulerConfig",
     "load_config", "MsRmError", "ConfigError", "CheckpointError", "InputError",
     "MissingDependencyError", "__version__",

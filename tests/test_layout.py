@@ -17,7 +17,7 @@ PACKAGE = ROOT / "ms_rm"
 SHARED_CYCLES = ROOT.parent / "shared" / "tools" / "import_cycles.py"
 
 # What each part of ms_rm may import (besides itself and ms_rm.version):
-# cli -> scoring -> rewards -> backbones / encoders -> core / io.
+# cli -> scoring / generators -> rewards -> backbones / encoders -> core / io.
 MAY_IMPORT = {
     "core": set(),
     "io": {"core"},
@@ -25,7 +25,8 @@ MAY_IMPORT = {
     "encoders": {"core", "io"},
     "rewards": {"backbones", "core", "io"},
     "scoring": {"rewards", "encoders", "backbones", "core", "io"},
-    "cli": {"scoring", "rewards", "encoders", "backbones", "core", "io"},
+    "generators": {"encoders", "backbones", "core", "io"},
+    "cli": {"scoring", "generators", "rewards", "encoders", "backbones", "core", "io"},
 }
 
 

@@ -71,14 +71,14 @@ def reward_inputs(latents: Any, encoder_hidden_states: Any, pooled_projections: 
     return latents, ehs, pooled
 
 
-def latent_input(latents: Any, in_channels: int, check_values: bool = True) -> Tensor:
-    """Latents (B, in_channels, H, W) of a float dtype, B > 0."""
-    latents = as_float_tensor(latents, "latents")
-    check_shape(latents, "latents", (None, in_channels, None, None), "= (B, channels, H, W)")
+def latent_input(latents: Any, in_channels: int, check_values: bool = True, name: str = "latents") -> Tensor:
+    """Latents (B, in_channels, H, W) of a float dtype, B > 0 (`name`: the argument, for errors)."""
+    latents = as_float_tensor(latents, name)
+    check_shape(latents, name, (None, in_channels, None, None), "= (B, channels, H, W)")
     if latents.shape[0] == 0:
-        raise InputError("latents has an empty batch")
+        raise InputError(f"{name} has an empty batch")
     if check_values:
-        check_finite(latents, "latents")
+        check_finite(latents, name)
     return latents
 
 

@@ -32,7 +32,7 @@ from ..core import ops
 from ..core.compiled import CompiledCell
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..core.flow_match import SchedulerConfig, inference_schedule
-from ..core.inputs import check_finite, noise_input, reward_inputs
+from ..core.inputs import latent_input, noise_input, reward_inputs
 from ..core.weights import check_key_sets, load_parameters
 from ..io.files import find_weights, read_config_file
 from ..io.lora import LoraAdapter
@@ -235,6 +235,7 @@ class SD3Generator(CompiledCell):
 
     def _conditioning(self, noise, prompt_embeds, pooled, negative_embeds, negative_pooled, guidance_scale: float):
         bb = self.config
+        noise = latent_input(noise, bb.in_channels, name="noise")
         latents, ehs, pooled = reward_inputs(noise, prompt_embeds, pooled, bb.in_channels, bb.joint_attention_dim,
                                              bb.pooled_projection_dim)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
@@ -264,7 +265,6 @@ class SD3Generator(CompiledCell):
         latents, ehs, pooled, guided = self._conditioning(noise, prompt_embeds, pooled_prompt_embeds,
                                                           negative_prompt_embeds, negative_pooled_prompt_embeds,
                                                           guidance_scale)
-        check_finite(latents, "noise")
         sigma_values, timesteps = self.schedule(num_inference_steps, sigmas)
         steps = len(timesteps)
         batch = latents.shape[0]
