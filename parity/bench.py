@@ -1,4 +1,4 @@
-"""`ms-rm bench` / `python -m ms_rm_parity.bench`: ms_rm's reward forward against the torch reference.
+"""`ms-rm bench` / `python -m ms_rm_parity.bench`: ms_rm's reward forward (and generation) against torch.
 
 Each framework runs in its own child process (so each one's peak RSS is its own), on the same
 machine, thread count, weights and inputs: random weights drawn per parameter name
@@ -8,6 +8,11 @@ agree) and seeded inputs.
 * ms_rm: DiffusionRM.reward in graph mode (ms.jit), fp32.
 * torch: diffusers' SD3Transformer2DModel cut after N blocks + our torch head, fp32, no_grad.
   Random weights are what a merged LoRA looks like: no adapter runs at forward time.
+
+Generation (`--sizes generate-small generate-real`): SD3Generator.generate against diffusers'
+StableDiffusion3Pipeline(latents=noise, output_type="latent") with the same random transformer (all
+blocks of the config), embeddings and noise, GENERATE_STEPS steps with classifier-free guidance
+4.5 (two transformer passes per step); the final latents must agree.
 
 Reported per size: median and spread (min-max) of the timed runs after one warm-up call, the
 first call (MindSpore compiles the graph there), ms/torch time ratio, peak RSS of each process,
@@ -48,7 +53,31 @@ def sizes() -> Dict[str, dict]:
     small_rm = json.loads(json.dumps(real["rm"]))
     small_rm["model"].update(num_transformer_layers=4, visual_head_idx=[2, 4], text_head_idx=[2, 4])
     small = {"rm": small_rm, "transformer": small_transformer, "latent_hw": (32, 32), "text_tokens": 64}
-    return {"real": real, "small": small}
+    generate_small = dict(small, generate=True)
+    generate_real = dict(real, generate=True)
+    return {"real": real, "small": small, "generate-small": generate_small, "generate-real": generate_real}
+
+
+GENERATE_STEPS = 2
+GENERATE_GUIDANCE = 4.5
+
+
+def generate_flops(bb, height: int, width: int, text_tokens: int) -> int:
+    """FLOPs of one generated sample: GENERATE_STEPS steps x 2 guided passes of every block (each
+    block as in reward_flops), plus norm_out / proj_out."""
+    d, p = bb.inner_dim, bb.patch_size
+    n, t = (height // p) * (width // p), text_tokens
+    flops = 2 * n * bb.in_channels * p * p * d + 2 * t * bb.joint_attention_dim * d
+    flops += 2 * (256 * d + d * d) + 2 * (bb.pooled_projection_dim * d + d * d)
+    for i in range(bb.num_layers):
+        last = i == bb.num_layers - 1
+        flops += 2 * d * (9 if i in bb.dual_attention_layers else 6) * d + 2 * d * (2 if last else 6) * d   # adaLN
+        flops += 2 * (n + t) * d * 3 * d + 4 * (n + t) ** 2 * d + 2 * n * d * d + (0 if last else 2 * t * d * d)
+        flops += 2 * n * d * 8 * d + (0 if last else 2 * t * d * 8 * d)                                      # FFNs
+        if i in bb.dual_attention_layers:
+            flops += 2 * n * d * 4 * d + 4 * n * n * d
+    flops += 2 * d * 2 * d + 2 * n * d * p * p * bb.in_channels
+    return 2 * GENERATE_STEPS * flops
 
 
 def reward_flops(config, height: int, width: int, text_tokens: int) -> int:
@@ -140,6 +169,60 @@ def _torch_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
     return _timed(call, runs) | {"build_seconds": build}
 
 
+def _ms_generate_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
+    import mindspore as ms
+
+    from ms_rm.backbones.config import SD3BackboneConfig
+    from ms_rm.core.flow_match import SchedulerConfig
+    from ms_rm.generators.sd3 import SD3Generator
+
+    ms.set_device("CPU")
+    ms.set_context(runtime_num_threads=threads)
+    start = time.perf_counter()
+    model = SD3Generator(SD3BackboneConfig.from_diffusers(spec["transformer"]),
+                         SchedulerConfig.from_diffusers(_json("scheduler_config.json"))).randomize(0)
+    build = time.perf_counter() - start
+    latents, ehs, pooled, _ = _inputs(spec, batch)
+    neg, neg_pooled = ehs[::-1].copy() * 0.5, pooled[::-1].copy() * 0.5
+
+    def call():
+        return model.generate(ehs, pooled, latents, GENERATE_STEPS, GENERATE_GUIDANCE, neg, neg_pooled).asnumpy()
+
+    return _timed(call, runs) | {"build_seconds": build}
+
+
+def _torch_generate_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from .builders import randomize_
+    from .reference import as_torch
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    transformer = SD3Transformer2DModel(**{k: v for k, v in spec["transformer"].items() if not k.startswith("_")})
+    randomize_(transformer.eval(), 0, prefix="transformer.")
+    scheduler = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in _json("scheduler_config.json").items()
+                                                   if not k.startswith("_")})
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=None, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    build = time.perf_counter() - start
+    latents, ehs, pooled, _ = _inputs(spec, batch)
+    neg, neg_pooled = ehs[::-1].copy() * 0.5, pooled[::-1].copy() * 0.5
+    h, w = spec["latent_hw"]
+
+    def call():
+        with torch.no_grad():
+            return pipe(prompt_embeds=as_torch(ehs), pooled_prompt_embeds=as_torch(pooled),
+                        negative_prompt_embeds=as_torch(neg), negative_pooled_prompt_embeds=as_torch(neg_pooled),
+                        latents=as_torch(latents), num_inference_steps=GENERATE_STEPS, guidance_scale=GENERATE_GUIDANCE,
+                        height=h * 8, width=w * 8, output_type="latent").images.numpy()
+
+    return _timed(call, runs) | {"build_seconds": build}
+
+
 def _gemm_worker(framework: str, m: int, k: int, n: int, threads: int, runs: int = 5) -> dict:
     """GFLOP/s of (m, k) @ (k, n)^T through each framework's Linear, the spelling the models use."""
     a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
@@ -210,7 +293,13 @@ def run(size_names: List[str], runs: int, threads: int, batch_scaling: bool) -> 
         d = config.backbone.inner_dim
         gemm = {fw: _child(["--gemm", fw, "--shape", str(tokens), str(d), str(4 * d), "--threads", str(threads)])["gflops"]
                 for fw in ("torch", "ms")}
-        entry = {"flops": reward_flops(config, h, w, spec["text_tokens"]), "gemm_gflops": gemm, "runs": {}}
+        if spec.get("generate"):
+            from ms_rm.backbones.config import SD3BackboneConfig
+
+            flops = generate_flops(SD3BackboneConfig.from_diffusers(spec["transformer"]), h, w, spec["text_tokens"])
+        else:
+            flops = reward_flops(config, h, w, spec["text_tokens"])
+        entry = {"flops": flops, "gemm_gflops": gemm, "runs": {}}
         for fw in ("torch", "ms"):
             entry["runs"][fw] = _child(["--worker", fw, "--size", name, "--batch", "1", "--runs", str(runs),
                                         "--threads", str(threads)])
@@ -240,9 +329,10 @@ def format_report(report: dict) -> str:
     for name, entry in report["sizes"].items():
         ms_r, t_r = np.array(entry["runs"]["ms"]["reward"]), np.array(entry["runs"]["torch"]["reward"])
         rel = float(np.abs(ms_r - t_r).max() / max(np.abs(t_r).max(), 1e-30))
+        what = "latents" if name.startswith("generate") else "reward"
         lines.append(f"{name}: {entry['flops'] / 1e9:.1f} GFLOP per sample; matmul peak torch "
                      f"{entry['gemm_gflops']['torch']:.0f}, MindSpore {entry['gemm_gflops']['ms']:.0f} GFLOP/s; "
-                     f"ms_rm reward vs torch: max rel diff {rel:.1e}")
+                     f"ms_rm {what} vs torch: max rel diff {rel:.1e}")
         if "batch_scaling" in entry:
             lines.append(f"{name} batch scaling (samples/s): " + "; ".join(
                 f"{fw} " + ", ".join(f"b{b}={int(b) / s:.2f}" for b, s in entry["batch_scaling"][fw].items())
@@ -263,8 +353,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker or args.gemm:
         if args.worker:
-            work = _ms_worker if args.worker == "ms" else _torch_worker
-            result = work(sizes()[args.size], args.batch, args.runs, args.threads)
+            spec = sizes()[args.size]
+            if spec.get("generate"):
+                work = _ms_generate_worker if args.worker == "ms" else _torch_generate_worker
+            else:
+                work = _ms_worker if args.worker == "ms" else _torch_worker
+            result = work(spec, args.batch, args.runs, args.threads)
         else:
             result = _gemm_worker(args.gemm, *args.shape, args.threads)
         result["peak_rss"] = peak_rss_bytes()      # this process's own peak (see ms_rm_parity.peak_rss)
@@ -275,8 +369,11 @@ def main(argv=None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", nargs="+", choices=["small", "real"], default=["small"],
-                        help="configurations: small (seconds) and/or real (SD3.5-M 12 layers, minutes)")
+    parser.add_argument("--sizes", nargs="+", choices=["small", "real", "generate-small", "generate-real"],
+                        default=["small"], help="configurations: small (seconds) and/or real (SD3.5-M 12 layers, "
+                                                "minutes) reward forwards; generate-small / generate-real: "
+                                                f"{GENERATE_STEPS}-step guided generation (generate-real: all 24 "
+                                                "SD3.5-M blocks, ~10 GB per framework)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs after the warm-up call")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both frameworks")
     parser.add_argument("--batch-scaling", action="store_true", help="throughput at batch 1, 2, 4, 8 (small size)")
