@@ -26,7 +26,8 @@ MAY_IMPORT = {
     "rewards": {"backbones", "core", "io"},
     "scoring": {"rewards", "encoders", "backbones", "core", "io"},
     "generators": {"encoders", "backbones", "core", "io"},
-    "cli": {"scoring", "generators", "rewards", "encoders", "backbones", "core", "io"},
+    "search": {"core"},
+    "cli": {"scoring", "generators", "search", "rewards", "encoders", "backbones", "core", "io"},
 }
 
 
