@@ -44,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
     from .cases import CASES
     from .encoders import ENCODER_CASES, run_encoder_case
+    from .flow_parity import FLOW_CASES, run_flow_case
     from .generator import GENERATOR_CASES, run_generator_case
     from .harness import run_case, run_checkpoint
 
     # Cases outside the reward-model case table, fp32 only: name -> (description, runner).
     fp32_cases = {**{n: (d, run_encoder_case) for n, d in ENCODER_CASES.items()},
-                  **{n: (d, run_generator_case) for n, d in GENERATOR_CASES.items()}}
+                  **{n: (d, run_generator_case) for n, d in GENERATOR_CASES.items()},
+                  **{n: (d, run_flow_case) for n, d in FLOW_CASES.items()}}
     if args.list:
         width = max(map(len, list(CASES) + list(fp32_cases)))
         for case in CASES.values():
@@ -72,14 +74,14 @@ def run(args: argparse.Namespace) -> int:
                                  args.dtype, args.seed, args.ms_device, args.torch_device)
     else:
         names = args.case or ["all"]
-        if names == ["all"]:    # the encoder and generator cases compare fp32 only
+        if names == ["all"]:    # the encoder, generator and flow cases compare fp32 only
             names = list(CASES) + (list(fp32_cases) if args.dtype == "fp32" else [])
         unknown = [n for n in names if n not in CASES and n not in fp32_cases]
         if unknown:
             print(f"ms-rm parity: error: unknown cases {unknown}; see --list", file=sys.stderr)
             return 2
         if args.dtype != "fp32" and any(n in fp32_cases for n in names):
-            print(f"ms-rm parity: error: the encoder and generator cases {list(fp32_cases)} compare fp32 only",
+            print(f"ms-rm parity: error: the encoder, generator and flow cases {list(fp32_cases)} compare fp32 only",
                   file=sys.stderr)
             return 2
         reports = []
