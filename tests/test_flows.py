@@ -3,7 +3,6 @@
 that must fail, training on real digits (the loss falls), checkpoints, sampling, the CLI, errors."""
 
 import json
-import os
 
 import numpy as np
 import pytest
