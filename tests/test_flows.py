@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from ms_rm import ConfigError, InputError
+from ms_rm import CheckpointError, ConfigError, InputError
 from ms_rm.cli import main as cli
 from ms_rm.flows import FlowScoreConfig
 from ms_rm_parity.flow_parity import FLOW_CASES, run_flow_case
@@ -64,7 +64,7 @@ def test_training_on_real_digits_lowers_the_loss_and_resumes(tmp_path):
     assert grid.shape == (10, 784) and np.isfinite(grid).all() and grid.min() >= -1 and grid.max() <= 1
     with pytest.raises(InputError, match="the network's data_dim is 784"):
         train(config, images[:, :100], labels, settings, str(tmp_path / "other"), progress=False)
-    with pytest.raises(Exception, match="already exists"):
+    with pytest.raises(CheckpointError, match="already exists"):
         train(config, images, labels, settings, str(tmp_path / "run"), progress=False)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ms_rm import ConfigError, InputError, SD3Generator
+from ms_rm import CheckpointError, ConfigError, InputError, SD3Generator
 from ms_rm.cli import main as cli
 from ms_rm_parity.generator import GENERATOR_CASES, LATENT_HW, _inputs, _reference, run_generator_case
 
@@ -85,7 +85,7 @@ def test_loading_is_strict_and_refuses_other_schedulers(folder, tmp_path):
     weights = copy / "transformer" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(str(weights))
     save_file({k: v for k, v in tensors.items() if k != "proj_out.bias"}, str(weights))
-    with pytest.raises(Exception, match="proj_out.bias"):
+    with pytest.raises(CheckpointError, match="proj_out.bias"):
         SD3Generator.from_pretrained(str(copy))
     config = json.load(open(os.path.join(folder, "scheduler", "scheduler_config.json")))
     with open(copy / "scheduler" / "scheduler_config.json", "w") as f:
@@ -171,3 +171,43 @@ def test_trainable_lora_factors_start_as_peft_does(generator):
     with pytest.raises(InputError, match="no Linear of the transformer matches"):
         fresh.add_lora(rank=2, alpha=4, target_modules=["to_nothing"])
     assert LATENT_HW == (16, 12)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 2.7])
+def test_schedule_is_set_timesteps_bit_for_bit(shift):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ms_rm.core.flow_match import SchedulerConfig, inference_schedule
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    for steps, sigmas in [(1, None), (4, None), (28, None), (50, None), (None, [0.9, 0.55, 0.2, 0.05])]:
+        scheduler.set_timesteps(steps, sigmas=sigmas)
+        ours_sigmas, ours_timesteps = inference_schedule(SchedulerConfig(shift=shift), steps, sigmas)
+        np.testing.assert_array_equal(ours_sigmas, scheduler.sigmas.numpy())
+        np.testing.assert_array_equal(ours_timesteps, scheduler.timesteps.numpy())
+
+
+def test_lora_added_after_a_compiled_call_takes_effect_and_sde_noise_is_its_own(folder):
+    """add_lora drops the compiled calls made before it; --sde with a seed never reuses the initial noise."""
+    gen = SD3Generator.from_pretrained(folder, mode="graph")
+    a = _inputs(0)
+    args = (a["ehs"], a["pooled"], a["noise"], 2, 1.0)
+    before = gen.generate(*args).asnumpy()
+    gen.add_lora(rank=2, alpha=2, target_modules=["to_q"])
+    for p in gen.lora_parameters():
+        p.set_data(p * 0 + 0.5)
+    assert np.abs(gen.generate(*args).asnumpy() - before).max() > 1e-3
+    assert len(gen.lora_gradients("weighted_step", *_step_args(gen, a))[1]) == len(gen.lora_parameters())
+    out = gen.generate(a["ehs"], a["pooled"], np.random.default_rng(3).standard_normal(a["noise"].shape, np.float32),
+                       2, 1.0, sde=True, seed=3, return_trajectory=True)
+    assert np.isfinite(out["latents"].asnumpy()).all()
+    first = np.random.default_rng([3, 1]).standard_normal((2,) + a["noise"].shape, np.float32)[0]
+    assert not np.array_equal(first, np.random.default_rng(3).standard_normal(a["noise"].shape, np.float32))
+
+
+def _step_args(gen, a):
+    from mindspore import Tensor
+
+    return (Tensor(a["noise"]), Tensor(np.full(2, 700.0, np.float32)), Tensor(a["ehs"]), Tensor(a["pooled"]),
+            Tensor(gen.transformer.positions(*LATENT_HW)), Tensor(np.float32(0.7)), Tensor(np.float32(0.3)),
+            Tensor(np.ones(a["noise"].shape, np.float32)))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ms_rm import DiffusionRM, InputError, SD3Generator
+from ms_rm import ConfigError, DiffusionRM, InputError, SD3Generator
 from ms_rm.cli import main as cli
 from ms_rm.search import GenerateAndScore, random_search, ses_search
 from ms_rm.search.wavelets import wavedec2, waverec2
@@ -152,7 +152,7 @@ def test_objective_scores_latents_directly_and_pixels_after_decoding(tiny):
                             prompt="a cat")
     pixels = np.array([float(im.mean()) / 255 for im in decoder.to_images(latents)])
     np.testing.assert_allclose(both(noises), np.asarray(expected) + 2.0 * pixels, rtol=1e-6)
-    with pytest.raises(Exception, match="scores pixels: pass decoder="):
+    with pytest.raises(ConfigError, match="scores pixels: pass decoder="):
         GenerateAndScore(generator, ehs, pooled, [(MeanBrightness(), 1.0)])
 
 

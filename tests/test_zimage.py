@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from ms_rm import ConfigError, DiffusionRM, InputError, RewardModelConfig
+from ms_rm import CheckpointError, ConfigError, DiffusionRM, InputError, RewardModelConfig
 from ms_rm.cli import main as cli
 from ms_rm.scoring import SCORERS, DiffusionRMZImageScorer, MultiScorer
 from ms_rm_parity.cases import CASES, TINY_ZIMAGE
@@ -127,7 +127,7 @@ def test_zimage_configs_are_checked_against_the_reference(tmp_path):
         RewardModelConfig.from_reference(rm, dict(transformer, axes_dims=[8, 20, 22]), scheduler)
     with open(os.path.join(paths.transformer, "config.json"), "w") as f:
         json.dump(dict(transformer, cap_feat_dim=64), f)
-    with pytest.raises(Exception, match=r"'cap_embedder.0.weight' in .* has shape \(48,\), the model expects \(64,\)"):
+    with pytest.raises(CheckpointError, match=r"'cap_embedder.0.weight' in .* has shape \(48,\), the model expects \(64,\)"):
         DiffusionRM.convert(paths.src, paths.transformer, paths.scheduler, str(tmp_path / "out"), progress=False)
     assert not os.path.exists(tmp_path / "out")
 

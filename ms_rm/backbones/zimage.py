@@ -19,7 +19,6 @@ T_i, padded C_i, Cmax = max C_i; D width; d = D / heads.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -53,7 +52,6 @@ def _rotary(positions: np.ndarray, axes_dims: Sequence[int], theta: float) -> Tu
     return (np.concatenate(cos, axis=-1).astype(np.float32), np.concatenate(sin, axis=-1).astype(np.float32))
 
 
-@lru_cache(maxsize=16)
 def zimage_host_inputs(height: int, width: int, lengths: Tuple[int, ...], axes_dims: Tuple[int, ...],
                        axes_lens: Tuple[int, ...], theta: float) -> Tuple[np.ndarray, ...]:
     """The per-batch tables of latents (height, width) (in latent pixels) and caption lengths T_i:

@@ -19,13 +19,39 @@ EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
 OPTIONAL = ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "noise")
 
 
+def initial_noise(batch: int, channels: int, height: int, width: int, seed) -> np.ndarray:
+    """The initial noise (B, C, H/8, W/8) of `height` x `width` pixels, from `seed`."""
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise InputError(f"--height and --width must be positive multiples of 16 pixels, got {height}x{width}")
+    return np.random.default_rng(seed).standard_normal((batch, channels, height // 8, width // 8), dtype=np.float32)
+
+
+def load_decoder(args: argparse.Namespace):
+    """The folder's VAE decoder when --png asks for images (loaded before any generation)."""
+    if not args.png:
+        return None
+    from ..generators.sd3_vae_decoder import load_vae_decoder
+
+    return load_vae_decoder(args.model, mode=args.mode)
+
+
+def write_pngs(folder: str, images: np.ndarray) -> None:
+    from PIL import Image
+
+    for i, image in enumerate(images):
+        with atomic_file(os.path.join(folder, f"{i:04d}.png"), "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+
+
 def run(args: argparse.Namespace) -> int:
+    if bool(args.embeds) == bool(args.prompt):
+        raise InputError("pass either --embeds FILE (prompt embeddings in an .npz) or --prompt TEXT")
+    if args.png and os.path.exists(args.png) and not args.force:
+        raise InputError(f"{args.png}: already exists; pass --force to replace it")
+    arrays = read_inputs(args.embeds, EMBEDS, OPTIONAL) if args.embeds else None
     generator = SD3Generator.from_pretrained(args.model, lora=args.lora, mode=args.mode)
-    if args.embeds:
-        if args.prompt:
-            raise InputError("pass either --embeds FILE or --prompt, not both")
-        arrays = read_inputs(args.embeds, EMBEDS, OPTIONAL)
-    elif args.prompt:
+    decoder = load_decoder(args)
+    if arrays is None:
         from ..encoders.sd3_prompts import SD3PromptEncoder
 
         encoder = SD3PromptEncoder.from_pretrained(args.model, max_sequence_length=args.max_sequence_length,
@@ -34,15 +60,10 @@ def run(args: argparse.Namespace) -> int:
         neg, neg_pooled = encoder.encode([args.negative_prompt] * len(args.prompt))
         arrays = {"prompt_embeds": ehs.asnumpy(), "pooled_prompt_embeds": pooled.asnumpy(),
                   "negative_prompt_embeds": neg.asnumpy(), "negative_pooled_prompt_embeds": neg_pooled.asnumpy()}
-    else:
-        raise InputError("pass --embeds FILE (prompt embeddings in an .npz) or --prompt TEXT")
     batch = arrays["prompt_embeds"].shape[0]
     noise = arrays.get("noise")
     if noise is None:
-        if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
-            raise InputError(f"--height and --width must be positive multiples of 16 pixels, got {args.height}x{args.width}")
-        shape = (batch, generator.config.in_channels, args.height // 8, args.width // 8)
-        noise = np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32)
+        noise = initial_noise(batch, generator.config.in_channels, args.height, args.width, args.seed)
     out = generator.generate(arrays["prompt_embeds"], arrays["pooled_prompt_embeds"], noise, args.steps, args.guidance,
                              arrays.get("negative_prompt_embeds"), arrays.get("negative_pooled_prompt_embeds"),
                              sde=args.sde, seed=args.seed, return_trajectory=args.sde, progress=not args.no_progress)
@@ -52,16 +73,10 @@ def run(args: argparse.Namespace) -> int:
         result["log_probs"] = np.stack([p.asnumpy() for p in out["log_probs"]], axis=1)      # (B, steps)
     write_npz(args.out, result)
     logger.info("wrote %s (latents %s)", args.out, latents.shape)
-    if args.png:
-        from PIL import Image
-
-        from ..generators.sd3_vae_decoder import load_vae_decoder
-
-        images = load_vae_decoder(args.model, mode=args.mode).to_images(latents)
+    if decoder is not None:
+        images = decoder.to_images(latents)
         with atomic_folder(args.png, force=args.force) as folder:
-            for i, image in enumerate(images):
-                with atomic_file(os.path.join(folder, f"{i:04d}.png"), "wb") as f:
-                    Image.fromarray(image).save(f, format="PNG")
+            write_pngs(folder, images)
         logger.info("wrote %d PNGs to %s", len(images), args.png)
     return 0
 

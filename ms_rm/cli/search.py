@@ -15,11 +15,9 @@ from ..io.files import atomic_file, atomic_folder
 from ..rewards import load_reward_model
 from ..scoring.runs import read_inputs, write_npz
 from ..search import METHODS, GenerateAndScore, random_search, ses_search
+from .generate import EMBEDS, OPTIONAL, initial_noise, load_decoder
 
 logger = logging.getLogger(__name__)
-
-EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
-OPTIONAL = ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "noise")
 
 
 def plot_png(path: str, curve, title: str) -> None:
@@ -53,12 +51,14 @@ def run(args: argparse.Namespace) -> int:
     if arrays["prompt_embeds"].shape[0] != 1:
         raise InputError(f"{args.embeds}: holds {arrays['prompt_embeds'].shape[0]} prompts; a search is per prompt "
                          "(run one search per prompt)")
+    if os.path.exists(args.out) and not args.force:
+        raise InputError(f"{args.out}: already exists; pass --force to replace it")
     generator = SD3Generator.from_pretrained(args.model, mode=args.mode)
     rewards = [(load_reward_model(path, mode=args.mode), w) for path, w in zip(args.reward, weights)]
+    decoder = load_decoder(args)
     noise = arrays.get("noise")
     if noise is None:
-        shape = (1, generator.config.in_channels, args.height // 8, args.width // 8)
-        noise = np.random.default_rng(args.seed).standard_normal(shape, dtype=np.float32)
+        noise = initial_noise(1, generator.config.in_channels, args.height, args.width, args.seed)
     objective = GenerateAndScore(generator, arrays["prompt_embeds"], arrays["pooled_prompt_embeds"], rewards,
                                  args.steps, args.guidance, arrays.get("negative_prompt_embeds"),
                                  arrays.get("negative_pooled_prompt_embeds"), u=args.u, reward_seed=args.reward_seed)
@@ -85,14 +85,11 @@ def run(args: argparse.Namespace) -> int:
         with atomic_file(os.path.join(folder, "record.json"), "w") as f:
             json.dump(record, f)
         plot_png(os.path.join(folder, "best_score.png"), curve, f"{result.method}: best score {result.best_score:.5g}")
-        if args.png:
+        if decoder is not None:
             from PIL import Image
 
-            from ..generators.sd3_vae_decoder import load_vae_decoder
-
-            image = load_vae_decoder(args.model, mode=args.mode).to_images(best_latents)[0]
             with atomic_file(os.path.join(folder, "best.png"), "wb") as f:
-                Image.fromarray(image).save(f, format="PNG")
+                Image.fromarray(decoder.to_images(best_latents)[0]).save(f, format="PNG")
     print(f"best score {result.best_score:.6f} at evaluation {result.best_index} of {args.budget}")
     return 0
 

@@ -7,6 +7,7 @@ The global MindSpore execution mode is never touched.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict
 
 import mindspore as ms
@@ -39,6 +40,13 @@ class CompiledCell(nn.Cell):
     @mode.setter
     def mode(self, value: str) -> None:
         self._mode = check_mode(value)
+
+    def recompile(self) -> None:
+        """Forget every compiled call, after the model's structure changed (new LoRA factors, ...).
+        MindSpore keys its own graph cache on the cell's creation time, so that is renewed too:
+        otherwise a new ms.jit of the same method would reuse the graph compiled before."""
+        self._compiled.clear()
+        object.__setattr__(self, "_create_time", time.time_ns())
 
     def run(self, name: str, *args):
         """Method `name` on args: through ms.jit in graph mode (one compiled function per method;

@@ -98,8 +98,9 @@ class SD3Generator(CompiledCell):
         config_path = os.path.join(folder, "config.json")
         raw = read_config_file(config_path)
         source = open_safetensors(find_weights(folder, TRANSFORMER_WEIGHTS, "transformer"))
-        adapter = LoraAdapter(lora) if lora is not None else None
+        adapter = None
         try:
+            adapter = LoraAdapter(lora) if lora is not None else None
             if POSITION_TABLE_KEY in source:
                 raw = dict(raw, position_table_dtype=source.dtype(POSITION_TABLE_KEY).name)
             config = SD3BackboneConfig.from_diffusers(raw, config_path)
@@ -157,6 +158,7 @@ class SD3Generator(CompiledCell):
             adapted.append(name)
         if not adapted:
             raise InputError(f"no Linear of the transformer matches target_modules {list(target_modules)}")
+        self.recompile()                  # the compiled calls (and gradient functions) predate the factors
         return adapted
 
     def lora_parameters(self) -> List[ms.Parameter]:
@@ -266,18 +268,20 @@ class SD3Generator(CompiledCell):
                  sde_noise=None, return_trajectory: bool = False, progress: bool = False) -> Any:
         """Latents (B, C, H, W) from initial `noise`, as the SD3 pipeline computes them with
         output_type="latent". With `sde=True` every step is Flow-GRPO's SDE step, its noise drawn
-        from `seed` (or given as `sde_noise` (N, B, C, H, W)). With return_trajectory, a dict:
+        from the stream [seed, 1] (or given as `sde_noise` (N, B, C, H, W)). With return_trajectory, a dict:
         latents after every step ("trajectory", (N + 1) arrays from the noise on), the sigmas and
         timesteps and, for SDE sampling, the log-probability of every step ("log_probs", N x (B,))."""
         latents, ehs, pooled, guided = self._conditioning(noise, prompt_embeds, pooled_prompt_embeds,
                                                           negative_prompt_embeds, negative_pooled_prompt_embeds,
                                                           guidance_scale)
-        sigma_values, timesteps = self.schedule(num_inference_steps, sigmas)
+        # As the pipeline: custom sigmas set the number of steps.
+        sigma_values, timesteps = self.schedule(None if sigmas is not None else num_inference_steps, sigmas)
         steps = len(timesteps)
         batch = latents.shape[0]
         if sde:
-            if sde_noise is None:
-                sde_noise = np.random.default_rng(seed).standard_normal((steps,) + tuple(latents.shape), np.float32)
+            if sde_noise is None:     # its own stream: never the draws of an initial noise made from the same seed
+                rng = np.random.default_rng(None if seed is None else [seed, 1])
+                sde_noise = rng.standard_normal((steps,) + tuple(latents.shape), np.float32)
             sde_noise = noise_input(sde_noise, (steps,) + tuple(latents.shape), "sde_noise")
         positions = self._positions_for(latents.shape[2], latents.shape[3])
         x = latents.astype(ms.float32)

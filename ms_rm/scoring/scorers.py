@@ -17,7 +17,9 @@ The reward is stochastic through its noise. The scorer's noise policy:
   random numbers, what GRPO's per-prompt advantages want);
 * `num_noise_draws=K`: the mean reward over K independent noises;
 * `ensemble_u=[...]`: the reference's multi-level ensemble forward instead of one u.
-Noise is drawn for the whole batch before `max_batch` splits it, so splitting changes nothing.
+Noise is drawn for the whole batch before `max_batch` splits it, so splitting changes nothing, except
+for Z-Image, whose reference batching makes a shorter caption's reward depend on the longest caption
+of its chunk (max_batch=1 scores every sample alone).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import mindspore as ms
 from mindspore import Tensor, mint
 
 from ..core.errors import ConfigError, InputError
-from ..core.inputs import as_float_tensor
+from ..core.inputs import as_float_tensor, variable_length_text
 from ..rewards.diffusion_rm import DiffusionRM, recommended_u
 from .images import SIZE_POLICIES, group_by_size, preprocess
 
@@ -164,8 +166,12 @@ class DiffusionRMScorer:
             raise InputError(f"latents must have shape (B, C, H, W), got {tuple(latents.shape)}")
         ehs, pooled = text_conds["encoder_hidden_states"], text_conds.get("pooled_projections")
         mask = text_conds.get("encoder_attention_mask")
+        if variable:        # checked and split into per-sample (T_i, D) arrays once, before any use
+            ehs = variable_length_text(ehs, mask, pooled, latents.shape[0],
+                                       self.model.config.backbone.joint_attention_dim)
+            mask = None
         if self.common_noise and groups is None:
-            groups = _text_keys(ehs, mask) if variable else _row_keys(pooled)
+            groups = [t.tobytes() for t in ehs] if variable else _row_keys(pooled)
         noise = self.draw_noise(tuple(latents.shape), groups)
         if u is None and self.ensemble_u is None:
             u = self.default_u("latents")
@@ -270,20 +276,6 @@ class DiffusionRMZImageScorer(DiffusionRMScorer):
 def _take(value, part: slice):
     """Rows `part` of a batch-major tensor, array or list (None stays None)."""
     return None if value is None else value[part]
-
-
-def _text_keys(ehs, mask) -> List[bytes]:
-    """A hashable key per sample of variable-length text: its token rows."""
-    def array(v):
-        return v.astype(ms.float32).asnumpy() if isinstance(v, Tensor) else np.asarray(v, np.float32)
-
-    if isinstance(ehs, (list, tuple)):
-        return [array(e).tobytes() for e in ehs]
-    rows = array(ehs)
-    if mask is None:
-        return [r.tobytes() for r in rows]
-    mask = array(mask).astype(bool)
-    return [r[m].tobytes() for r, m in zip(rows, mask)]
 
 
 def _rows(tensor: Tensor, indices: List[int]) -> Tensor:

@@ -86,6 +86,8 @@ def random_search(objective: Objective, base_noise: np.ndarray, budget: int, see
                   batch_size: int = 8, progress: bool = False) -> SearchResult:
     """Best-of-N: the base noise and budget - 1 fresh draws, scored in batches of `batch_size`."""
     noise = _check_common(base_noise, budget)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     candidates: List[Dict] = []
     best_noise, best_score, best_index = noise, -np.inf, -1
     bar = tqdm(total=budget, desc="random search", disable=not progress, leave=False)
@@ -107,7 +109,7 @@ def ses_search(objective: Objective, base_noise: np.ndarray, budget: int = 30, p
                levels: int = 4, seed: int = 0, rng: Optional[np.random.Generator] = None,
                progress: bool = False) -> SearchResult:
     """SES over the low band of the base noise (see the module notes). `rng`: the Gaussian stream
-    (default np.random.default_rng(seed)); each generation draws a (popsize, n) float32 block."""
+    (default np.random.default_rng([seed, 1])); each generation draws a (popsize, n) float32 block."""
     noise = _check_common(base_noise, budget)
     if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2:
         raise InputError(f"popsize must be an integer >= 2, got {popsize!r}")
@@ -117,7 +119,7 @@ def ses_search(objective: Objective, base_noise: np.ndarray, budget: int = 30, p
     if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= max_levels(height, width):
         raise InputError(f"{levels} wavelet levels cannot split a {height}x{width} noise: db1 allows "
                          f"1..{max_levels(height, width)} levels for that size")
-    rng = rng if rng is not None else np.random.default_rng(seed)
+    rng = rng if rng is not None else np.random.default_rng([seed, 1])     # not the stream a base noise came from
     coeffs = wavedec2(noise, levels)
     high = coeffs[1:]                                     # fixed: the base noise's high bands
     low_shape = coeffs[0].shape                           # (C, h, w)

@@ -35,9 +35,12 @@ class GenerateAndScore:
             kind = getattr(model, "input_kind", None)
             if kind not in ("latents", "pixels"):
                 raise ConfigError(f"{type(model).__name__} is not a reward model (input_kind 'latents' or 'pixels')")
+            if not callable(getattr(model, "score", None)):
+                raise ConfigError(f"{type(model).__name__} has no score method: pass a reward model (the RewardModel "
+                                  "protocol: DiffusionRM.score(latents, embeds, pooled, u=, noise=))")
             if kind == "pixels" and (decoder is None or prompt is None):
                 raise ConfigError(f"{type(model).__name__} scores pixels: pass decoder= (the VAE decoder) and prompt=")
-            if not np.isfinite(weight):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
                 raise ConfigError(f"reward weights must be finite, got {weight}")
         self.generator, self.rewards, self.decoder, self.prompt = generator, list(rewards), decoder, prompt
         self.embeds = [np.asarray(a, np.float32) if a is not None else None for a in
