@@ -64,6 +64,15 @@ def sd3_position_table(height: int, width: int, dim: int, max_size: int, base_si
     return table.astype(np.dtype(stored_dtype)).astype(np.float32).reshape(1, height * width, dim)
 
 
+def sd3_positions(c: SD3BackboneConfig, height: int, width: int) -> np.ndarray:
+    """The cropped position table (1, N, D) for latents (height, width) of transformer config `c`."""
+    p = c.patch_size
+    if height % p or width % p:
+        raise InputError(f"latents height and width must be multiples of the patch size {p}, got {height}x{width}")
+    return sd3_position_table(height // p, width // p, c.inner_dim, c.pos_embed_max_size, c.sample_size // p,
+                              c.position_table_dtype)
+
+
 class PatchProjection(nn.Cell):
     """The patch Conv2d as a Linear over flattened patches; weight kept in conv shape (D, C, p, p)."""
 
@@ -120,13 +129,7 @@ class SD3Backbone(nn.Cell):
 
     def host_inputs(self, height: int, width: int, text_tokens: int, batch: int) -> Tuple[np.ndarray, ...]:
         """Inputs computed on the host for latents (height, width): the cropped position table."""
-        c = self.config
-        p = c.patch_size
-        if height % p or width % p:
-            raise InputError(f"latents height and width must be multiples of the patch size {p}, "
-                             f"got {height}x{width}")
-        return (sd3_position_table(height // p, width // p, c.inner_dim, c.pos_embed_max_size,
-                                   c.sample_size // p, c.position_table_dtype),)
+        return (sd3_positions(self.config, height, width),)
 
     def construct(self, latents: Tensor, timestep: Tensor, encoder_hidden_states: Tensor,
                   pooled_projections: Tensor, positions: Tensor):

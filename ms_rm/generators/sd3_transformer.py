@@ -18,9 +18,8 @@ from mindspore import Tensor, nn
 
 from ..backbones.config import SD3BackboneConfig
 from ..backbones.joint import CombinedTimestepTextEmbedding, JointTransformerBlock
-from ..backbones.sd3 import PatchEmbed, sd3_position_table
+from ..backbones.sd3 import PatchEmbed, sd3_positions
 from ..core import ops
-from ..core.errors import InputError
 from ..core.layers import AdaLNModulation, Linear, modulate
 
 
@@ -53,12 +52,7 @@ class SD3Transformer(nn.Cell):
 
     def positions(self, height: int, width: int) -> np.ndarray:
         """The cropped position table (1, N, D) of latents (height, width), computed on the host."""
-        c = self.config
-        p = c.patch_size
-        if height % p or width % p:
-            raise InputError(f"latents height and width must be multiples of the patch size {p}, got {height}x{width}")
-        return sd3_position_table(height // p, width // p, c.inner_dim, c.pos_embed_max_size, c.sample_size // p,
-                                  c.position_table_dtype)
+        return sd3_positions(self.config, height, width)
 
     def blocks(self, latents: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, pooled: Tensor,
                positions: Tensor) -> Tuple[Tensor, Tuple[Tensor, ...]]:
