@@ -3,7 +3,7 @@
 `import ms_rm` needs MindSpore, numpy, safetensors, PyYAML and tqdm only; it never imports
 torch (nor mindone). Layout (imports point one way, left to right):
 
-    cli -> scoring / generators / search / flows -> rewards -> backbones / encoders -> core / io
+    cli -> training / scoring / generators / search / flows -> rewards -> backbones / encoders -> core / io
 """
 
 import logging

@@ -28,6 +28,7 @@ MAY_IMPORT = {
     "generators": {"encoders", "backbones", "core", "io"},
     "search": {"core"},
     "flows": {"core", "io"},
+    "training": {"scoring", "generators", "rewards", "core", "io"},
     "cli": {"scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
 }
 
