@@ -167,8 +167,8 @@ class SD3Generator(CompiledCell):
 
     def lora_state(self) -> Dict[str, np.ndarray]:
         """The LoRA factors under peft's saved names (base_model.model.<module>.lora_A.weight)."""
-        prefix = len("transformer.")
-        return {f"base_model.model.{p.name[prefix:]}.weight": p.asnumpy() for p in self.lora_parameters()}
+        return {f"base_model.model.{p.name.split('transformer.', 1)[1]}.weight": p.asnumpy()
+                for p in self.lora_parameters()}
 
     def _lora_plan(self, adapter: LoraAdapter, names: Dict[str, tuple]) -> Dict[str, tuple]:
         """parameter name -> (module, scale) of every adapted Linear; every module accounted for."""
