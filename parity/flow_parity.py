@@ -93,8 +93,7 @@ def stages(config_dict: dict, mode: str, seed: int = 0, batch: int = 3):
 
 
 def run_flow_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str, torch_device: str):
-    from .compare import compare_stages
-    from .harness import Report, bounds_for, environment
+    from .harness import Report, environment, measured_stages
 
     if dtype != "fp32":
         raise ValueError(f"the flow cases compare fp32 only, not {dtype}")
@@ -102,12 +101,8 @@ def run_flow_case(name: str, modes: List[str], dtype: str, seed: int, ms_device:
     for mode in modes:
         results = []
         for config in configs(name):
-            ours, t32, t64 = stages(config, mode, seed)
             tag = f"d{config['data_dim']}:"
-            bounds = {tag + k: v for k, v in bounds_for("fp32", t64, t32).items()}
-            bounds["default"] = bounds.pop(tag + "default")
-            results += compare_stages({tag + k: v for k, v in ours.items()}, {tag + k: v for k, v in t32.items()},
-                                      bounds)
+            results += measured_stages(*({tag + k: v for k, v in side.items()} for side in stages(config, mode, seed)))
         reports.append(Report(name, FLOW_CASES[name], mode, dtype, seed, results,
                               environment=environment(ms_device, torch_device)))
     return reports

@@ -204,6 +204,14 @@ def policy_bounds(torch_model, rm_config, scheduler_config, inputs: Inputs, u_co
     return bounds_for(dtype, torch32, run(copy.deepcopy(torch_model), dtype))
 
 
+def measured_stages(ours: Dict[str, np.ndarray], torch32: Dict[str, np.ndarray],
+                    torch64: Dict[str, np.ndarray]) -> List[StageResult]:
+    """ours against torch fp32, each stage bounded by the tolerance policy from torch fp32's own
+    error against float64 (bounds_for); the stages are ours, in their order."""
+    bounds = bounds_for("fp32", {k: torch64[k] for k in ours}, {k: torch32[k] for k in ours})
+    return compare_stages(ours, {k: torch32[k] for k in ours}, bounds)
+
+
 def compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs: Inputs, u_convention: str,
                   dtype: str, torch_device: str) -> List[StageResult]:
     torch32 = torch_stages(torch_model, rm_config, scheduler_config, inputs, u_convention, torch.float32,

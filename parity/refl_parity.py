@@ -20,7 +20,6 @@ REFL_CASES = {"sd3-refl": "one ReFL step: loss 2 - mean(Diffusion-RM reward of x
 
 
 def _stages(folder: str, mode: str, seed: int):
-    from mindspore import Tensor  # noqa: F401  (MindSpore initialised before the generator)
     from peft import LoraConfig, get_peft_model
 
     from ms_rm import DiffusionRM, SD3Generator
@@ -74,17 +73,14 @@ def _stages(folder: str, mode: str, seed: int):
 
 
 def run_refl_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str, torch_device: str):
-    from .compare import compare_stages
-    from .harness import Report, bounds_for, environment
+    from .harness import Report, environment, measured_stages
 
     if dtype != "fp32":
         raise ValueError(f"the ReFL case compares fp32 only, not {dtype}")
     reports = []
     for mode in modes:
         with tempfile.TemporaryDirectory() as folder:
-            ours, t32, t64 = _stages(folder, mode, seed)
-        bounds = bounds_for("fp32", {k: t64[k] for k in ours}, {k: t32[k] for k in ours})
-        reports.append(Report(name, REFL_CASES[name], mode, dtype, seed,
-                              compare_stages(ours, {k: t32[k] for k in ours}, bounds),
+            results = measured_stages(*_stages(folder, mode, seed))
+        reports.append(Report(name, REFL_CASES[name], mode, dtype, seed, results,
                               environment=environment(ms_device, torch_device)))
     return reports
