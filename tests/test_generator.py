@@ -211,3 +211,13 @@ def _step_args(gen, a):
     return (Tensor(a["noise"]), Tensor(np.full(2, 700.0, np.float32)), Tensor(a["ehs"]), Tensor(a["pooled"]),
             Tensor(gen.transformer.positions(*LATENT_HW)), Tensor(np.float32(0.7)), Tensor(np.float32(0.3)),
             Tensor(np.ones(a["noise"].shape, np.float32)))
+
+
+def test_stop_after_returns_the_latents_of_that_step(generator):
+    a = _inputs(0)
+    full = generator.generate(a["ehs"], a["pooled"], a["noise"], 4, 1.0, return_trajectory=True)
+    for k in (0, 2, 4):
+        part = generator.generate(a["ehs"], a["pooled"], a["noise"], 4, 1.0, stop_after=k)
+        np.testing.assert_array_equal(part.asnumpy(), full["trajectory"][k].asnumpy())
+    with pytest.raises(InputError, match=r"stop_after must lie in 0..4"):
+        generator.generate(a["ehs"], a["pooled"], a["noise"], 4, 1.0, stop_after=5)

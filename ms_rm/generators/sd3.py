@@ -265,12 +265,15 @@ class SD3Generator(CompiledCell):
     def generate(self, prompt_embeds, pooled_prompt_embeds, noise, num_inference_steps: Optional[int] = 28,
                  guidance_scale: float = 7.0, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                  sigmas: Optional[Sequence[float]] = None, sde: bool = False, seed: Optional[int] = None,
-                 sde_noise=None, return_trajectory: bool = False, progress: bool = False) -> Any:
+                 sde_noise=None, return_trajectory: bool = False, progress: bool = False,
+                 stop_after: Optional[int] = None) -> Any:
         """Latents (B, C, H, W) from initial `noise`, as the SD3 pipeline computes them with
         output_type="latent". With `sde=True` every step is Flow-GRPO's SDE step, its noise drawn
         from the stream [seed, 1] (or given as `sde_noise` (N, B, C, H, W)). With return_trajectory, a dict:
         latents after every step ("trajectory", (N + 1) arrays from the noise on), the sigmas and
-        timesteps and, for SDE sampling, the log-probability of every step ("log_probs", N x (B,))."""
+        timesteps and, for SDE sampling, the log-probability of every step ("log_probs", N x (B,)).
+        stop_after: take only the first that many steps of the schedule (a training recipe that
+        needs the latents of step k)."""
         latents, ehs, pooled, guided = self._conditioning(noise, prompt_embeds, pooled_prompt_embeds,
                                                           negative_prompt_embeds, negative_pooled_prompt_embeds,
                                                           guidance_scale)
@@ -287,7 +290,10 @@ class SD3Generator(CompiledCell):
         x = latents.astype(ms.float32)
         trajectory: List[Tensor] = [x]
         log_probs: List[Tensor] = []
-        for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+        if stop_after is not None and not 0 <= stop_after <= steps:
+            raise InputError(f"stop_after must lie in 0..{steps} (the schedule's steps), got {stop_after!r}")
+        for i in tqdm(range(steps if stop_after is None else stop_after), desc="sampling", disable=not progress,
+                      leave=False):
             t = Tensor(np.full(batch, timesteps[i], np.float32))
             if guided:
                 v = self.run("guided_velocity", x, t, ehs, pooled, positions, Tensor(float(guidance_scale), ms.float32))

@@ -137,9 +137,8 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
         ehs, pooled, neg, neg_pooled = (a[rows] for a in embeds)
         noise = rng.standard_normal((settings.batch_size, channels) + tuple(latent_hw), dtype=np.float32)
         k = int(rng.integers(low, high + 1))
-        run = generator.generate(ehs, pooled, noise, settings.num_inference_steps, settings.guidance_scale, neg,
-                                 neg_pooled, return_trajectory=True)
-        x_t = run["trajectory"][k].asnumpy()
+        x_t = generator.generate(ehs, pooled, noise, settings.num_inference_steps, settings.guidance_scale, neg,
+                                 neg_pooled, stop_after=k).asnumpy()             # the latents after k steps
         rm_noise = rng.standard_normal(x_t.shape, dtype=np.float32)
         loss, grads = refl_loss_and_grads(objective, x_t, float(timesteps[k]), float(sigmas[k]), ehs, pooled,
                                           settings.u, rm_noise, graph=generator.mode == "graph")
