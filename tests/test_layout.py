@@ -29,6 +29,7 @@ MAY_IMPORT = {
     "search": {"core"},
     "flows": {"core", "io"},
     "training": {"scoring", "generators", "rewards", "core", "io"},
+    "integrations": {"scoring", "encoders", "rewards", "core", "io"},
     "cli": {"scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
 }
 

@@ -160,34 +160,25 @@ class RewardModelConfig:
         reference's guidance 3.5 unless model.guidance_scale says otherwise (the upstream config
         has no such key: its model hard-codes 3.5)."""
         rm_src, tr_src, sc_src = sources
-        model = get_value(rm_config, "model", dict, rm_src)
-        model_src = f"{rm_src} [model]"
-        if "use_t_embed" in model and model["use_t_embed"] is False:
-            logger.warning("%s: use_t_embed=false has no effect: the reference RewardHead swallows it "
-                           "and always conditions on temb; ms_rm does the same", model_src)
-        training = rm_config.get("training") or {}
-        if not isinstance(training, Mapping):
-            raise ConfigError(f"{rm_src}: key 'training' must be a mapping, got {training!r}")
         backbone = backbone_from_diffusers(transformer_config, tr_src)
-        guidance = get_value(model, "guidance_scale", float, model_src, None)
-        if guidance is None and getattr(backbone, "guidance_embeds", False):
-            guidance = REFERENCE_FLUX_GUIDANCE
-            logger.info("%s: no guidance_scale: embedding the reference's guidance %s", model_src, guidance)
-        return cls._build(
-            model_src,
-            backbone=backbone,
-            guidance_scale=guidance,
-            num_transformer_layers=get_value(model, "num_transformer_layers", int, model_src),
-            visual_head_idx=int_tuple(model, "visual_head_idx", model_src),
-            text_head_idx=int_tuple(model, "text_head_idx", model_src),
-            head=HeadConfig.from_dict(get_value(model, "reward_head", dict, model_src, {}),
-                                      f"{model_src} [reward_head]"),
-            use_logistic=get_value(model, "use_logistic", bool, model_src, False),
-            add_noise=get_value(training, "add_noise", bool, f"{rm_src} [training]", True),
-            scheduler=SchedulerConfig.from_diffusers(scheduler_config, sc_src),
-            u_convention=u_convention,
-            time_convention=time_convention,
-        )
+        fields = reference_model_fields(rm_config, rm_src)
+        if fields["guidance_scale"] is None and getattr(backbone, "guidance_embeds", False):
+            fields["guidance_scale"] = REFERENCE_FLUX_GUIDANCE
+            logger.info("%s [model]: no guidance_scale: embedding the reference's guidance %s", rm_src,
+                        REFERENCE_FLUX_GUIDANCE)
+        return cls._build(f"{rm_src} [model]", backbone=backbone, **fields,
+                          scheduler=SchedulerConfig.from_diffusers(scheduler_config, sc_src),
+                          u_convention=u_convention, time_convention=time_convention)
+
+    def reference_differences(self, rm_config: Mapping, source: str) -> List[str]:
+        """What a reference config (its `model` and `training` sections) says differently from this
+        config, one "key: reference value vs ours" line each; empty when they agree. The backbone,
+        scheduler and conventions come from other files and flags and are not compared."""
+        theirs = reference_model_fields(rm_config, source)
+        if theirs["guidance_scale"] is None and getattr(self.backbone, "guidance_embeds", False):
+            theirs["guidance_scale"] = REFERENCE_FLUX_GUIDANCE
+        return [f"{key}: {value!r} there, {getattr(self, key)!r} in the converted config"
+                for key, value in theirs.items() if value != getattr(self, key)]
 
     # --- our own format -----------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -243,6 +234,29 @@ class RewardModelConfig:
 
     def replace(self, **changes) -> "RewardModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def reference_model_fields(rm_config: Mapping, rm_src: str) -> dict:
+    """The fields of a RewardModelConfig that the reference's own config file sets (its `model`
+    and `training` sections): layers, taps, head, use_logistic, add_noise, guidance (None when
+    the file has none)."""
+    model = get_value(rm_config, "model", dict, rm_src)
+    model_src = f"{rm_src} [model]"
+    if "use_t_embed" in model and model["use_t_embed"] is False:
+        logger.warning("%s: use_t_embed=false has no effect: the reference RewardHead swallows it "
+                       "and always conditions on temb; ms_rm does the same", model_src)
+    training = rm_config.get("training") or {}
+    if not isinstance(training, Mapping):
+        raise ConfigError(f"{rm_src}: key 'training' must be a mapping, got {training!r}")
+    return dict(
+        guidance_scale=get_value(model, "guidance_scale", float, model_src, None),
+        num_transformer_layers=get_value(model, "num_transformer_layers", int, model_src),
+        visual_head_idx=int_tuple(model, "visual_head_idx", model_src),
+        text_head_idx=int_tuple(model, "text_head_idx", model_src),
+        head=HeadConfig.from_dict(get_value(model, "reward_head", dict, model_src, {}), f"{model_src} [reward_head]"),
+        use_logistic=get_value(model, "use_logistic", bool, model_src, False),
+        add_noise=get_value(training, "add_noise", bool, f"{rm_src} [training]", True),
+    )
 
 
 _CONFIG_KEYS = ("format", "format_version", "backbone", "num_transformer_layers", "visual_head_idx",

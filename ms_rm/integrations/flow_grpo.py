@@ -1,0 +1,285 @@
+"""ms_rm's scorers inside Flow-GRPO-MS, either public fork, without editing its code.
+
+Flow-GRPO-MS builds its rewards from a registry, `flow_grpo.scorer.multi.AVAILABLE_SCORERS`
+(name -> (module under `flow_grpo.scorer`, class name)), and its `MultiScorer` imports
+`"flow_grpo.scorer." + module` and instantiates the class:
+* zyd-ustc fork: `MultiScorer(scorers, scorer_configs)`: a ready scorer is used only when it is an
+  instance of `flow_grpo.scorer.scorer.Scorer`; otherwise `cls(**config)` or `cls()`. Its trainer
+  passes `checkpoint_path`, `config_path`, `u` and `pipeline` to the names in its own list
+  (`diffusion-rm-flux`, `diffusion-rm-sd3`, Flow-GRPO-MS's own scorer) and nothing to other names;
+* zhtmike fork: `MultiScorer(scorers)`, always `cls()`.
+
+`register()` adds ms_rm's scorers to that registry as subclasses of Flow-GRPO-MS's `Scorer`, under
+names that do not collide with Flow-GRPO-MS's: `ms-rm-sd3`, `ms-rm-flux`, `ms-rm-zimage` (the
+Diffusion-RM scorers) and `ms-rm-<name>` for ms_rm's other registered scorers. Keyword arguments
+given to `register(configs=...)` become each class's defaults, so the `cls()` of either fork builds
+a configured scorer; arguments a trainer passes override them. The launcher
+
+    python -m ms_rm.integrations.flow_grpo --scorer-config ms_rm_scorers.yaml -- scripts/train_sd3.py ARGS
+
+registers and then runs the trainer script unchanged, so `--reward ms-rm-sd3` is one of its choices.
+
+A Diffusion-RM scorer here takes the trainer's arguments as they are:
+* `checkpoint_path`: a folder written by `ms-rm convert` (a reference checkpoint is refused with
+  the command that converts it);
+* `config_path`: the reference's Diffusion-RM config (JSON or YAML), checked against the converted
+  config: layers, taps, head, use_logistic and add_noise must agree;
+* `u` under `u_convention` ("index" by default: Flow-GRPO-MS's own meaning of its `u`, u = 0.9 ->
+  sigma 0.25); a checkpoint converted under the other convention is refused, not reinterpreted
+  (without `u`, the checkpoint's recommended u for the kind of input);
+* `pipeline`: a mindone `StableDiffusion3Pipeline` whose VAE and text encoders encode the images
+  and prompts (`pipeline_path`: a local diffusers SD3 folder encoded by ms_rm's own encoders);
+* prompts None -> "" for every image, as Flow-GRPO-MS's scorers do; scores are raw / 5 unless
+  `normalize` says otherwise (Flow-GRPO-MS's Diffusion-RM scale).
+A call given `with_latents(images, latents, prompt_embeds, pooled_prompt_embeds)` scores the
+latents directly (no VAE encode, no text encoders); other scorers of the same MultiScorer see the
+images as a plain list. A (B, C, H, W) latent batch passed as `images` (a pipeline run with
+`output_type="latent"`) is scored as latents with prompts encoded by the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import runpy
+import sys
+import types
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..core.errors import ConfigError, InputError
+from ..io.files import read_config_file
+from ..scoring.scorers import SCORERS, DiffusionRMScorer
+
+logger = logging.getLogger(__name__)
+
+MODULE = "ms_rm"                           # the registry's module: flow_grpo.scorer.ms_rm
+PREFIX = "ms-rm-"
+DIFFUSION_RM_PREFIX = "diffusion-rm-"
+FLOW_GRPO_NORMALIZE = "flow-grpo-ms"       # raw / 5, what Flow-GRPO-MS's Diffusion-RM scorer returns
+FLOW_GRPO_U_CONVENTION = "index"           # what Flow-GRPO-MS's `u` means
+
+
+def flow_grpo_name(name: str) -> str:
+    """The Flow-GRPO-MS registry name of an ms_rm scorer: diffusion-rm-sd3 -> ms-rm-sd3."""
+    return PREFIX + (name[len(DIFFUSION_RM_PREFIX):] if name.startswith(DIFFUSION_RM_PREFIX) else name)
+
+
+class LatentBatch(list):
+    """The images of a batch (a plain list, what pixel scorers read) carrying the sampler's final
+    latents (B, C, H, W) and prompt embeddings, which ms_rm's latent scorers read instead."""
+
+    def __init__(self, images: Sequence[Any], latents, prompt_embeds, pooled_prompt_embeds=None):
+        super().__init__(images)
+        self.latents, self.prompt_embeds, self.pooled_prompt_embeds = latents, prompt_embeds, pooled_prompt_embeds
+
+
+def with_latents(images, latents, prompt_embeds, pooled_prompt_embeds=None) -> LatentBatch:
+    """What a trainer passes as `images` to score latents: `images` (PIL list, or None when the
+    pipeline ran with output_type="latent" and every scorer reads latents) plus the final latents
+    (B, C, H, W) and prompt embeddings (B, T, D) / pooled (B, P)."""
+    batch = int(latents.shape[0])
+    if images is None:
+        images = [None] * batch                    # a pixel scorer given these fails loudly
+    elif not isinstance(images, (list, tuple)):
+        raise InputError(f"with_latents: images must be a list (the pipeline's PIL output) or None, got "
+                         f"{type(images).__name__}")
+    if len(images) != batch:
+        raise InputError(f"with_latents: {len(images)} images for {batch} latents")
+    return LatentBatch(images, latents, prompt_embeds, pooled_prompt_embeds)
+
+
+# --- the adapters ----------------------------------------------------------------------------------
+
+def _prompts(prompts: Optional[Sequence[str]], batch: int) -> List[str]:
+    """Flow-GRPO-MS's scorers score against "" when the trainer passes no prompts."""
+    if prompts is None:
+        return [""] * batch
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != batch:
+        raise InputError(f"got {batch} images and {len(prompts)} prompts: pass one prompt per image")
+    return prompts
+
+
+def _is_latent_batch(images, channels: int) -> bool:
+    """A (B, C, H, W) batch of latents (a pipeline's output_type="latent"), not images."""
+    shape = getattr(images, "shape", None)
+    return shape is not None and len(shape) == 4 and shape[1] == channels and shape[-1] != 3
+
+
+def check_reference_config(model_config, config_path: str) -> None:
+    """ConfigError unless the reference config at `config_path` describes the converted model."""
+    rm_config = read_config_file(config_path)
+    differences = model_config.reference_differences(rm_config, os.fspath(config_path))
+    if differences:
+        raise ConfigError(f"{config_path} does not describe the converted checkpoint: " + "; ".join(differences)
+                          + ": pass the config the checkpoint was converted from")
+
+
+class DiffusionRMAdapter:
+    """A Diffusion-RM scorer configured the way Flow-GRPO-MS's trainer configures its own."""
+
+    scorer_class = DiffusionRMScorer
+    defaults: Dict[str, Any] = {}
+
+    def __init__(self, checkpoint_path: Optional[str] = None, config_path: Optional[str] = None, pipeline: Any = None,
+                 pipeline_path: Optional[str] = None, u: Optional[float] = None, u_convention: Optional[str] = None,
+                 **options):
+        given = dict(checkpoint_path=checkpoint_path, config_path=config_path, pipeline=pipeline,
+                     pipeline_path=pipeline_path, u=u, u_convention=u_convention, **options)
+        settings = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        name = flow_grpo_name(self.scorer_class.name)
+        checkpoint_path = settings.pop("checkpoint_path", None)
+        if checkpoint_path is None:
+            raise ConfigError(f"{name}: no checkpoint_path: register it (ms_rm.integrations.flow_grpo.register("
+                              f"configs={{'{name}': {{'checkpoint_path': ...}}}}) or --scorer-config) or pass it "
+                              "in the trainer's scorer_configs")
+        if not os.path.isfile(os.path.join(os.fspath(checkpoint_path), "manifest.json")):
+            raise ConfigError(f"{checkpoint_path}: not a folder written by ms-rm convert (no manifest.json); convert "
+                              "the reference checkpoint first: ms-rm convert SRC --transformer ... --scheduler ... "
+                              "--out FOLDER [--u-convention index]")
+        config_path = settings.pop("config_path", None)
+        pipeline, pipeline_path = settings.pop("pipeline", None), settings.pop("pipeline_path", None)
+        u_convention = settings.pop("u_convention", FLOW_GRPO_U_CONVENTION)
+        settings.setdefault("normalize", FLOW_GRPO_NORMALIZE)
+        if pipeline is not None and "encoder" not in settings:
+            from ..encoders.sd3 import MindOneSD3Encoder
+            settings["encoder"] = MindOneSD3Encoder(pipeline)
+        elif pipeline_path is not None and "encoder" not in settings:
+            if not os.path.isdir(pipeline_path):
+                raise ConfigError(f"{name}: pipeline_path {pipeline_path!r} is not a local folder (ms_rm never "
+                                  "downloads): pass the SD3 pipeline folder, or the trainer's pipeline")
+            from ..encoders.sd3 import SD3Encoder
+            settings["encoder"] = SD3Encoder.from_pretrained(pipeline_path)
+        self.scorer = self.scorer_class(checkpoint_path, **settings)
+        model_config = self.scorer.model.config
+        if settings.get("u") is not None and u_convention != model_config.u_convention:
+            raise ConfigError(
+                f"{name}: u is given under the '{u_convention}' convention (Flow-GRPO-MS's u is 'index': 0.9 -> sigma "
+                f"0.25) but {checkpoint_path} was converted under '{model_config.u_convention}': set u_convention="
+                f"'{model_config.u_convention}' with a u of that convention in the scorer's config, or re-convert "
+                f"with --u-convention {u_convention} if the checkpoint was trained so")
+        if config_path is not None:
+            check_reference_config(model_config, config_path)
+        self.channels = model_config.backbone.in_channels
+
+    def __call__(self, images, prompts: Optional[Sequence[str]] = None) -> List[float]:
+        if isinstance(images, LatentBatch):
+            return self.scorer.score_latents(images.latents, images.prompt_embeds, images.pooled_prompt_embeds)
+        if _is_latent_batch(images, self.channels):
+            encoder = self.scorer.encoder
+            if encoder is None:
+                raise ConfigError("latents without prompt embeddings need the trainer's pipeline (pipeline=) to "
+                                  "encode the prompts; or pass with_latents(images, latents, prompt_embeds, pooled)")
+            embeds, pooled = encoder.encode_prompts(_prompts(prompts, int(images.shape[0])))
+            return self.scorer.score_latents(images, embeds, pooled)
+        batch = len(images) if isinstance(images, (list, tuple)) else int(images.shape[0])
+        return self.scorer(images, _prompts(prompts, batch))
+
+    def __getattr__(self, attribute):
+        """Everything else (reward, score_latents, model, ...) is the ms_rm scorer's."""
+        if attribute == "scorer":
+            raise AttributeError(attribute)
+        return getattr(self.scorer, attribute)
+
+
+class ScorerAdapter:
+    """Any other ms_rm scorer: its own arguments; "" for prompts None."""
+
+    scorer_class: type = None
+    defaults: Dict[str, Any] = {}
+
+    def __init__(self, **options):
+        self.scorer = self.scorer_class(**{**self.defaults, **options})
+
+    def __call__(self, images, prompts: Optional[Sequence[str]] = None) -> List[float]:
+        source = images if not isinstance(images, LatentBatch) else list(images)
+        batch = len(source) if isinstance(source, (list, tuple)) else int(source.shape[0])
+        return self.scorer(source, _prompts(prompts, batch))
+
+    def __getattr__(self, attribute):
+        if attribute == "scorer":
+            raise AttributeError(attribute)
+        return getattr(self.scorer, attribute)
+
+
+# --- registration ----------------------------------------------------------------------------------
+
+def _flow_grpo():
+    """Flow-GRPO-MS's Scorer base class and scorer registry."""
+    try:
+        scorer_module = importlib.import_module("flow_grpo.scorer.scorer")
+        multi_module = importlib.import_module("flow_grpo.scorer.multi")
+    except ImportError as e:
+        raise ConfigError(f"Flow-GRPO-MS is not importable ({e}): put its checkout on PYTHONPATH (either fork: "
+                          "zyd-ustc/Flow-GRPO-MS or zhtmike/Flow-GRPO-MS)") from None
+    for module, attribute in ((scorer_module, "Scorer"), (multi_module, "AVAILABLE_SCORERS")):
+        if not hasattr(module, attribute):
+            raise ConfigError(f"{module.__name__} has no {attribute}: not a Flow-GRPO-MS this integration knows")
+    return scorer_module.Scorer, multi_module.AVAILABLE_SCORERS
+
+
+def register(configs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[str, type]:
+    """Add ms_rm's scorers to Flow-GRPO-MS's registry; returns {name: class}.
+
+    configs: {flow-grpo name: default keyword arguments}, e.g. {"ms-rm-sd3": {"checkpoint_path":
+    "/models/dina-lrm-ms", "u": 0.4, "u_convention": "sigma"}}. Calling it again replaces the defaults."""
+    base, available = _flow_grpo()
+    configs = dict(configs or {})
+    module = types.ModuleType(f"flow_grpo.scorer.{MODULE}", "ms_rm's scorers, registered by ms_rm.integrations.flow_grpo")
+    classes: Dict[str, type] = {}
+    for name, scorer_class in SCORERS.items():
+        flow_name = flow_grpo_name(name)
+        adapter = DiffusionRMAdapter if issubclass(scorer_class, DiffusionRMScorer) else ScorerAdapter
+        class_name = "MsRm" + "".join(part.capitalize() for part in flow_name[len(PREFIX):].split("-")) + "Scorer"
+        defaults = configs.pop(flow_name, {})
+        if not isinstance(defaults, Mapping):
+            raise ConfigError(f"configs['{flow_name}'] must be a mapping of keyword arguments, got {defaults!r}")
+        cls = type(base)(class_name, (adapter, base), {"scorer_class": scorer_class, "defaults": dict(defaults),
+                                                 "__module__": module.__name__})
+        setattr(module, class_name, cls)
+        collision = available.get(flow_name)
+        if collision is not None and collision[0] != MODULE:
+            raise ConfigError(f"Flow-GRPO-MS already registers '{flow_name}' as {collision}; not replacing it")
+        available[flow_name] = (MODULE, class_name)
+        classes[flow_name] = cls
+    if configs:
+        raise ConfigError(f"configs names no ms_rm scorer: {sorted(configs)}; registered are {sorted(classes)}")
+    sys.modules[module.__name__] = module
+    setattr(sys.modules["flow_grpo.scorer"], MODULE, module)
+    logger.info("registered with Flow-GRPO-MS: %s", ", ".join(classes))
+    return classes
+
+
+# --- the launcher ----------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ms_rm.integrations.flow_grpo",
+        description="Register ms_rm's scorers with Flow-GRPO-MS (names ms-rm-sd3, ms-rm-flux, ...), then run a "
+                    "Flow-GRPO-MS script unchanged with its own arguments.",
+        epilog="example: python -m ms_rm.integrations.flow_grpo --scorer-config ms_rm_scorers.yaml -- "
+               "scripts/train_sd3.py --reward ms-rm-sd3 ...")
+    parser.add_argument("--scorer-config", help="YAML/JSON file: {ms-rm-sd3: {checkpoint_path: ..., u: ..., "
+                                                "u_convention: ...}, ...}, the defaults of each registered scorer")
+    parser.add_argument("script", help="the Flow-GRPO-MS script to run (e.g. scripts/train_sd3.py)")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    args = parser.parse_args(argv)
+    configs = read_config_file(args.scorer_config) if args.scorer_config else {}
+    if not os.path.isfile(args.script):
+        parser.error(f"{args.script}: no such script")
+    script_dir = os.path.dirname(os.path.abspath(args.script))
+    sys.path.insert(0, script_dir)                       # as `python script.py` would
+    register(configs)
+    script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    sys.argv = [args.script] + list(script_args)
+    runpy.run_path(args.script, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
