@@ -30,7 +30,7 @@ MAY_IMPORT = {
     "flows": {"core", "io"},
     "training": {"scoring", "generators", "rewards", "core", "io"},
     "integrations": {"scoring", "encoders", "rewards", "core", "io"},
-    "cli": {"scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
+    "cli": {"training", "scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
 }
 
 

@@ -73,3 +73,129 @@ def test_refl_training_raises_the_reward_and_its_lora_loads_in_peft(tmp_path):
                       Tensor(merged.transformer.positions(16, 16))).asnumpy()
     assert np.abs(theirs - plain).max() > 1e-3                      # the adapter changes the output
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * np.abs(theirs).max())
+
+
+def _tiny_run(tmp_path, mode="pynative"):
+    """A tiny diffusers transformer folder, a converted reward model, a prompt pool."""
+    import numpy as np
+
+    from ms_rm import DiffusionRM
+    from ms_rm_parity.generator import _reference
+
+    from helpers import converted_checkpoint
+
+    _reference(0, str(tmp_path / "pipeline"))
+    _, converted = converted_checkpoint(tmp_path / "rm")
+    rng = np.random.default_rng(0)
+    pool = [rng.standard_normal((3, 7, 48), dtype=np.float32), rng.standard_normal((3, 40), dtype=np.float32)]
+    negatives = [np.zeros_like(pool[0]), np.zeros_like(pool[1])]
+    return str(tmp_path / "pipeline"), DiffusionRM.from_pretrained(converted, mode=mode), pool, negatives
+
+
+def test_a_resumed_refl_run_equals_an_uninterrupted_one(tmp_path):
+    """4 steps straight vs 2 steps, a new process's worth of objects, resume to 4: the same LoRA,
+    optimizer state and history; changed settings are refused."""
+    import dataclasses
+    import json
+
+    import numpy as np
+    import pytest
+
+    from ms_rm import InputError, SD3Generator
+    from ms_rm.training.refl import ReFLSettings, train_refl
+
+    pipeline, rm, pool, negatives = _tiny_run(tmp_path)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    settings = ReFLSettings(steps=4, batch_size=1, num_inference_steps=3, step_range=(1, 2), guidance_scale=1.0,
+                            lr=5e-3, seed=2, grad_accumulation=2, checkpoint_every=2, pretrain_weight=0.0)
+
+    def fresh():
+        g = SD3Generator.from_pretrained(pipeline, mode="pynative")
+        g.add_lora(rank=4, alpha=4, target_modules=targets, seed=0)
+        return g
+
+    run = lambda g, s, out, **kw: train_refl(g, rm, *pool, *negatives, s, str(out), (4, 4, targets),
+                                             latent_hw=(8, 8), progress=False, **kw)
+    straight = fresh()
+    history = run(straight, settings, tmp_path / "straight")
+    run(fresh(), dataclasses.replace(settings, steps=2), tmp_path / "resumed")
+    assert json.load(open(tmp_path / "resumed" / "state.json"))["step"] == 2
+    with pytest.raises(InputError, match="lr: 0.005 there, 0.001 now"):
+        run(SD3Generator.from_pretrained(pipeline, lora=str(tmp_path / "resumed"), lora_mode="train", mode="pynative"),
+            dataclasses.replace(settings, lr=1e-3), tmp_path / "resumed", resume=True)
+    with pytest.raises(InputError, match="not this run's adapter"):
+        run(fresh(), settings, tmp_path / "resumed", resume=True)
+    resumed = SD3Generator.from_pretrained(pipeline, lora=str(tmp_path / "resumed"), lora_mode="train", mode="pynative")
+    resumed_history = run(resumed, settings, tmp_path / "resumed", resume=True)
+    assert [h["loss"] for h in resumed_history] == [h["loss"] for h in history]
+    ours, theirs = resumed.lora_state(), straight.lora_state()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+    with pytest.raises(InputError, match="multiple of grad_accumulation"):
+        run(fresh(), dataclasses.replace(settings, checkpoint_every=3), tmp_path / "other")
+
+
+def test_the_pretraining_term_matches_torch(tmp_path):
+    """The optional flow-matching term (PretrainObjective): loss and every LoRA gradient vs diffusers + peft."""
+    import numpy as np
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from peft import PeftModel
+
+    from ms_rm import SD3Generator
+    from ms_rm.training.refl import pretrain_loss_and_grads, save_lora
+
+    from ms_rm_parity.compare import FP32_BOUND, max_rel_error
+
+    pipeline, _, pool, _ = _tiny_run(tmp_path)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    generator = SD3Generator.from_pretrained(pipeline, mode="pynative")
+    generator.add_lora(rank=4, alpha=8, target_modules=targets, seed=0)
+    rng = np.random.default_rng(5)
+    for p in generator.lora_parameters():                 # lora_B = 0 at init would zero the A gradients
+        p.set_data(type(p.data)(rng.standard_normal(p.shape).astype(np.float32) * 0.1))
+    save_lora(generator, str(tmp_path / "adapter"), 4, 8, targets)
+    x0 = rng.standard_normal((2, 16, 8, 8), dtype=np.float32)
+    eps = rng.standard_normal((2, 16, 8, 8), dtype=np.float32)
+    sigma = np.float32([0.3, 0.8])
+    loss, grads = pretrain_loss_and_grads(generator, x0, eps, sigma, pool[0][:2], pool[1][:2], graph=False)
+
+    base = SD3Transformer2DModel.from_pretrained(pipeline + "/transformer")
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"), is_trainable=True)
+    x0_t, eps_t, s = torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(sigma)
+    x_s = (1 - s[:, None, None, None]) * x0_t + s[:, None, None, None] * eps_t
+    v = model(hidden_states=x_s, encoder_hidden_states=torch.from_numpy(pool[0][:2]),
+              pooled_projections=torch.from_numpy(pool[1][:2]), timestep=s * 1000).sample
+    torch_loss = ((v - (eps_t - x0_t)) ** 2).mean()
+    torch_loss.backward()
+    torch_grads = {n.replace("base_model.model.", "").replace(".default", ""): p.grad.numpy()
+                   for n, p in model.named_parameters() if "lora_" in n}
+    assert abs(float(loss) - float(torch_loss)) <= FP32_BOUND * abs(float(torch_loss))
+    names = [p.name.split("transformer.", 1)[1] + ".weight" for p in generator.lora_parameters()]
+    assert sorted(names) == sorted(torch_grads) and len(names) == 56
+    worst = max(max_rel_error(g.asnumpy(), torch_grads[n]) for n, g in zip(names, grads))
+    assert worst <= 1e-5, worst
+
+
+def test_the_refl_command_trains_resumes_and_refuses_to_overwrite(tmp_path):
+    import json
+
+    import numpy as np
+
+    from ms_rm.cli import main
+
+    pipeline, _, pool, _ = _tiny_run(tmp_path)
+    np.savez(tmp_path / "pool.npz", prompt_embeds=pool[0], pooled_prompt_embeds=pool[1])
+    rm = str(tmp_path / "rm" / "converted")
+    common = [pipeline, "--reward", rm, "--out", str(tmp_path / "run"), "--embeds", str(tmp_path / "pool.npz"),
+              "--rank", "2", "--alpha", "4", "--batch-size", "1", "--num-inference-steps", "3", "--step-range", "1", "2",
+              "--guidance", "1.0", "--height", "64", "--width", "64", "--mode", "pynative", "--no-progress"]
+    assert main(["refl", *common, "--steps", "2"]) == 0
+    state = json.load(open(tmp_path / "run" / "state.json"))
+    assert state["step"] == 2 and state["settings"]["num_inference_steps"] == 3
+    assert main(["refl", *common, "--steps", "3"]) == 2                     # exists: --resume or --force
+    assert main(["refl", *common, "--steps", "3", "--resume"]) == 0
+    state = json.load(open(tmp_path / "run" / "state.json"))
+    assert state["step"] == 3 and [h["step"] for h in state["history"]] == [1, 2, 3]
+    assert json.load(open(tmp_path / "run" / "adapter_config.json"))["r"] == 2

@@ -11,9 +11,9 @@ import logging
 import sys
 from typing import List, Optional
 
-from . import convert, demo, flow, generate, parity, score, score_images, search
+from . import convert, demo, flow, generate, parity, refl, score, score_images, search
 
-SUBCOMMANDS = (demo, convert, score, score_images, generate, search, flow, parity)    # each: add_parsers(subparsers)
+SUBCOMMANDS = (demo, convert, score, score_images, generate, refl, search, flow, parity)    # each: add_parsers(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:

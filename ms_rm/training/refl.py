@@ -11,6 +11,7 @@ Gradients reach the generator's LoRA factors only, through the frozen reward mod
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from mindspore import Tensor, nn
 from tqdm import tqdm
 
 from ..core.errors import InputError
-from ..io.files import atomic_folder, write_json
-from ..io.safetensors_file import SafetensorsWriter
+from ..core.flow_match import training_table
+from ..io.files import atomic_folder, read_config_file, write_json
+from ..io.safetensors_file import SafetensorsFile, SafetensorsWriter
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,32 @@ class ReFLObjective:
         x0_hat = x_t - sigma * v
         reward = self.reward_model(x0_hat, rm_noise, rm_sigma, rm_timestep, *rm_conditioning)[-1]   # (B, 1)
         return REFL_TARGET - reward.mean()
+
+
+class PretrainObjective:
+    """The generator's own flow-matching loss on clean latents x0: x_s = (1 - s) x0 + s eps,
+    mean((v(x_s, 1000 s) - (eps - x0))^2); the optional term that keeps a ReFL run near the data."""
+
+    def __init__(self, generator: Any):
+        self.generator = generator
+
+    def __call__(self, x0, eps, sigma, timestep, encoder_hidden_states, pooled, positions):
+        x_s = (1.0 - sigma) * x0 + sigma * eps                      # sigma (B, 1, 1, 1)
+        v = self.generator.velocity(x_s, timestep, encoder_hidden_states, pooled, positions)
+        return ((v - (eps - x0)) ** 2).mean()
+
+
+def pretrain_loss_and_grads(generator: Any, x0, eps, sigma, prompt_embeds, pooled_prompt_embeds,
+                            graph: bool = True) -> Tuple[Tensor, Tuple]:
+    """(loss, LoRA gradients) of PretrainObjective at clean latents x0 (B, C, H, W), noise eps and
+    per-sample sigmas (B,) from the training table (timestep = 1000 sigma, as the table's)."""
+    x0 = Tensor(np.asarray(x0, np.float32))
+    sigma = np.asarray(sigma, np.float32)
+    args = (x0, Tensor(np.asarray(eps, np.float32)), Tensor(sigma.reshape(-1, 1, 1, 1)), Tensor(sigma * 1000.0),
+            Tensor(np.asarray(prompt_embeds, np.float32)), Tensor(np.asarray(pooled_prompt_embeds, np.float32)),
+            Tensor(generator.transformer.positions(x0.shape[2], x0.shape[3])))
+    grad_fn = ms.value_and_grad(PretrainObjective(generator).__call__, None, generator.lora_parameters())
+    return (ms.jit(grad_fn) if graph else grad_fn)(*args)
 
 
 def refl_loss_and_grads(objective: ReFLObjective, x_t, timestep: float, sigma: float, prompt_embeds,
@@ -81,56 +109,145 @@ class ReFLSettings:
     lr: float = 1e-4
     u: float = 0.4
     seed: int = 0
-    checkpoint_every: int = 0                 # 0: at the end only
+    checkpoint_every: int = 0                 # 0: at the end only; else a multiple of grad_accumulation
+    pretrain_weight: float = 0.0              # > 0: add this times the flow-matching loss on pretrain data
+
+
+STATE_FILE = "state.json"                    # step, history, settings of a ReFL run folder
+OPTIMIZER_FILE = "optimizer.safetensors"     # Adam's moments, beta powers and step
+
+
+def _write_adapter(folder: str, generator: Any, rank: int, alpha: float, targets) -> None:
+    """adapter_config.json + adapter_model.safetensors (peft's format) into an open folder."""
+    write_json(os.path.join(folder, "adapter_config.json"), {
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)),
+        "exclude_modules": None, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "task_type": None,
+        "inference_mode": True, "base_model_name_or_path": None, "revision": None})
+    _write_arrays(os.path.join(folder, "adapter_model.safetensors"),
+                  {k: v.astype(np.float32) for k, v in generator.lora_state().items()})
+
+
+def _write_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    writer = SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in arrays.items()])
+    for key, value in arrays.items():
+        writer.write(key, value)
+    writer.close()
 
 
 def save_lora(generator: Any, folder: str, rank: int, alpha: float, targets, force: bool = True) -> str:
     """The generator's LoRA factors as a peft adapter folder (adapter_config.json +
     adapter_model.safetensors), which peft's PeftModel.from_pretrained loads; atomically."""
-    state = generator.lora_state()
     with atomic_folder(folder, force=force) as out:
-        write_json(os.path.join(out, "adapter_config.json"), {
-            "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)),
-            "exclude_modules": None, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
-            "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "task_type": None,
-            "inference_mode": True, "base_model_name_or_path": None, "revision": None})
-        writer = SafetensorsWriter(os.path.join(out, "adapter_model.safetensors"),
-                                   [(k, np.dtype("float32"), v.shape) for k, v in state.items()])
-        for key, value in state.items():
-            writer.write(key, value.astype(np.float32))
-        writer.close()
+        _write_adapter(out, generator, rank, alpha, targets)
     return folder
+
+
+def _optimizer_state(optimizer: nn.Optimizer, trained: Sequence[ms.Parameter]) -> Dict[str, ms.Parameter]:
+    """The optimizer's own parameters (moments, beta powers, step), by name; not the trained ones."""
+    names = {p.name for p in trained}
+    return {p.name: p for p in optimizer.get_parameters() if p.name not in names and p.name != "learning_rate"}
+
+
+def save_checkpoint(folder: str, generator: Any, optimizer: nn.Optimizer, lora: Tuple[int, float, Sequence[str]],
+                    state: Dict) -> str:
+    """A resumable ReFL run folder, written atomically as a whole: the peft adapter, the optimizer's
+    state (optimizer.safetensors) and state.json (step, history, settings)."""
+    with atomic_folder(folder, force=True) as out:
+        _write_adapter(out, generator, *lora)
+        _write_arrays(os.path.join(out, OPTIMIZER_FILE),
+                      {k: p.asnumpy() for k, p in _optimizer_state(optimizer, generator.lora_parameters()).items()})
+        write_json(os.path.join(out, STATE_FILE), state)
+    return folder
+
+
+def _resume(folder: str, generator: Any, optimizer: nn.Optimizer, settings: "ReFLSettings") -> Dict:
+    """Load a run folder's optimizer state into `optimizer`; check that the generator holds the
+    folder's adapter and that the settings are the run's; returns its state.json."""
+    state_path = os.path.join(folder, STATE_FILE)
+    if not os.path.isfile(state_path):
+        raise InputError(f"{folder}: no {STATE_FILE}: not a ReFL run folder to resume (omit resume to start anew)")
+    state = read_config_file(state_path)
+    recorded = state.get("settings", {})
+    changed = sorted(k for k, v in dataclasses.asdict(settings).items()
+                     if k != "steps" and json_value(v) != recorded.get(k))
+    if changed:
+        what = ", ".join(f"{k}: {recorded.get(k)!r} there, {json_value(getattr(settings, k))!r} now" for k in changed)
+        raise InputError(f"{state_path}: the run was started with other settings ({what}); only steps may change")
+    adapter = SafetensorsFile(os.path.join(folder, "adapter_model.safetensors"))
+    try:
+        ours = generator.lora_state()
+        if sorted(adapter.keys()) != sorted(ours) or any(not np.array_equal(adapter.read(k), v) for k, v in ours.items()):
+            raise InputError(f"{folder}: the generator's LoRA factors are not this run's adapter: build the generator "
+                             f"with from_pretrained(..., lora='{folder}', lora_mode='train')")
+    finally:
+        adapter.close()
+    saved = SafetensorsFile(os.path.join(folder, OPTIMIZER_FILE))
+    try:
+        params = _optimizer_state(optimizer, generator.lora_parameters())
+        if sorted(saved.keys()) != sorted(params):
+            missing, extra = sorted(set(params) - set(saved.keys())), sorted(set(saved.keys()) - set(params))
+            raise InputError(f"{os.path.join(folder, OPTIMIZER_FILE)}: does not match the optimizer (missing "
+                             f"{missing[:5]}, unexpected {extra[:5]})")
+        for name, param in params.items():
+            param.set_data(Tensor(saved.read(name)))
+    finally:
+        saved.close()
+    return state
+
+
+def json_value(value):
+    """A settings value as state.json stores it (tuples become lists)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                negative_pooled_prompt_embeds, settings: ReFLSettings, out: str, lora: Tuple[int, float, Sequence[str]],
-               latent_hw: Tuple[int, int] = (64, 64), progress: bool = True, start: int = 0,
-               history: Optional[List[Dict]] = None) -> List[Dict]:
+               latent_hw: Tuple[int, int] = (64, 64), progress: bool = True, resume: bool = False,
+               pretrain_data: Optional[Tuple[Any, Any, Any]] = None) -> List[Dict]:
     """ReFL fine-tuning of the generator's LoRA factors on a pool of prompt embeddings (N, T, J).
 
     Each step: `batch_size` prompts drawn from the pool, initial noise, the sampler run without
     gradient to a step k drawn in `step_range`, one ReFL loss and gradient (refl_loss_and_grads),
-    accumulated over `grad_accumulation` steps, then Adam. Logs the mean reward (2 - loss) per step;
-    saves the LoRA (peft format) and state.json into `out` every `checkpoint_every` steps and at the end.
-    `lora`: (rank, alpha, target modules) for the adapter config."""
+    accumulated over `grad_accumulation` steps, then Adam. Logs the mean reward (2 - ReFL loss) per
+    step; saves a resumable run folder `out` (save_checkpoint) every `checkpoint_every` steps and at
+    the end. `lora`: (rank, alpha, target modules) for the adapter config.
+    resume: continue the run in `out` (the generator built with its adapter, lora_mode='train'):
+        its optimizer state, step and history; the same settings except `steps`. Every step draws
+        from a generator seeded with (seed, step), so a resumed run equals an uninterrupted one.
+    pretrain_data: (clean latents (M, C, H, W), prompt_embeds (M, T, J), pooled (M, P)), used when
+        settings.pretrain_weight > 0: the loss adds pretrain_weight x the flow-matching loss on
+        `batch_size` of them (PretrainObjective, sigma drawn uniformly from the training table)."""
     low, high = settings.step_range
     if not 0 <= low <= high < settings.num_inference_steps:
         raise InputError(f"step_range {settings.step_range} must lie in 0..{settings.num_inference_steps - 1}")
     if settings.grad_accumulation < 1 or settings.batch_size < 1 or settings.steps < 1:
         raise InputError("steps, batch_size and grad_accumulation must be positive")
+    if settings.checkpoint_every % settings.grad_accumulation:
+        raise InputError(f"checkpoint_every {settings.checkpoint_every} must be a multiple of grad_accumulation "
+                         f"{settings.grad_accumulation} (a checkpoint holds no partly accumulated gradient)")
+    if settings.pretrain_weight < 0 or (settings.pretrain_weight > 0) != (pretrain_data is not None):
+        raise InputError("pretrain_weight > 0 and pretrain_data (latents, prompt_embeds, pooled) go together")
     params = generator.lora_parameters()
     if not params:
         raise InputError("the generator has no LoRA factors to train: add_lora or load an adapter with lora_mode='train'")
     optimizer = nn.Adam(params, learning_rate=settings.lr)
+    start, history = 0, []
+    if resume:
+        state = _resume(out, generator, optimizer, settings)
+        start, history = int(state["step"]), list(state["history"])
+        logger.info("ReFL: resuming %s at step %d of %d", out, start, settings.steps)
     objective = ReFLObjective(generator, reward_model)
     embeds = [np.asarray(a, np.float32) for a in (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                                                   negative_pooled_prompt_embeds)]
-    history = list(history or [])
+    pretrain = None if pretrain_data is None else [np.asarray(a, np.float32) for a in pretrain_data]
     sigmas, timesteps = generator.schedule(settings.num_inference_steps)
+    table = training_table(generator.scheduler)[0]                # the sigmas the pretraining term draws from
     channels = generator.config.in_channels
+    graph = generator.mode == "graph"
     accumulated = None
-    bar = tqdm(range(start, settings.steps), desc="ReFL", disable=not progress)
+    bar = tqdm(range(start, settings.steps), desc="ReFL", initial=start, total=settings.steps, disable=not progress)
     for step in bar:
         rng = np.random.default_rng([settings.seed, step])
         rows = rng.integers(0, embeds[0].shape[0], settings.batch_size)
@@ -141,15 +258,26 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
                                  neg_pooled, stop_after=k).asnumpy()             # the latents after k steps
         rm_noise = rng.standard_normal(x_t.shape, dtype=np.float32)
         loss, grads = refl_loss_and_grads(objective, x_t, float(timesteps[k]), float(sigmas[k]), ehs, pooled,
-                                          settings.u, rm_noise, graph=generator.mode == "graph")
+                                          settings.u, rm_noise, graph=graph)
+        record = {"step": step + 1, "k": k, "loss": float(loss), "mean_reward": REFL_TARGET - float(loss)}
+        if pretrain is not None:
+            picked = rng.integers(0, pretrain[0].shape[0], settings.batch_size)
+            x0 = pretrain[0][picked]
+            eps = rng.standard_normal(x0.shape, dtype=np.float32)
+            level = table[rng.integers(0, len(table), settings.batch_size)]
+            pre_loss, pre_grads = pretrain_loss_and_grads(generator, x0, eps, level, pretrain[1][picked],
+                                                          pretrain[2][picked], graph=graph)
+            grads = tuple(g + settings.pretrain_weight * p for g, p in zip(grads, pre_grads))
+            record["pretrain_loss"] = float(pre_loss)
         accumulated = grads if accumulated is None else tuple(a + g for a, g in zip(accumulated, grads))
         if (step + 1) % settings.grad_accumulation == 0:
             optimizer(tuple(g / settings.grad_accumulation for g in accumulated))
             accumulated = None
-        history.append({"step": step + 1, "k": k, "loss": float(loss), "mean_reward": REFL_TARGET - float(loss)})
-        bar.set_postfix(reward=f"{REFL_TARGET - float(loss):.4f}")
+        history.append(record)
+        bar.set_postfix(reward=f"{record['mean_reward']:.4f}")
         if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-            save_lora(generator, out, *lora)
-            write_json(os.path.join(out, "state.json"), {"step": step + 1, "history": history})
+            save_checkpoint(out, generator, optimizer, lora, {
+                "step": step + 1, "history": history,
+                "settings": {k: json_value(v) for k, v in dataclasses.asdict(settings).items()}})
     logger.info("ReFL: %d steps; LoRA in %s", settings.steps, out)
     return history

@@ -1,0 +1,126 @@
+"""`ms-rm refl`: reward-feedback (ReFL) fine-tuning of an SD3 / SD3.5 LoRA with a Diffusion-RM, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import numpy as np
+
+from ..core.errors import InputError
+from ..generators.sd3 import SD3Generator
+from ..io.files import read_config_file
+from ..rewards.diffusion_rm import DiffusionRM
+from ..scoring.runs import read_inputs
+from ..training.refl import ReFLSettings, train_refl
+
+logger = logging.getLogger(__name__)
+
+EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
+NEGATIVES = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
+PRETRAIN = ("latents", "prompt_embeds", "pooled_prompt_embeds")
+
+
+def prompt_pool(args: argparse.Namespace, generator: SD3Generator):
+    """(embeds, pooled, negative, negative pooled) of the prompt pool: an .npz, or a prompts file
+    (one prompt a line) encoded with the folder's text encoders."""
+    if bool(args.embeds) == bool(args.prompts):
+        raise InputError("pass either --embeds FILE (.npz of prompt embeddings) or --prompts FILE (one prompt a line)")
+    if args.embeds:
+        arrays = read_inputs(args.embeds, EMBEDS, NEGATIVES)
+        ehs, pooled = arrays["prompt_embeds"], arrays["pooled_prompt_embeds"]
+        neg = arrays.get("negative_prompt_embeds", np.zeros_like(ehs[:1]))
+        neg_pooled = arrays.get("negative_pooled_prompt_embeds", np.zeros_like(pooled[:1]))
+    else:
+        from ..encoders.sd3_prompts import SD3PromptEncoder
+
+        try:
+            prompts = [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
+        except OSError as e:
+            raise InputError(f"{args.prompts}: cannot read the prompts file ({e.strerror})") from None
+        if not prompts:
+            raise InputError(f"{args.prompts}: no prompts (one prompt a line)")
+        encoder = SD3PromptEncoder.from_pretrained(args.model, max_sequence_length=args.max_sequence_length,
+                                                   joint_attention_dim=generator.config.joint_attention_dim)
+        ehs, pooled = (t.asnumpy() for t in encoder.encode(prompts))
+        neg, neg_pooled = (t.asnumpy() for t in encoder.encode([args.negative_prompt]))
+    count = ehs.shape[0]
+    if neg.shape[0] == 1:                                 # one negative for every prompt
+        neg, neg_pooled = np.repeat(neg, count, axis=0), np.repeat(neg_pooled, count, axis=0)
+    return ehs, pooled, neg, neg_pooled
+
+
+def run(args: argparse.Namespace) -> int:
+    if os.path.exists(args.out) and not (args.resume or args.force):
+        raise InputError(f"{args.out}: already exists; pass --resume to continue that run or --force to start anew")
+    if args.resume:
+        adapter = read_config_file(os.path.join(args.out, "adapter_config.json"))
+        lora = (adapter["r"], adapter["lora_alpha"], adapter["target_modules"])
+        generator = SD3Generator.from_pretrained(args.model, lora=args.out, lora_mode="train", mode=args.mode)
+    else:
+        lora = (args.rank, args.alpha, args.targets)
+        generator = SD3Generator.from_pretrained(args.model, mode=args.mode)
+        generator.add_lora(args.rank, args.alpha, args.targets, seed=args.seed)
+    reward_model = DiffusionRM.from_pretrained(args.reward, mode=args.mode)
+    pool = prompt_pool(args, generator)
+    pretrain = None
+    if args.pretrain:
+        arrays = read_inputs(args.pretrain, PRETRAIN, ())
+        pretrain = tuple(arrays[k] for k in PRETRAIN)
+    if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
+        raise InputError(f"--height and --width must be positive multiples of 16 pixels, got {args.height}x{args.width}")
+    settings = ReFLSettings(steps=args.steps, batch_size=args.batch_size, grad_accumulation=args.grad_accumulation,
+                            num_inference_steps=args.num_inference_steps, step_range=tuple(args.step_range),
+                            guidance_scale=args.guidance, lr=args.lr, u=args.u, seed=args.seed,
+                            checkpoint_every=args.checkpoint_every, pretrain_weight=args.pretrain_weight)
+    history = train_refl(generator, reward_model, *pool, settings, args.out, lora,
+                         latent_hw=(args.height // 8, args.width // 8), progress=not args.no_progress,
+                         resume=args.resume, pretrain_data=pretrain)
+    last = history[-min(len(history), 10):]
+    logger.info("mean reward of the last %d steps: %.4f; LoRA (peft) and run state in %s", len(last),
+                float(np.mean([h["mean_reward"] for h in last])), args.out)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("refl", help="ReFL fine-tuning of an SD3 / SD3.5 LoRA with a Diffusion-RM (resumable)",
+                       description="The reference recipe's reward-feedback fine-tuning on latents: per step, sample "
+                                   "without gradient to a step k in --step-range, one gradient-carrying transformer "
+                                   "call, x0_hat = x_t - sigma v, loss 2 - mean(Diffusion-RM reward of x0_hat) "
+                                   "(+ --pretrain-weight x the flow-matching loss on --pretrain latents), Adam on the "
+                                   "LoRA. Writes a run folder: the LoRA as a peft adapter, the optimizer state and "
+                                   "state.json; --resume continues it.")
+    p.add_argument("model", help="a diffusers SD3 / SD3.5 pipeline folder (transformer/, scheduler/; text encoders "
+                                 "for --prompts)")
+    p.add_argument("--reward", required=True, help="a Diffusion-RM folder written by ms-rm convert")
+    p.add_argument("--out", required=True, help="the run folder (peft adapter + optimizer.safetensors + state.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (same settings; --steps may grow)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out and start anew")
+    p.add_argument("--embeds", help=".npz: prompt_embeds, pooled_prompt_embeds (optionally the negative_ pair)")
+    p.add_argument("--prompts", help="a text file, one prompt a line, encoded with the folder's text encoders")
+    p.add_argument("--negative-prompt", default="", help="with --prompts (default: empty)")
+    p.add_argument("--max-sequence-length", type=int, default=256, help="with --prompts: T5 tokens")
+    p.add_argument("--rank", type=int, default=32, help="LoRA rank (a new run)")
+    p.add_argument("--alpha", type=float, default=64, help="LoRA alpha (a new run)")
+    p.add_argument("--targets", nargs="+", default=["to_q", "to_k", "to_v", "to_out.0"],
+                   help="LoRA target modules, peft's rule (a new run)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps in all (default 100)")
+    p.add_argument("--batch-size", type=int, default=2, help="prompts per step (default 2)")
+    p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--num-inference-steps", type=int, default=40, help="sampler steps (the reference: 40)")
+    p.add_argument("--step-range", type=int, nargs=2, default=[30, 39], metavar=("LOW", "HIGH"),
+                   help="the step k carrying the gradient, inclusive (the reference: 30 39)")
+    p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance of the sampling")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--u", type=float, default=0.4, help="the reward model's noise level (its u convention)")
+    p.add_argument("--height", type=int, default=512, help="pixels")
+    p.add_argument("--width", type=int, default=512, help="pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--pretrain", help=".npz of clean latents, prompt_embeds, pooled_prompt_embeds for the "
+                                      "pretraining term")
+    p.add_argument("--pretrain-weight", type=float, default=0.0, help="weight of the pretraining term (0: off)")
+    p.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
