@@ -4,6 +4,10 @@ import of an optional install extra."""
 import importlib
 import importlib.metadata
 import os
+import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -41,3 +45,33 @@ def import_extra(module: str, distribution: str, extra: str):
             pytest.fail(f"{message}, and CI installs every extra", pytrace=False)
         pytest.skip(message, allow_module_level=True)
     return importlib.import_module(module)
+
+
+# --- msrun jobs (tests of runs across workers) -------------------------------------------------------
+WORKERS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def msrun(script, *args, log_dir, timeout=600):
+    """Run `script args` as an msrun job of WORKERS CPU workers; (returncode, the workers' logs)."""
+    launcher = shutil.which("msrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert launcher, "msrun (installed with mindspore) is not on PATH"
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env.pop("MS_ROLE", None)
+    command = [launcher, f"--worker_num={WORKERS}", f"--local_worker_num={WORKERS}", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "--join=True", f"--log_dir={log_dir}", str(script), *map(str, args)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    logs = "".join(open(os.path.join(log_dir, f)).read() for f in sorted(os.listdir(log_dir)) if f.startswith("worker"))
+    return done.returncode, logs
+
+
+def ms_rm_command() -> str:
+    """The installed ms-rm command (a Python script msrun can run)."""
+    path = shutil.which("ms-rm", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert path, "the ms-rm command is not installed (pip install -e .)"
+    return path

@@ -20,7 +20,7 @@ from ms_rm_parity.reference import as_torch, load_reference_model, lookup_u
 from ms_rm_parity.text_reference import reference_encode_prompt, write_sd3_text_folder
 from ms_rm_parity.vae_reference import build_reference_vae, tiny_vae_config
 
-from helpers import converted_checkpoint
+from helpers import converted_checkpoint, ms_rm_command, msrun
 
 T5_TOKENS = 12
 U = 0.1
@@ -51,8 +51,8 @@ def world(tmp_path_factory):
 
 def torch_scores(world, names):
     """The reference pipeline on the same files: ToTensor + Normalize(0.5, 0.5), VAE mode,
-    (z - shift) * scale, encode_prompt, noise as the scorer draws it (one draw per size group in
-    order of first appearance, from default_rng(SEED)), nearest-sigma u, the torch reward model."""
+    (z - shift) * scale, encode_prompt, noise as a seeded scorer draws it for a pairs run (each
+    pair's from default_rng([SEED, its index])), nearest-sigma u, the torch reward model."""
     vae, case = world["vae"], world["case"]
     ehs, pooled = reference_encode_prompt(world["text"], [world["prompts"][n] for n in names], T5_TOKENS, 48)
     pixels = [np.asarray(Image.open(world["root"] / n).convert("RGB"), np.float32).transpose(2, 0, 1) / 127.5 - 1
@@ -60,13 +60,13 @@ def torch_scores(world, names):
     groups = {}
     for i, p in enumerate(pixels):
         groups.setdefault(p.shape, []).append(i)
-    rng = np.random.default_rng(SEED)
     scores = [None] * len(names)
     for indices in groups.values():
         with torch.no_grad():
             z = vae.encode(as_torch(np.stack([pixels[i] for i in indices]))).latent_dist.mode()
         latents = (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-        noise = rng.standard_normal((1, 1, len(indices)) + tuple(latents.shape[1:]), dtype=np.float32)[0, 0]
+        noise = np.stack([np.random.default_rng([SEED, i]).standard_normal((1, 1) + tuple(latents.shape[1:]),
+                                                                           dtype=np.float32)[0, 0] for i in indices])
         sigma, timestep = lookup_u(case.scheduler, [U] * len(indices), "sigma")
         with torch.no_grad():
             stages = world["reference"].stages(latents, as_torch(noise), sigma, timestep,
@@ -94,6 +94,24 @@ def test_score_images_command_matches_torch_from_png_to_score(world, capsys):
     assert max_rel_error(ours, expected) <= PIPELINE_BOUND, (ours, expected)
     printed = capsys.readouterr().out.strip().splitlines()
     assert [float(line.split("\t")[0]) for line in printed] == pytest.approx(ours, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_score_images_across_two_workers_equals_one_process(world):
+    """Under msrun each worker scores its shard (2 + 1 pairs); the main rank writes the whole file,
+    equal to one process's (each pair's noise from (seed, its index))."""
+    root, names = world["root"], ["a.png", "b.png", "c.png"]
+    args = ["score-images", world["model"], "--vae", str(world["pipeline"] / "vae"), "--text-encoders",
+            str(world["pipeline"]), "--seed", str(SEED), "--u", str(U), "--max-sequence-length", str(T5_TOKENS),
+            "--no-progress", "--batch-size", "1"]
+    for name in names:
+        args += ["--image", str(root / name), "--prompt", world["prompts"][name]]
+    code, logs = msrun(ms_rm_command(), *args, "--out", root / "two.jsonl", log_dir=root / "logs-two")
+    assert code == 0, logs[-3000:]
+    rows = [json.loads(line) for line in (root / "two.jsonl").read_text().splitlines()]
+    assert [r["image"] for r in rows] == [str(root / n) for n in names]
+    expected = torch_scores(world, names)
+    assert max_rel_error(np.array([r["score"] for r in rows]), expected) <= PIPELINE_BOUND
 
 
 def test_pairs_file_and_python_call_agree(world):

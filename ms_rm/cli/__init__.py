@@ -1,7 +1,8 @@
 """`ms-rm`: the command-line interface, one module per subcommand, each a thin layer over the library.
 
 Errors that ms_rm raises on purpose print as one line on stderr with exit status 2; --debug
-shows the traceback instead.
+shows the traceback instead. Under msrun every subcommand joins the job first (ms_rm.core.distributed);
+`score` and `score-images` shard their samples, `refl` trains data-parallel.
 """
 
 from __future__ import annotations
@@ -29,14 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
     import mindspore as ms
 
-    from ..core.errors import MsRmError
+    from ..core.distributed import init_world
+    from ..core.errors import ConfigError, MsRmError
 
     ms.set_device(args.device)
+    args.world = init_world()              # under msrun: join the job first (its scheduler process stays there)
+    level = logging.DEBUG if args.debug else logging.INFO if args.world.is_main else logging.WARNING
+    prefix = f"[rank {args.world.rank}] " if args.world.size > 1 else ""
+    logging.basicConfig(level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s")
     try:
+        if args.world.size > 1 and not getattr(sys.modules[args.func.__module__], "DISTRIBUTED", False):
+            raise ConfigError(f"ms-rm {args.command} runs in one process; under msrun only score, score-images "
+                              "and refl split their work")
         return args.func(args)
     except MsRmError as e:
         if args.debug:

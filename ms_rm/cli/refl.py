@@ -17,6 +17,8 @@ from ..training.refl import ReFLSettings, train_refl
 
 logger = logging.getLogger(__name__)
 
+DISTRIBUTED = True                  # under msrun: data parallel (each rank its share of every batch)
+
 EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
 NEGATIVES = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
 PRETRAIN = ("latents", "prompt_embeds", "pooled_prompt_embeds")
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                             checkpoint_every=args.checkpoint_every, pretrain_weight=args.pretrain_weight)
     history = train_refl(generator, reward_model, *pool, settings, args.out, lora,
                          latent_hw=(args.height // 8, args.width // 8), progress=not args.no_progress,
-                         resume=args.resume, pretrain_data=pretrain)
+                         resume=args.resume, pretrain_data=pretrain, world=args.world)
     last = history[-min(len(history), 10):]
     logger.info("mean reward of the last %d steps: %.4f; LoRA (peft) and run state in %s", len(last),
                 float(np.mean([h["mean_reward"] for h in last])), args.out)

@@ -8,13 +8,18 @@ from ..rewards import load_reward_model
 from ..scoring.runs import input_arrays, read_inputs, score_arrays, write_npz
 
 
+DISTRIBUTED = True                  # under msrun: each rank scores its shard; the main rank writes
+
+
 def run(args: argparse.Namespace) -> int:
     model = load_reward_model(args.model, mode=args.mode, verify=args.verify)
     arrays = read_inputs(args.inputs, *input_arrays(model))
-    result = score_arrays(model, arrays, args.u if len(args.u) > 1 else args.u[0], args.seed, args.features)
-    write_npz(args.out, result)
-    for i, value in enumerate(result["reward"][:, 0]):
-        print(f"{i}\t{value:.6f}")
+    result = score_arrays(model, arrays, args.u if len(args.u) > 1 else args.u[0], args.seed, args.features,
+                          world=args.world)
+    if args.world.is_main:
+        write_npz(args.out, result)
+        for i, value in enumerate(result["reward"][:, 0]):
+            print(f"{i}\t{value:.6f}")
     return 0
 
 

@@ -11,6 +11,9 @@ from ..scoring import DiffusionRMScorer
 from ..scoring.runs import read_pairs, score_pairs, write_jsonl
 
 
+DISTRIBUTED = True                  # under msrun: each rank scores its shard; the main rank writes
+
+
 def run(args: argparse.Namespace) -> int:
     if args.pairs:
         if args.image or args.prompt:
@@ -21,18 +24,23 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"pass one --prompt per --image (got {len(args.image or [])} images and "
                              f"{len(args.prompt or [])} prompts), or --pairs FILE")
         pairs = list(zip(args.image, args.prompt))
+    world = args.world
+    if world.size > 1 and args.sample_latents:
+        raise InputError("--sample-latents draws the VAE posterior from one stream per process: not reproducible "
+                         "across workers; take the posterior's mode (the default) under msrun")
     model = DiffusionRM.from_pretrained(args.model, mode=args.mode, verify=args.verify)
     encoder = SD3Encoder.from_pretrained(args.vae, args.text_encoders, max_sequence_length=args.max_sequence_length,
                                          use_t5=not args.no_t5, joint_attention_dim=model.config.backbone.joint_attention_dim,
                                          mode=args.mode, sample=args.sample_latents, seed=args.seed)
     scorer = DiffusionRMScorer(model=model, u=args.u, seed=args.seed, normalize=args.normalize,
                                size_policy=args.size_policy, encoder=encoder)
-    rows = []
-    for row in score_pairs(scorer, pairs, batch_size=args.batch_size, progress=not args.no_progress):
-        rows.append(row)
-        print(f"{row['score']:.6f}\t{row['image']}")
-    if args.out:
-        write_jsonl(args.out, rows)
+    rows = score_pairs(scorer, pairs, batch_size=args.batch_size, progress=not args.no_progress and world.is_main,
+                       world=world)
+    if world.is_main:
+        for row in rows:
+            print(f"{row['score']:.6f}\t{row['image']}")
+        if args.out:
+            write_jsonl(args.out, rows)
     return 0
 
 
@@ -51,7 +59,8 @@ def add_parsers(sub) -> None:
     images.add_argument("--out", help="also write {image, prompt, score} per line to this .jsonl")
     images.add_argument("--u", type=float, default=None,
                         help="noise level (default 0.1, the recommended level for clean images, sigma convention)")
-    images.add_argument("--seed", type=int, default=None, help="seed of the noise (default: fresh, as the reference)")
+    images.add_argument("--seed", type=int, default=None, help="seed of the noise, each pair's from (seed, its index) "
+                                                                "(default: fresh, as the reference)")
     images.add_argument("--size-policy", choices=["crop", "resize", "error"], default="crop",
                         help="fit sizes to multiples of 16 px by center crop (default), resize, or refuse")
     images.add_argument("--normalize", choices=["none", "reference", "flow-grpo-ms"], default="none",

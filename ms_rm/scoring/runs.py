@@ -13,6 +13,12 @@
   Images are read, fitted to multiples of 16 pixels (the scorer's size policy), encoded by groups
   of equal size, and scored; results as JSONL ({"image", "prompt", "score"} per pair).
 
+Under msrun (a World of several ranks, ms_rm.core.distributed) each rank scores a contiguous
+shard of the samples and the results are gathered in order, equal to one process's: the noise of
+a sample does not depend on the shard (`ms-rm score` draws the whole batch's noise from the seed on
+every rank; `ms-rm score-images` draws each pair's from (seed, its index)). Only the main rank
+writes, after every rank has delivered, so a failing rank leaves no output.
+
 Every output is written atomically (ms_rm.io.files).
 """
 
@@ -22,11 +28,12 @@ import csv
 import json
 import os
 import zipfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tqdm import tqdm
 
+from ..core.distributed import World
 from ..core.errors import InputError
 from ..io.files import atomic_file
 from .images import load_image
@@ -68,14 +75,26 @@ def read_inputs(path: str, required: Sequence[str] = REQUIRED, optional: Sequenc
 
 
 def score_arrays(model, arrays: Dict[str, np.ndarray], u: Union[float, Sequence[float]],
-                 seed: Optional[int] = None, features: bool = False) -> Dict[str, np.ndarray]:
-    """Run the model on the arrays of an inputs file; the arrays of an output file."""
+                 seed: Optional[int] = None, features: bool = False, world: World = World()) -> Dict[str, np.ndarray]:
+    """Run the model on the arrays of an inputs file; the arrays of an output file. With a world of
+    several ranks, each scores its shard of the samples and every rank returns the whole result."""
+    count = arrays["latents"].shape[0]
+    if world.size > 1:
+        if count < world.size:
+            raise InputError(f"{count} samples for {world.size} workers: run fewer workers than samples")
+        if "noise" not in arrays and seed is not None:       # the whole batch's noise, as one process draws it
+            from ..rewards.diffusion_rm.noise import draw_noise
+
+            arrays, seed = {**arrays, "noise": draw_noise(tuple(arrays["latents"].shape), seed=seed)}, None
+        rows = world.shard(count)
+        arrays = {k: v[rows] for k, v in arrays.items()}
+        u = u if np.ndim(u) == 0 else np.asarray(u)[rows]
     noise = arrays.get("noise")
     stages = model.reward_stages(arrays["latents"], arrays["encoder_hidden_states"], arrays.get("pooled_projections"),
                                  u=u, noise=noise, seed=None if noise is not None else seed,
                                  encoder_attention_mask=arrays.get("encoder_attention_mask"))
     keep = stages if features else {k: stages[k] for k in ("reward", "sigma", "timestep")}
-    return {k: v.astype("float32").asnumpy() for k, v in keep.items()}
+    return {k: world.gather_rows(v.astype("float32").asnumpy(), count) for k, v in keep.items()}
 
 
 def write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
@@ -116,17 +135,27 @@ def read_pairs(path: str) -> List[Pair]:
     return pairs
 
 
-def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bool = True) -> Iterator[Dict]:
-    """Score the pairs `batch_size` at a time; yields {"image", "prompt", "score"} in order."""
+def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bool = True,
+                world: World = World()) -> List[Dict]:
+    """Score the pairs `batch_size` at a time; {"image", "prompt", "score"} per pair, in order.
+    With a seed, each pair's noise comes from (seed, its index): scores do not depend on the batch
+    size or on the number of workers. With a world of several ranks, each scores its shard and
+    every rank returns all rows."""
     if batch_size < 1:
         raise InputError(f"batch size must be positive, got {batch_size}")
-    with tqdm(total=len(pairs), unit="image", desc="scoring", disable=not progress) as bar:
-        for start in range(0, len(pairs), batch_size):
-            batch = pairs[start:start + batch_size]
-            scores = scorer([load_image(path) for path, _ in batch], [prompt for _, prompt in batch])
-            for (path, prompt), score in zip(batch, scores):
-                yield {"image": path, "prompt": prompt, "score": score}
+    if len(pairs) < world.size:
+        raise InputError(f"{len(pairs)} pairs for {world.size} workers: run fewer workers than pairs")
+    rows = world.shard(len(pairs))
+    keyed = getattr(scorer, "seed", None) is not None
+    scores: List[float] = []
+    with tqdm(total=rows.stop - rows.start, unit="image", desc="scoring", disable=not progress) as bar:
+        for start in range(rows.start, rows.stop, batch_size):
+            batch = pairs[start:min(start + batch_size, rows.stop)]
+            ids = {"sample_ids": list(range(start, start + len(batch)))} if keyed else {}
+            scores += scorer([load_image(path) for path, _ in batch], [prompt for _, prompt in batch], **ids)
             bar.update(len(batch))
+    everyone = world.gather_rows(np.asarray(scores, np.float32)[:, None], len(pairs))[:, 0]   # float32: lossless
+    return [{"image": path, "prompt": prompt, "score": float(score)} for (path, prompt), score in zip(pairs, everyone)]
 
 
 def write_jsonl(path: str, rows: Sequence[Dict]) -> None:

@@ -132,14 +132,26 @@ class DiffusionRMScorer:
         return recommended_u(inputs, self.model.config.u_convention)
 
     # --- noise ---------------------------------------------------------------------------
-    def draw_noise(self, shape: Tuple[int, ...], groups: Optional[Sequence[Any]] = None) -> np.ndarray:
+    def draw_noise(self, shape: Tuple[int, ...], groups: Optional[Sequence[Any]] = None,
+                   sample_ids: Optional[Sequence[int]] = None) -> np.ndarray:
         """Noise for one call: (draws, levels, B, C, H, W) under the scorer's policy.
 
         `groups` (one key per sample) makes samples with equal keys share their noise.
+        `sample_ids` (one integer per sample) draws each sample's noise from (seed, id) instead: the
+        same for a sample whatever the batch, its position in it or the other samples (a sharded
+        run then scores exactly as one process does).
         """
-        rng = np.random.default_rng(self.seed) if self.noise == "fixed" else self._rng
         levels = len(self.ensemble_u) if self.ensemble_u is not None else 1
         batch = shape[0]
+        if sample_ids is not None:
+            if self.seed is None:
+                raise ConfigError("per-sample noise (sample_ids) needs the scorer's seed")
+            if len(sample_ids) != batch:
+                raise InputError(f"sample_ids must have one id per sample ({batch}), got {len(sample_ids)}")
+            per_sample = (self.num_noise_draws, levels) + tuple(shape[1:])
+            return np.stack([np.random.default_rng([self.seed, int(i)]).standard_normal(per_sample, dtype=np.float32)
+                             for i in sample_ids], axis=2)
+        rng = np.random.default_rng(self.seed) if self.noise == "fixed" else self._rng
         if groups is None:
             return rng.standard_normal((self.num_noise_draws, levels) + tuple(shape), dtype=np.float32)
         if len(groups) != batch:
@@ -151,11 +163,11 @@ class DiffusionRMScorer:
 
     # --- scoring -----------------------------------------------------------------------------
     def reward(self, latents, text_conds: Mapping[str, Any], u: Optional[float] = None,
-               groups: Optional[Sequence[Any]] = None) -> Tensor:
+               groups: Optional[Sequence[Any]] = None, sample_ids: Optional[Sequence[int]] = None) -> Tensor:
         """Normalized rewards (B, 1) of latents (B, C, H, W); text_conds holds the prompt embeddings
         under `encoder_hidden_states` and `pooled_projections` (Z-Image: `encoder_hidden_states`, a
         list of (T_i, D) or padded with `encoder_attention_mask`). Differentiable w.r.t. the latents.
-        u: this call's noise level (default: `default_u("latents")`)."""
+        u: this call's noise level (default: `default_u("latents")`); sample_ids: see draw_noise."""
         variable = self.model.config.backbone.pooled_projection_dim is None
         needed = ("encoder_hidden_states",) if variable else ("encoder_hidden_states", "pooled_projections")
         missing = [k for k in needed if k not in text_conds]
@@ -172,7 +184,7 @@ class DiffusionRMScorer:
             mask = None
         if self.common_noise and groups is None:
             groups = [t.tobytes() for t in ehs] if variable else _row_keys(pooled)
-        noise = self.draw_noise(tuple(latents.shape), groups)
+        noise = self.draw_noise(tuple(latents.shape), groups, sample_ids)
         if u is None and self.ensemble_u is None:
             u = self.default_u("latents")
         batch = latents.shape[0]
@@ -198,22 +210,22 @@ class DiffusionRMScorer:
 
     def score_latents(self, latents, prompt_embeds, pooled_prompt_embeds=None,
                       groups: Optional[Sequence[Any]] = None, u: Optional[float] = None,
-                      encoder_attention_mask=None) -> List[float]:
+                      encoder_attention_mask=None, sample_ids: Optional[Sequence[int]] = None) -> List[float]:
         """One float per sample: the scorer contract, from latents and prompt embeddings."""
         text_conds = {"encoder_hidden_states": prompt_embeds}
         if pooled_prompt_embeds is not None:
             text_conds["pooled_projections"] = pooled_prompt_embeds
         if encoder_attention_mask is not None:
             text_conds["encoder_attention_mask"] = encoder_attention_mask
-        rewards = self.reward(latents, text_conds, u=u, groups=groups)
+        rewards = self.reward(latents, text_conds, u=u, groups=groups, sample_ids=sample_ids)
         return [float(v) for v in rewards.astype(ms.float32).asnumpy()[:, 0]]
 
     def __call__(self, images, prompts: Optional[Sequence[str]] = None, prompt_embeds=None,
-                 pooled_prompt_embeds=None) -> List[float]:
+                 pooled_prompt_embeds=None, sample_ids: Optional[Sequence[int]] = None) -> List[float]:
         """Flow-GRPO-MS's scorer call: images (PIL list, arrays in [0, 1], see ms_rm.scoring.images) and
         prompts, one float per image. Images are fitted to multiples of 16 pixels by the scorer's
         `size_policy` and encoded in groups of equal size; precomputed prompt embeddings may be
-        passed instead of prompts."""
+        passed instead of prompts; sample_ids: per-sample noise (see draw_noise)."""
         if self.encoder is None:
             raise ConfigError(
                 f"{type(self).__name__} scores latents: pass encoder= (ms_rm.encoders.SD3Encoder, or "
@@ -238,7 +250,8 @@ class DiffusionRMScorer:
         for indices in group_by_size(pixels).values():           # one encoder batch per image size
             latents = self.encoder.encode_pixels(np.stack([pixels[i] for i in indices]))
             values = self.score_latents(latents, _rows(ehs, indices), _rows(pooled, indices),
-                                        groups=None if groups is None else [groups[i] for i in indices], u=u)
+                                        groups=None if groups is None else [groups[i] for i in indices], u=u,
+                                        sample_ids=None if sample_ids is None else [sample_ids[i] for i in indices])
             for i, value in zip(indices, values):
                 scores[i] = value
         return scores
@@ -267,7 +280,7 @@ class DiffusionRMZImageScorer(DiffusionRMScorer):
     family = "zimage"
 
     def __call__(self, images, prompts: Optional[Sequence[str]] = None, prompt_embeds=None,
-                 pooled_prompt_embeds=None) -> List[float]:
+                 pooled_prompt_embeds=None, sample_ids=None) -> List[float]:
         raise ConfigError("the Z-Image scorer scores latents: ms_rm has no Z-Image VAE or Qwen3 text encoder, so "
                           "call score_latents(latents, prompt_embeds[, encoder_attention_mask=...]) with the "
                           "Z-Image pipeline's latents and caption features")

@@ -22,6 +22,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 from tqdm import tqdm
 
+from ..core.distributed import World
 from ..core.errors import InputError
 from ..core.flow_match import training_table
 from ..io.files import atomic_folder, read_config_file, write_json
@@ -205,7 +206,7 @@ def json_value(value):
 def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                negative_pooled_prompt_embeds, settings: ReFLSettings, out: str, lora: Tuple[int, float, Sequence[str]],
                latent_hw: Tuple[int, int] = (64, 64), progress: bool = True, resume: bool = False,
-               pretrain_data: Optional[Tuple[Any, Any, Any]] = None) -> List[Dict]:
+               pretrain_data: Optional[Tuple[Any, Any, Any]] = None, world: World = World()) -> List[Dict]:
     """ReFL fine-tuning of the generator's LoRA factors on a pool of prompt embeddings (N, T, J).
 
     Each step: `batch_size` prompts drawn from the pool, initial noise, the sampler run without
@@ -218,7 +219,11 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
         from a generator seeded with (seed, step), so a resumed run equals an uninterrupted one.
     pretrain_data: (clean latents (M, C, H, W), prompt_embeds (M, T, J), pooled (M, P)), used when
         settings.pretrain_weight > 0: the loss adds pretrain_weight x the flow-matching loss on
-        `batch_size` of them (PretrainObjective, sigma drawn uniformly from the training table)."""
+        `batch_size` of them (PretrainObjective, sigma drawn uniformly from the training table).
+    world: data parallel over msrun's ranks (ms_rm.core.distributed): every rank draws the whole
+        step (prompts, noise, k) from the same generator and takes its contiguous share of the batch;
+        gradients and losses are averaged over ranks, which equals the one-process gradient of the
+        whole batch; the main rank writes the checkpoints. batch_size must divide by the ranks."""
     low, high = settings.step_range
     if not 0 <= low <= high < settings.num_inference_steps:
         raise InputError(f"step_range {settings.step_range} must lie in 0..{settings.num_inference_steps - 1}")
@@ -227,6 +232,8 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
     if settings.checkpoint_every % settings.grad_accumulation:
         raise InputError(f"checkpoint_every {settings.checkpoint_every} must be a multiple of grad_accumulation "
                          f"{settings.grad_accumulation} (a checkpoint holds no partly accumulated gradient)")
+    if settings.batch_size % world.size:
+        raise InputError(f"batch_size {settings.batch_size} must be a multiple of the {world.size} workers")
     if settings.pretrain_weight < 0 or (settings.pretrain_weight > 0) != (pretrain_data is not None):
         raise InputError("pretrain_weight > 0 and pretrain_data (latents, prompt_embeds, pooled) go together")
     params = generator.lora_parameters()
@@ -247,35 +254,41 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
     channels = generator.config.in_channels
     graph = generator.mode == "graph"
     accumulated = None
-    bar = tqdm(range(start, settings.steps), desc="ReFL", initial=start, total=settings.steps, disable=not progress)
+    mine = world.shard(settings.batch_size)                      # this rank's share of each step's batch
+    bar = tqdm(range(start, settings.steps), desc="ReFL", initial=start, total=settings.steps,
+               disable=not progress or not world.is_main)
     for step in bar:
-        rng = np.random.default_rng([settings.seed, step])
-        rows = rng.integers(0, embeds[0].shape[0], settings.batch_size)
+        rng = np.random.default_rng([settings.seed, step])      # the whole step, drawn alike on every rank
+        rows = rng.integers(0, embeds[0].shape[0], settings.batch_size)[mine]
         ehs, pooled, neg, neg_pooled = (a[rows] for a in embeds)
-        noise = rng.standard_normal((settings.batch_size, channels) + tuple(latent_hw), dtype=np.float32)
+        noise = rng.standard_normal((settings.batch_size, channels) + tuple(latent_hw), dtype=np.float32)[mine]
         k = int(rng.integers(low, high + 1))
         x_t = generator.generate(ehs, pooled, noise, settings.num_inference_steps, settings.guidance_scale, neg,
                                  neg_pooled, stop_after=k).asnumpy()             # the latents after k steps
-        rm_noise = rng.standard_normal(x_t.shape, dtype=np.float32)
+        rm_noise = rng.standard_normal((settings.batch_size,) + x_t.shape[1:], dtype=np.float32)[mine]
         loss, grads = refl_loss_and_grads(objective, x_t, float(timesteps[k]), float(sigmas[k]), ehs, pooled,
                                           settings.u, rm_noise, graph=graph)
-        record = {"step": step + 1, "k": k, "loss": float(loss), "mean_reward": REFL_TARGET - float(loss)}
         if pretrain is not None:
             picked = rng.integers(0, pretrain[0].shape[0], settings.batch_size)
-            x0 = pretrain[0][picked]
-            eps = rng.standard_normal(x0.shape, dtype=np.float32)
-            level = table[rng.integers(0, len(table), settings.batch_size)]
-            pre_loss, pre_grads = pretrain_loss_and_grads(generator, x0, eps, level, pretrain[1][picked],
-                                                          pretrain[2][picked], graph=graph)
+            eps = rng.standard_normal((settings.batch_size,) + pretrain[0].shape[1:], dtype=np.float32)[mine]
+            level = table[rng.integers(0, len(table), settings.batch_size)][mine]
+            picked = picked[mine]
+            pre_loss, pre_grads = pretrain_loss_and_grads(generator, pretrain[0][picked], eps, level,
+                                                          pretrain[1][picked], pretrain[2][picked], graph=graph)
             grads = tuple(g + settings.pretrain_weight * p for g, p in zip(grads, pre_grads))
-            record["pretrain_loss"] = float(pre_loss)
+        grads = world.mean(grads)                                # = the gradient of the whole batch
+        loss = world.mean([loss])[0]
+        record = {"step": step + 1, "k": k, "loss": float(loss), "mean_reward": REFL_TARGET - float(loss)}
+        if pretrain is not None:
+            record["pretrain_loss"] = float(world.mean([pre_loss])[0])
         accumulated = grads if accumulated is None else tuple(a + g for a, g in zip(accumulated, grads))
         if (step + 1) % settings.grad_accumulation == 0:
             optimizer(tuple(g / settings.grad_accumulation for g in accumulated))
             accumulated = None
         history.append(record)
         bar.set_postfix(reward=f"{record['mean_reward']:.4f}")
-        if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+        checkpoint = settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
+        if world.is_main and (checkpoint or step + 1 == settings.steps):
             save_checkpoint(out, generator, optimizer, lora, {
                 "step": step + 1, "history": history,
                 "settings": {k: json_value(v) for k, v in dataclasses.asdict(settings).items()}})
