@@ -169,3 +169,56 @@ def run_clip_case(name: str, modes: List[str], dtype: str, seed: int, ms_device:
                                   measured_stages(ours, torch32, torch64),
                                   environment=environment(ms_device, torch_device)))
     return reports
+
+
+# --- the real CLIP vocabulary, for tokenizer tests --------------------------------------------------
+
+OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"         # MIT; ships OpenAI CLIP's BPE merges
+BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+
+
+def download_open_clip_bpe(folder: str) -> str:
+    """OpenAI CLIP's BPE file (bpe_simple_vocab_16e6.txt.gz) read out of the open-clip-torch wheel,
+    which `pip download --no-deps` fetches into `folder` (kept: a second call downloads nothing).
+    open_clip itself is never imported (it imports torchvision)."""
+    import glob
+    import subprocess
+    import sys
+    import zipfile
+
+    target = os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz")
+    if os.path.isfile(target):
+        return target
+    os.makedirs(folder, exist_ok=True)
+    wheels = glob.glob(os.path.join(folder, "open_clip_torch-3.3.0-*.whl"))
+    if not wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
+                        "-d", folder, OPEN_CLIP_WHEEL], check=True)
+        wheels = glob.glob(os.path.join(folder, "open_clip_torch-3.3.0-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        data = wheel.read(BPE_MEMBER)
+    with open(target + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(target + ".tmp", target)
+    return target
+
+
+def write_clip_vocabulary(bpe_gz: str, folder: str) -> None:
+    """vocab.json + merges.txt as transformers' CLIPTokenizer reads them, built from CLIP's BPE
+    file the way CLIP's simple tokenizer builds its vocabulary: the 256 byte symbols, the same
+    with `</w>`, one token per merge (the file's first 48,894 merges after its header line), then
+    <|startoftext|> and <|endoftext|>: 49,408 tokens."""
+    import gzip
+    import json
+
+    from .text_reference import CLIP_BOS, _bytes_to_unicode
+
+    lines = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
