@@ -225,3 +225,24 @@ def test_folder_problems_get_one_line_errors(tiny_clip, tmp_path):
     (no_rgb / "preprocessor_config.json").write_text(json.dumps(processor))
     with pytest.raises(InputError, match="do_convert_rgb=false"):
         PickScoreScorer(str(no_rgb))([_images()[0].convert("L")], ["a"])
+
+
+def test_cli_score_clip_scores_image_files(tiny_clip, scorer, tmp_path, capsys):
+    from ms_rm.cli import main
+
+    images, prompts = _images(), ["a red cube", "two cats"]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    out = tmp_path / "scores.jsonl"
+    args = ["score-clip", tiny_clip[0], "--out", str(out), "--no-progress", "--scale", "logit"]
+    for path, prompt in zip(paths, prompts):
+        args += ["--image", path, "--prompt", prompt]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = CLIPScorer(model=scorer.model, processor_path=tiny_clip[0], scale="logit")(images, prompts)
+    np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-6)
+    assert [r["image"] for r in rows] == paths
+    assert main(["score-clip", tiny_clip[0], "--image", paths[0]]) == 2            # a prompt per image
+    assert "one --prompt per --image" in capsys.readouterr().err
