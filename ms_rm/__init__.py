@@ -14,13 +14,13 @@ from .rewards.diffusion_rm import DiffusionRM, HeadConfig, RewardModelConfig, Sc
 from .backbones.config import FluxBackboneConfig, SD3BackboneConfig, ZImageBackboneConfig
 from .generators.sd3 import SD3Generator
 from .scoring import (SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer,
-                      DiffusionRMZImageScorer, MultiScorer)
+                      DiffusionRMZImageScorer, MultiScorer, PickScoreScorer, CLIPScorer)
 from .version import __version__
 
 __all__ = [
     "DiffusionRM", "RewardModel", "REWARD_MODELS", "load_reward_model",
     "DiffusionRMScorer", "DiffusionRMSD3Scorer", "DiffusionRMFluxScorer", "DiffusionRMZImageScorer", "MultiScorer",
-    "SCORERS", "SD3Generator",
+    "PickScoreScorer", "CLIPScorer", "SCORERS", "SD3Generator",
     "RewardModelConfig", "SD3BackboneConfig", "FluxBackboneConfig", "ZImageBackboneConfig", "HeadConfig", "SchedulerConfig",
     "load_config", "MsRmError", "ConfigError", "CheckpointError", "InputError",
     "MissingDependencyError", "__version__",

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .cases import CASES
+    from .clip_parity import CLIP_CASES, run_clip_case
     from .encoders import ENCODER_CASES, run_encoder_case
     from .flow_parity import FLOW_CASES, run_flow_case
     from .generator import GENERATOR_CASES, run_generator_case
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     fp32_cases = {**{n: (d, run_encoder_case) for n, d in ENCODER_CASES.items()},
                   **{n: (d, run_generator_case) for n, d in GENERATOR_CASES.items()},
                   **{n: (d, run_flow_case) for n, d in FLOW_CASES.items()},
-                  **{n: (d, run_refl_case) for n, d in REFL_CASES.items()}}
+                  **{n: (d, run_refl_case) for n, d in REFL_CASES.items()},
+                  **{n: (d, run_clip_case) for n, d in CLIP_CASES.items()}}
     if args.list:
         width = max(map(len, list(CASES) + list(fp32_cases)))
         for case in CASES.values():

@@ -180,7 +180,7 @@ def test_text_conds_must_hold_both_embeddings(model, batch):
 
 # --- MultiScorer -------------------------------------------------------------------------------
 class PixelScorer:
-    """A stand-in for an image scorer such as pickscore: mean brightness per image."""
+    """A stand-in for an image scorer: mean brightness per image."""
 
     def __init__(self):
         self.calls = 0
@@ -213,7 +213,9 @@ def test_multi_scorer_with_latent_scorers_only_needs_no_images(model, batch):
 def test_multi_scorer_errors(model, batch):
     with pytest.raises(ConfigError, match="'avg' is reserved"):
         MultiScorer({"avg": 1.0})
-    with pytest.raises(ConfigError, match="unknown scorer 'pickscore'"):
+    with pytest.raises(ConfigError, match="unknown scorer 'imagereward'"):
+        MultiScorer({"imagereward": 1.0})
+    with pytest.raises(ConfigError, match="pass exactly one of model_path"):      # registered, needs its folder
         MultiScorer({"pickscore": 1.0})
     with pytest.raises(ConfigError, match="without a weight"):
         MultiScorer({"diffusion-rm-sd3": 1.0}, {"diffusion-rm-sd3": scorer(model), "other": {}})

@@ -1,4 +1,5 @@
-"""`ms-rm score-images`: score image files against prompts (VAE + text encoders + reward model)."""
+"""`ms-rm score-images`: score image files against prompts (VAE + text encoders + reward model);
+`ms-rm score-clip`: the same with a CLIP scorer (PickScore, CLIP score) from a Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from ..core.errors import InputError
 from ..encoders import SD3Encoder
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
+from ..scoring.clip import CLIPScorer
 from ..scoring.runs import read_pairs, score_pairs, write_jsonl
 
 
 DISTRIBUTED = True                  # under msrun: each rank scores its shard; the main rank writes
 
 
-def run(args: argparse.Namespace) -> int:
+def _pairs(args: argparse.Namespace):
+    """(image, prompt) pairs from --pairs, or from --image / --prompt."""
     if args.pairs:
         if args.image or args.prompt:
             raise InputError("pass either --pairs FILE or --image/--prompt, not both")
@@ -24,16 +27,12 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"pass one --prompt per --image (got {len(args.image or [])} images and "
                              f"{len(args.prompt or [])} prompts), or --pairs FILE")
         pairs = list(zip(args.image, args.prompt))
+    return pairs
+
+
+def _score(scorer, pairs, args: argparse.Namespace) -> int:
+    """Score the pairs (each rank its shard under msrun); the main rank prints and writes them all."""
     world = args.world
-    if world.size > 1 and args.sample_latents:
-        raise InputError("--sample-latents draws the VAE posterior from one stream per process: not reproducible "
-                         "across workers; take the posterior's mode (the default) under msrun")
-    model = DiffusionRM.from_pretrained(args.model, mode=args.mode, verify=args.verify)
-    encoder = SD3Encoder.from_pretrained(args.vae, args.text_encoders, max_sequence_length=args.max_sequence_length,
-                                         use_t5=not args.no_t5, joint_attention_dim=model.config.backbone.joint_attention_dim,
-                                         mode=args.mode, sample=args.sample_latents, seed=args.seed)
-    scorer = DiffusionRMScorer(model=model, u=args.u, seed=args.seed, normalize=args.normalize,
-                               size_policy=args.size_policy, encoder=encoder)
     rows = score_pairs(scorer, pairs, batch_size=args.batch_size, progress=not args.no_progress and world.is_main,
                        world=world)
     if world.is_main:
@@ -42,6 +41,36 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             write_jsonl(args.out, rows)
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    pairs = _pairs(args)
+    if args.world.size > 1 and args.sample_latents:
+        raise InputError("--sample-latents draws the VAE posterior from one stream per process: not reproducible "
+                         "across workers; take the posterior's mode (the default) under msrun")
+    model = DiffusionRM.from_pretrained(args.model, mode=args.mode, verify=args.verify)
+    encoder = SD3Encoder.from_pretrained(args.vae, args.text_encoders, max_sequence_length=args.max_sequence_length,
+                                         use_t5=not args.no_t5, joint_attention_dim=model.config.backbone.joint_attention_dim,
+                                         mode=args.mode, sample=args.sample_latents, seed=args.seed)
+    scorer = DiffusionRMScorer(model=model, u=args.u, seed=args.seed, normalize=args.normalize,
+                               size_policy=args.size_policy, encoder=encoder)
+    return _score(scorer, pairs, args)
+
+
+def run_clip(args: argparse.Namespace) -> int:
+    pairs = _pairs(args)
+    scorer = CLIPScorer(args.model, processor_path=args.processor, scale=args.scale, mode=args.mode)
+    return _score(scorer, pairs, args)
+
+
+def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image", action="append", help="an image file (repeat, with one --prompt each)")
+    parser.add_argument("--prompt", action="append", help="the prompt of the --image at the same position")
+    parser.add_argument("--pairs", help="a .csv (columns image,prompt) or .jsonl of pairs instead")
+    parser.add_argument("--out", help="also write {image, prompt, score} per line to this .jsonl")
+    parser.add_argument("--batch-size", type=int, default=8, help="images scored at a time")
+    parser.add_argument("--mode", choices=["graph", "pynative"], default="graph")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_parsers(sub) -> None:
@@ -53,10 +82,7 @@ def add_parsers(sub) -> None:
     images.add_argument("--vae", required=True, help="diffusers vae/ folder (or the SD3 pipeline folder)")
     images.add_argument("--text-encoders", help="SD3 pipeline folder with text_encoder, text_encoder_2, "
                                                 "text_encoder_3 and the tokenizers (default: beside --vae)")
-    images.add_argument("--image", action="append", help="an image file (repeat, with one --prompt each)")
-    images.add_argument("--prompt", action="append", help="the prompt of the --image at the same position")
-    images.add_argument("--pairs", help="a .csv (columns image,prompt) or .jsonl of pairs instead")
-    images.add_argument("--out", help="also write {image, prompt, score} per line to this .jsonl")
+    _add_pair_arguments(images)
     images.add_argument("--u", type=float, default=None,
                         help="noise level (default 0.1, the recommended level for clean images, sigma convention)")
     images.add_argument("--seed", type=int, default=None, help="seed of the noise, each pair's from (seed, its index) "
@@ -69,8 +95,17 @@ def add_parsers(sub) -> None:
     images.add_argument("--no-t5", action="store_true", help="leave T5 out (zeros in its place, as diffusers)")
     images.add_argument("--sample-latents", action="store_true",
                         help="sample the VAE posterior (with --seed) instead of taking its mode")
-    images.add_argument("--batch-size", type=int, default=8, help="images encoded and scored at a time")
     images.add_argument("--verify", action="store_true", help="check the model files' sha256 first")
-    images.add_argument("--mode", choices=["graph", "pynative"], default="graph")
-    images.add_argument("--no-progress", action="store_true", help="no progress bar")
     images.set_defaults(func=run)
+
+    clip = sub.add_parser(
+        "score-clip", help="score image files against prompts with PickScore / CLIP score",
+        description="Score image files against prompts with a Hugging Face CLIPModel folder (PickScore, CLIP) in "
+                    "MindSpore. One score per pair on stdout (score, image).")
+    clip.add_argument("model", help="a Hugging Face CLIPModel folder (config.json + model.safetensors)")
+    clip.add_argument("--processor", help="folder with vocab.json, merges.txt [, preprocessor_config.json] "
+                                          "(default: the model folder)")
+    clip.add_argument("--scale", choices=["cosine", "logit"], default="cosine",
+                      help="cosine of the embeddings (default) or exp(logit_scale) x cosine (original PickScore)")
+    _add_pair_arguments(clip)
+    clip.set_defaults(func=run_clip)

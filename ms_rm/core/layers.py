@@ -170,3 +170,16 @@ class RMSNorm(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return ops.rms_norm(x, self.weight, self.eps, self.scale_in_float32)
+
+
+class LayerNorm(nn.Cell):
+    """torch.nn.LayerNorm(dim, eps) with its affine weight and bias (torch's names)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.affine_layer_norm(x, self.weight, self.bias, self.eps)

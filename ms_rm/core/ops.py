@@ -229,3 +229,24 @@ def group_norm(x: ms.Tensor, groups: int, weight: ms.Tensor, bias: ms.Tensor, ep
     scale = expand(_float32(weight).reshape(1, c, 1), normed)
     shift = expand(_float32(bias).reshape(1, c, 1), normed)
     return (normed * scale + shift).reshape(shape).astype(x.dtype)
+
+
+# --- CLIP's helpers (ms_rm/rewards/clip) ----------------------------------------------------------
+
+def affine_layer_norm(x: ms.Tensor, weight: ms.Tensor, bias: ms.Tensor, eps: float) -> ms.Tensor:
+    """torch.nn.LayerNorm(elementwise_affine=True) over the last axis: the LayerNorm primitive
+    with the weight as gamma and the bias as beta, in float32 and cast back (see layer_norm)."""
+    normed = ops.LayerNorm(-1, -1, eps)(_float32(x), _float32(weight), _float32(bias))[0]
+    return normed.astype(x.dtype)
+
+
+def quick_gelu(x: ms.Tensor) -> ms.Tensor:
+    """x * sigmoid(1.702 x): transformers' QuickGELU (OpenAI CLIP's activation), in float32."""
+    x32 = _float32(x)
+    return (x32 * mint.sigmoid(1.702 * x32)).astype(x.dtype)
+
+
+def embedding(weight: ms.Tensor, ids: ms.Tensor) -> ms.Tensor:
+    """Rows `ids` (any shape, int32) of `weight` (V, D): torch.nn.Embedding. The Gather primitive;
+    mint.nn.Embedding has no CPU kernel."""
+    return ops.gather(weight, ids, 0)

@@ -12,8 +12,8 @@ class MultiScorer:
     """Flow-GRPO-MS's MultiScorer, extended so a call can carry latents and prompt embeddings.
 
     scorers: {name: weight}. scorer_configs: {name: kwargs for the registered class, or a ready
-    scorer instance}. Names not in the registry (pixel scorers such as pickscore) must come as
-    instances. A call returns {name: [B floats], ..., "avg": the weighted sum}; "avg" is reserved.
+    scorer instance}. Names not in the registry must come as instances. A call returns
+    {name: [B floats], ..., "avg": the weighted sum}; "avg" is reserved.
     Latent-aware scorers (those with score_latents) use latents and prompt embeddings when the
     call carries them; the others get images and prompts, so images may be None when every
     scorer reads latents.

@@ -34,6 +34,7 @@ from mindspore import Tensor, mint
 from ..core.errors import ConfigError, InputError
 from ..core.inputs import as_float_tensor, variable_length_text
 from ..rewards.diffusion_rm import DiffusionRM, recommended_u
+from .clip import CLIPScorer, PickScoreScorer
 from .images import SIZE_POLICIES, group_by_size, preprocess
 
 logger = logging.getLogger(__name__)
@@ -305,4 +306,4 @@ def _row_keys(pooled) -> List[bytes]:
 
 
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
-                                                       DiffusionRMZImageScorer)}
+                                                       DiffusionRMZImageScorer, PickScoreScorer, CLIPScorer)}
