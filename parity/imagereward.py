@@ -15,6 +15,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+REWARD_MODEL = "imagereward"          # the registry name (ms_rm.REWARD_MODELS) these cases cover
 IMAGEREWARD_CASES = {"imagereward-tiny": "ImageReward (tiny ViT + BERT, random MLP) vs the image-reward package: "
                                          "image features, [CLS] feature, reward, ReFL pixel reward and its pixel gradient"}
 

@@ -178,7 +178,10 @@ def build_reference(config, seed: int = 0) -> torch.nn.Module:
     model.mean, model.std = 0.16717362830052426, 1.0333394966054072
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(random_parameter(name, tuple(p.shape), seed)))
+            value = torch.from_numpy(random_parameter(name, tuple(p.shape), seed))
+            if p.ndim == 1 and "norm" in name.lower() and name.endswith(".weight"):
+                value = value + 1.0          # LayerNorm scales near 1, or every feature shrinks to its bias
+            p.copy_(value)
     return model.eval()
 
 

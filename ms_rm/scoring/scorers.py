@@ -35,6 +35,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.inputs import as_float_tensor, variable_length_text
 from ..rewards.diffusion_rm import DiffusionRM, recommended_u
 from .images import SIZE_POLICIES, group_by_size, preprocess
+from .imagereward import ImageRewardScorer
 
 logger = logging.getLogger(__name__)
 
@@ -292,4 +293,4 @@ def _row_keys(pooled) -> List[bytes]:
 
 
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
-                                                       DiffusionRMZImageScorer)}
+                                                       DiffusionRMZImageScorer, ImageRewardScorer)}
