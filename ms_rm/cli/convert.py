@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..rewards.diffusion_rm import DiffusionRM
+from ..rewards.imagereward import ImageReward
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,3 +42,22 @@ def add_parsers(sub) -> None:
     conv.add_argument("--force", action="store_true", help="replace an existing output folder")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")
     conv.set_defaults(func=run)
+    ir = sub.add_parser(
+        "convert-imagereward", help="convert the released ImageReward.pt (THUDM ImageReward) to MindSpore",
+        description="Convert ImageReward.pt (the image-reward package's state dict) into a MindSpore checkpoint "
+                    "folder (ms_rm_config.json, model.safetensors, manifest.json).")
+    ir.add_argument("src", help="ImageReward.pt")
+    ir.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
+    ir.add_argument("--config", help="an ms_rm ImageReward config JSON (default: the released model's)")
+    ir.add_argument("--dtype", choices=["keep", "fp32", "bf16", "fp16"], default="keep",
+                    help="stored dtype: keep each tensor's source dtype (default), or cast all")
+    ir.add_argument("--force", action="store_true", help="replace an existing output folder")
+    ir.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ir.set_defaults(func=run_imagereward)
+
+
+def run_imagereward(args: argparse.Namespace) -> int:
+    out = ImageReward.convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.no_progress,
+                              config=args.config)
+    print(out)
+    return 0

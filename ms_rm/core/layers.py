@@ -158,6 +158,19 @@ class FeedForward(nn.Cell):
         return self.net(x)
 
 
+class LayerNorm(nn.Cell):
+    """torch.nn.LayerNorm(dim, eps) with its weight and bias (ops.layer_norm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
+
+    def construct(self, x: Tensor) -> Tensor:
+        return ops.layer_norm(x, self.eps, self.weight, self.bias)
+
+
 class RMSNorm(nn.Cell):
     """RMSNorm with a weight: diffusers' (qk-norm, eps 1e-6) or, with scale_in_float32,
     torch.nn.RMSNorm's (see ops.rms_norm)."""
@@ -170,16 +183,3 @@ class RMSNorm(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return ops.rms_norm(x, self.weight, self.eps, self.scale_in_float32)
-
-
-class LayerNorm(nn.Cell):
-    """torch.nn.LayerNorm(dim, eps) with its affine weight and bias (torch's names)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
-        self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
-
-    def construct(self, x: Tensor) -> Tensor:
-        return ops.affine_layer_norm(x, self.weight, self.bias, self.eps)

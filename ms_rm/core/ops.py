@@ -75,6 +75,11 @@ def expand(small: ms.Tensor, like: ms.Tensor) -> ms.Tensor:
     return ops.broadcast_to(small, like.shape)
 
 
+def broadcast_to_shape(small: ms.Tensor, shape) -> ms.Tensor:
+    """`small` broadcast to `shape`, explicitly (see the module notes on memory)."""
+    return ops.broadcast_to(small, tuple(shape))
+
+
 def _float32(x: ms.Tensor) -> ms.Tensor:
     return x if x.dtype == ms.float32 else x.astype(ms.float32)
 
@@ -89,17 +94,27 @@ def mean_last(x: ms.Tensor) -> ms.Tensor:
     return mint.matmul(x, mint.ones((n, 1), dtype=x.dtype)) / n
 
 
-def layer_norm(x: ms.Tensor, eps: float = 1e-6) -> ms.Tensor:
-    """LayerNorm over the last axis without affine parameters (diffusers' elementwise_affine=False).
+def layer_norm(x: ms.Tensor, eps: float = 1e-6, weight: Optional[ms.Tensor] = None,
+               bias: Optional[ms.Tensor] = None) -> ms.Tensor:
+    """LayerNorm over the last axis, without affine parameters (diffusers' elementwise_affine=False)
+    or with `weight` and `bias` (torch.nn.LayerNorm).
 
     In float32, cast back to x's dtype, as torch's kernels do for fp16/bf16. The LayerNorm
-    primitive (unit gamma, zero beta) is one kernel whose memory is reused; the functional
-    mint/ops layer_norm spellings have no CPU kernel.
+    primitive is one kernel whose memory is reused; the functional mint/ops layer_norm
+    spellings have no CPU kernel.
     """
     x32 = _float32(x)
     n = x32.shape[-1]
-    normed = ops.LayerNorm(-1, -1, eps)(x32, mint.ones((n,), dtype=ms.float32), mint.zeros((n,), dtype=ms.float32))[0]
+    gamma = mint.ones((n,), dtype=ms.float32) if weight is None else _float32(weight)
+    beta = mint.zeros((n,), dtype=ms.float32) if bias is None else _float32(bias)
+    normed = ops.LayerNorm(-1, -1, eps)(x32, gamma, beta)[0]
     return normed.astype(x.dtype)
+
+
+def embedding(table: ms.Tensor, ids: ms.Tensor) -> ms.Tensor:
+    """Rows `ids` (any shape, integer) of `table` (V, D) -> ids.shape + (D,): torch.nn.Embedding.
+    ops.gather; mint.nn.Embedding has no CPU kernel."""
+    return ops.gather(table, ids, 0)
 
 
 def rms_norm(x: ms.Tensor, weight: ms.Tensor, eps: float, scale_in_float32: bool = False) -> ms.Tensor:
@@ -233,20 +248,7 @@ def group_norm(x: ms.Tensor, groups: int, weight: ms.Tensor, bias: ms.Tensor, ep
 
 # --- CLIP's helpers (ms_rm/rewards/clip) ----------------------------------------------------------
 
-def affine_layer_norm(x: ms.Tensor, weight: ms.Tensor, bias: ms.Tensor, eps: float) -> ms.Tensor:
-    """torch.nn.LayerNorm(elementwise_affine=True) over the last axis: the LayerNorm primitive
-    with the weight as gamma and the bias as beta, in float32 and cast back (see layer_norm)."""
-    normed = ops.LayerNorm(-1, -1, eps)(_float32(x), _float32(weight), _float32(bias))[0]
-    return normed.astype(x.dtype)
-
-
 def quick_gelu(x: ms.Tensor) -> ms.Tensor:
     """x * sigmoid(1.702 x): transformers' QuickGELU (OpenAI CLIP's activation), in float32."""
     x32 = _float32(x)
     return (x32 * mint.sigmoid(1.702 * x32)).astype(x.dtype)
-
-
-def embedding(weight: ms.Tensor, ids: ms.Tensor) -> ms.Tensor:
-    """Rows `ids` (any shape, int32) of `weight` (V, D): torch.nn.Embedding. The Gather primitive;
-    mint.nn.Embedding has no CPU kernel."""
-    return ops.gather(weight, ids, 0)

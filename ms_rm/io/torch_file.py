@@ -16,7 +16,7 @@ import ctypes.util
 import os
 import pickle
 import re
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -59,7 +59,9 @@ def _refusal(error: Exception) -> str:
 class TorchStateFile(TensorSource):
     """A torch state dict file: {name: tensor}, read tensor by tensor as numpy arrays."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, non_float_ok: Callable[[str], bool] = lambda key: False):
+        """non_float_ok(key): whether a non-float tensor under `key` is accepted (one the caller
+        declares unused, such as an integer index buffer); any other non-float tensor is refused."""
         self.path = os.fspath(path)
         try:
             import torch
@@ -93,7 +95,7 @@ class TorchStateFile(TensorSource):
             hint = " (a nested dict: save model.state_dict() itself)" if any(
                 isinstance(state.get(k), dict) for k in bad) else ""
             raise CheckpointError(f"{self.path}: entries that are not named tensors: {bad[:5]}{hint}")
-        not_float = [k for k, v in state.items() if not v.is_floating_point()]
+        not_float = [k for k, v in state.items() if not v.is_floating_point() and not non_float_ok(k)]
         if not_float:
             raise CheckpointError(f"{self.path}: tensors with a non-float dtype: {not_float[:5]}")
         self._state: Dict[str, "torch.Tensor"] = state

@@ -13,8 +13,9 @@ from ..core.errors import CheckpointError
 from ..io.converted import manifest_format
 from .base import INPUT_KINDS, RewardModel
 from .diffusion_rm import DiffusionRM
+from .imagereward import ImageReward
 
-REWARD_MODELS: Dict[str, Type[RewardModel]] = {cls.name: cls for cls in (DiffusionRM,)}
+REWARD_MODELS: Dict[str, Type[RewardModel]] = {cls.name: cls for cls in (DiffusionRM, ImageReward)}
 _BY_FORMAT = {cls.format_name: cls for cls in REWARD_MODELS.values()}
 
 
@@ -27,4 +28,4 @@ def load_reward_model(path: str, dtype: ms.Type = ms.float32, mode: str = "graph
     return _BY_FORMAT[fmt].from_pretrained(path, dtype=dtype, mode=mode, verify=verify)
 
 
-__all__ = ["RewardModel", "REWARD_MODELS", "INPUT_KINDS", "DiffusionRM", "load_reward_model"]
+__all__ = ["RewardModel", "REWARD_MODELS", "INPUT_KINDS", "DiffusionRM", "ImageReward", "load_reward_model"]

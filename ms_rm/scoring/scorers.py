@@ -36,6 +36,7 @@ from ..core.inputs import as_float_tensor, variable_length_text
 from ..rewards.diffusion_rm import DiffusionRM, recommended_u
 from .clip import CLIPScorer, PickScoreScorer
 from .images import SIZE_POLICIES, group_by_size, preprocess
+from .imagereward import ImageRewardScorer
 
 logger = logging.getLogger(__name__)
 
@@ -306,4 +307,5 @@ def _row_keys(pooled) -> List[bytes]:
 
 
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
-                                                       DiffusionRMZImageScorer, PickScoreScorer, CLIPScorer)}
+                                                       DiffusionRMZImageScorer, PickScoreScorer, CLIPScorer,
+                                                       ImageRewardScorer)}

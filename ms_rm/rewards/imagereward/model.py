@@ -1,0 +1,214 @@
+"""ImageReward (THUDM): BLIP's ViT and text encoder, and an MLP on the prompt's [CLS] output.
+
+    image features = ViT(normalised pixels)                      (B, N, E)
+    text = BERT(prompt tokens, attending to the image features)  (B, L, D)
+    reward = (MLP(text[:, 0]) - mean) / std                      (B, 1)
+
+as the package's `ImageReward.score_gard` computes it. Calls:
+
+* `reward(pixels, input_ids, attention_mask)`: pixels already preprocessed (B, 3, S, S);
+* `reward_of_pixels(pixels, input_ids, attention_mask)`: pixels (B, 3, H, W) in [0, 1], e.g. a
+  decoded image, through the ReFL transform (resize, center crop, normalise: see pixels.py),
+  differentiable with respect to the pixels;
+* `stages(...)`: image features, [CLS] feature and reward by name, for parity checks.
+
+Prompts become tokens with `ImageRewardTokenizer` (tokenizer.py); images from files or PIL
+become pixels with ms_rm.scoring.imagereward, which also offers score / inference_rank.
+The tensor part runs compiled ("graph") or eagerly ("pynative"), with the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, mint, nn
+from mindspore.nn.utils import no_init_parameters
+
+from ...core import ops
+from ...core.compiled import CompiledCell
+from ...core.errors import InputError
+from ...core.inputs import as_float_tensor, check_finite
+from ...core.layers import Linear
+from ...core.weights import load_parameters, random_parameter
+from ...io.converted import ConvertedFolder
+from . import conversion
+from .bert import TextEncoder
+from .config import FORMAT_NAME, PIXEL_MEAN, PIXEL_STD, ImageRewardConfig
+from .pixels import resize_crop_matrices
+from .vit import VisionTransformer
+
+logger = logging.getLogger(__name__)
+
+MATRIX_CACHE = 8                  # input sizes whose resize matrices are kept (least recently used out)
+
+
+class MLP(nn.Cell):
+    """Linear layers only (the package's activations are commented out; its dropouts are inactive),
+    indexed as the package's nn.Sequential: layers.0, .2, .4, .6, .7 for the released widths."""
+
+    def __init__(self, in_width: int, widths: Tuple[int, ...]):
+        super().__init__()
+        cells, last = [], in_width
+        for i, width in enumerate(widths + (1,)):
+            cells.append(Linear(last, width))
+            if i < len(widths) - 1:
+                cells.append(nn.Identity())             # the package's Dropout, so the indices match
+            last = width
+        self.layers = nn.SequentialCell(cells)
+
+    def construct(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class ImageReward(CompiledCell):
+    """Build it with `ImageReward.from_pretrained(dir)` (a converted folder) or
+    `ImageReward(config)` then `load_state_dict` / `randomize`."""
+
+    name = "imagereward"              # the RewardModel protocol (ms_rm.rewards.base)
+    input_kind = "pixels"
+    format_name = FORMAT_NAME
+
+    def __init__(self, config: ImageRewardConfig = ImageRewardConfig(), dtype: ms.Type = ms.float32,
+                 mode: str = "graph"):
+        super().__init__(mode)
+        self.config = config
+        self.compute_dtype = ops.compute_dtype(dtype)
+        with no_init_parameters():
+            self.visual_encoder = VisionTransformer(config.vision)
+            self.text_encoder = TextEncoder(config.text, config.vision.width)
+            self.mlp = MLP(config.text.width, tuple(config.mlp_widths))
+        for param in self.get_parameters():
+            param.set_dtype(self.compute_dtype)
+        self.pixel_mean = Tensor(np.asarray(PIXEL_MEAN, np.float32).reshape(1, 3, 1, 1))
+        self.pixel_std = Tensor(np.asarray(PIXEL_STD, np.float32).reshape(1, 3, 1, 1))
+        self._matrices: "OrderedDict[Tuple[int, int, bool], Tuple[Tensor, Tensor]]" = OrderedDict()
+
+    # --- construction ----------------------------------------------------------------------
+    @classmethod
+    def parameter_shapes(cls, config: ImageRewardConfig) -> Dict[str, Tuple[int, ...]]:
+        """{parameter name: shape} of the model `config` describes (no memory is allocated)."""
+        return {p.name: tuple(p.shape) for p in cls(config).get_parameters()}
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
+                        verify: bool = False) -> "ImageReward":
+        """Load a folder written by `ms-rm convert --model imagereward`, every parameter filled strictly."""
+        with ConvertedFolder(path, verify=verify) as folder:
+            folder.expect_format(FORMAT_NAME)
+            model = cls(ImageRewardConfig.from_dict(folder.config, folder.config_path), dtype=dtype, mode=mode)
+            load_parameters(model, folder.read, folder.names, folder.weights_path)
+        return model
+
+    @classmethod
+    def convert(cls, src: str, out: str, dtype: str = "keep", force: bool = False, progress: bool = True,
+                config: Any = None) -> str:
+        """The released ImageReward.pt (a torch state dict) -> a converted folder `out`."""
+        return conversion.convert(src, out, cls.parameter_shapes, config=config, dtype=dtype, force=force,
+                                  progress=progress)
+
+    def load_state_dict(self, tensors, source: str = "state dict") -> None:
+        """Fill every parameter from a name -> array mapping, strictly."""
+        load_parameters(self, lambda name: np.asarray(tensors[name]), tensors.keys(), source)
+
+    def randomize(self, seed: int = 0) -> "ImageReward":
+        """Random weights of realistic scale (weights.random_parameter)."""
+        shapes = {p.name: p.shape for p in self.get_parameters()}
+        load_parameters(self, lambda name: random_parameter(name, shapes[name], seed), shapes,
+                        f"random weights (seed {seed})")
+        return self
+
+    # --- the tensor program ------------------------------------------------------------------
+    def construct(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor):
+        """Normalised pixels (B, 3, S, S), tokens (B, L) -> image features (B, N, E), [CLS] (B, D), reward (B, 1)."""
+        image = self.visual_encoder(pixels.astype(self.compute_dtype))
+        text = self.text_encoder(input_ids, attention_mask, image)                    # (B, L, D)
+        cls = text[:, 0]
+        raw = self.mlp(cls).astype(ms.float32)
+        return image, cls, (raw - self.config.reward_mean) / self.config.reward_std
+
+    def transform(self, pixels: Tensor, rows: Tensor, cols_t: Tensor) -> Tensor:
+        """Pixels (B, 3, H, W) in [0, 1] -> resized, center-cropped, normalised (B, 3, S, S)."""
+        b, c, h, w = pixels.shape
+        s = rows.shape[0]
+        x = mint.matmul(ops.broadcast_to_shape(rows, (b, c, s, h)), pixels)           # (B, 3, S, W)
+        x = mint.matmul(x, ops.broadcast_to_shape(cols_t, (b, c, w, s)))              # (B, 3, S, S)
+        return (x - ops.expand(self.pixel_mean, x)) / ops.expand(self.pixel_std, x)
+
+    def pixel_construct(self, pixels: Tensor, rows: Tensor, cols_t: Tensor, input_ids: Tensor,
+                        attention_mask: Tensor):
+        return self.construct(self.transform(pixels, rows, cols_t), input_ids, attention_mask)
+
+    # --- host-side checks -----------------------------------------------------------------------
+    def _tokens(self, input_ids, attention_mask, batch: int) -> Tuple[Tensor, Tensor]:
+        ids = np.asarray(input_ids.asnumpy() if hasattr(input_ids, "asnumpy") else input_ids)
+        mask = np.asarray(attention_mask.asnumpy() if hasattr(attention_mask, "asnumpy") else attention_mask)
+        if ids.ndim != 2 or ids.shape[0] != batch or ids.shape[1] < 1:
+            raise InputError(f"input_ids must be (B={batch}, L) token ids, got shape {ids.shape}")
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask must have input_ids' shape {ids.shape}, got {mask.shape}")
+        if ids.shape[1] > self.config.text.max_positions:
+            raise InputError(f"input_ids has {ids.shape[1]} tokens; the model has "
+                             f"{self.config.text.max_positions} positions")
+        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= self.config.text.vocab_size:
+            raise InputError(f"input_ids must be integer ids in 0..{self.config.text.vocab_size - 1}")
+        return Tensor(ids.astype(np.int32)), Tensor(mask.astype(np.float32))
+
+    def _pixels(self, pixels: Any, name: str = "pixels", size: bool = True) -> Tensor:
+        x = as_float_tensor(pixels, name)
+        s = self.config.vision.image_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] < 1 or (size and tuple(x.shape[2:]) != (s, s)):
+            want = f"(B, 3, {s}, {s}) (preprocessed)" if size else "(B, 3, H, W) in [0, 1]"
+            raise InputError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+        check_finite(x, name)
+        return x
+
+    def _resize(self, height: int, width: int, antialias: bool) -> Tuple[Tensor, Tensor]:
+        key = (height, width, antialias)
+        if key not in self._matrices:
+            rows, cols = resize_crop_matrices(height, width, self.config.vision.image_size, antialias)
+            self._matrices[key] = (Tensor(rows), Tensor(np.ascontiguousarray(cols.T)))
+            if len(self._matrices) > MATRIX_CACHE:
+                self._matrices.popitem(last=False)
+        self._matrices.move_to_end(key)
+        return self._matrices[key]
+
+    # --- public calls ------------------------------------------------------------------------
+    def stages(self, pixels, input_ids, attention_mask) -> Dict[str, Tensor]:
+        """image_features, text_features ([CLS]) and reward of preprocessed pixels, by name."""
+        x = self._pixels(pixels)
+        image, cls, reward = self.run("construct", x, *self._tokens(input_ids, attention_mask, x.shape[0]))
+        return {"image_features": image, "text_features": cls, "reward": reward}
+
+    def reward(self, pixels, input_ids, attention_mask) -> Tensor:
+        """Rewards (B, 1) of preprocessed pixels (B, 3, S, S) and prompt tokens (B, L)."""
+        return self.stages(pixels, input_ids, attention_mask)["reward"]
+
+    def reward_of_pixels(self, pixels, input_ids, attention_mask, antialias: bool = True) -> Tensor:
+        """Rewards (B, 1) of images (B, 3, H, W) in [0, 1] through the ReFL transform (pixels.py)."""
+        x = self._pixels(pixels, size=False)
+        rows, cols_t = self._resize(x.shape[2], x.shape[3], antialias)
+        return self.run("pixel_construct", x, rows, cols_t, *self._tokens(input_ids, attention_mask, x.shape[0]))[-1]
+
+    def reward_and_pixel_grad(self, pixels, input_ids, attention_mask, antialias: bool = True):
+        """(rewards (B, 1), d sum(rewards) / d pixels (B, 3, H, W)) of images in [0, 1]."""
+        x = self._pixels(pixels, size=False)
+        rows, cols_t = self._resize(x.shape[2], x.shape[3], antialias)
+        ids, mask = self._tokens(input_ids, attention_mask, x.shape[0])
+
+        def total(p, r, c, i, m):
+            reward = self.pixel_construct(p, r, c, i, m)[-1]
+            return reward.sum(), reward
+
+        grad_fn = ms.value_and_grad(total, grad_position=0, has_aux=True)
+        if self.mode == "graph":
+            grad_fn = ms.jit(grad_fn)
+        (_, reward), grad = grad_fn(x, rows, cols_t, ids, mask)
+        return reward, grad
+
+    def score(self, pixels, input_ids, attention_mask) -> List[float]:
+        """One float per sample, of preprocessed pixels, without gradient."""
+        return [float(v) for v in self.reward(pixels, input_ids, attention_mask).asnumpy()[:, 0]]

@@ -1,0 +1,228 @@
+"""The torch side of ImageReward parity: the published `image-reward==1.5` package's own model code.
+
+The package is installed without its dependencies (`pip install --no-deps image-reward==1.5
+timm==0.6.13`: its declared timm pin needs torchvision, whose PyPI build for torch 2.13 is a CUDA
+build that breaks the CPU torch). Its modules are loaded with these shims, all on the test side:
+
+* the package's `__init__` files are skipped (bare package modules are registered first): the top
+  one imports ReFL.py (accelerate, datasets, torchvision) and the scores (CLIP, BLIP, aesthetic);
+* `transformers.modeling_utils` gets back three helpers that moved to `transformers.pytorch_utils`
+  by 4.57 (apply_chunking_to_forward, find_pruneable_heads_and_indices, prune_linear_layer), which
+  med.py imports from the old place;
+* timm 0.6.13's top-level `__init__` and `timm.models` import torchvision, so bare `timm` and
+  `timm.models` modules are registered and only the submodules vit.py and blip.py read are loaded
+  from the installed timm (`layers`, `registry`, `helpers`, `hub`); `timm.models.vision_transformer`
+  (which imports timm.data, hence torchvision) is a stand-in exporting timm's own PatchEmbed (from
+  timm.models.layers) and a `_cfg` that vit.py imports but ImageReward never calls;
+* fairscale (an sdist that needs building) is a stand-in whose checkpoint_wrapper refuses to run:
+  vit.py wraps blocks with it only for gradient checkpointing, which ImageReward never enables;
+* `torchvision.transforms` is a stand-in while ImageReward.py is imported (removed right after, so
+  nothing else sees it); its classes only build the PIL preprocessing the parity does not call
+  (the preprocessing is checked against PIL and torch's interpolate instead, see ms_rm_parity.imagereward);
+* BLIP_Pretrain.__init__ downloads bert-base-uncased's tokenizer and hard-codes ViT-L: the tiny
+  models are assembled from the package's own classes (VisionTransformer, BertModel, MLP,
+  BLIP_Pretrain, ImageReward) without their constructors' fixed sizes, and the full-size count
+  replaces init_tokenizer with a local synthetic vocabulary;
+* the wheel ships no med_config.json: `med_config` writes BLIP's bert-base config from its facts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+import types
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+# BLIP's configs/med_config.json (bert-base with cross-attention), from its published values.
+MED_CONFIG = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+              "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02,
+              "intermediate_size": 3072, "layer_norm_eps": 1e-12, "max_position_embeddings": 512,
+              "model_type": "bert", "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 0,
+              "type_vocab_size": 2, "vocab_size": 30524, "encoder_width": 768, "add_cross_attention": True}
+
+_LOADED: Optional[types.SimpleNamespace] = None
+
+
+def _module(name: str, path: Optional[str] = None, **attrs) -> types.ModuleType:
+    """A module object with a spec (importlib.util.find_spec reads it), a package when `path` is given."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=path is not None)
+    if path is not None:
+        module.__path__ = module.__spec__.submodule_search_locations = [path]
+    module.__dict__.update(attrs)
+    return module
+
+
+def _bare_package(name: str, path: str) -> None:
+    """The package `name` at `path`, registered without running its __init__."""
+    if name not in sys.modules:
+        sys.modules[name] = _module(name, path)
+
+
+def _stand_in(name: str, package: bool = False, **attrs) -> types.ModuleType:
+    return _module(name, "" if package else None, **attrs)
+
+
+def _refuse(*args, **kwargs):
+    raise NotImplementedError("fairscale stand-in: gradient checkpointing is not available in the parity shims")
+
+
+def _package_dir(distribution: str, top: str) -> str:
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{top} is not installed: pip install --no-deps image-reward==1.5 timm==0.6.13")
+    return list(spec.submodule_search_locations)[0]
+
+
+def load_package() -> types.SimpleNamespace:
+    """The package's modules: vit, med, blip_pretrain, image_reward (ImageReward.py), with the shims."""
+    global _LOADED
+    if _LOADED is not None:
+        return _LOADED
+    import transformers.modeling_utils as modeling_utils
+    import transformers.pytorch_utils as pytorch_utils
+
+    for helper in ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer"):
+        if not hasattr(modeling_utils, helper):
+            setattr(modeling_utils, helper, getattr(pytorch_utils, helper))
+
+    if "timm" not in sys.modules:
+        timm_dir = _package_dir("timm", "timm")
+        _bare_package("timm", timm_dir)
+        sys.modules["timm"].__version__ = "0.6.13"
+        _bare_package("timm.models", os.path.join(timm_dir, "models"))
+    layers = importlib.import_module("timm.models.layers")
+    importlib.import_module("timm.models.registry")
+    importlib.import_module("timm.models.helpers")
+    importlib.import_module("timm.models.hub")
+    sys.modules.setdefault("timm.models.vision_transformer", _stand_in(
+        "timm.models.vision_transformer", PatchEmbed=layers.PatchEmbed, _cfg=lambda url="", **kwargs: dict(url=url, **kwargs)))
+    if "fairscale" not in sys.modules:
+        for name in ("fairscale", "fairscale.nn", "fairscale.nn.checkpoint"):
+            sys.modules[name] = _stand_in(name, package=True)
+        sys.modules["fairscale.nn.checkpoint.checkpoint_activations"] = _stand_in(
+            "fairscale.nn.checkpoint.checkpoint_activations", checkpoint_wrapper=_refuse)
+
+    root = _package_dir("image-reward", "ImageReward")
+    _bare_package("ImageReward", root)
+    _bare_package("ImageReward.models", os.path.join(root, "models"))
+    _bare_package("ImageReward.models.BLIP", os.path.join(root, "models", "BLIP"))
+    vit = importlib.import_module("ImageReward.models.BLIP.vit")
+    med = importlib.import_module("ImageReward.models.BLIP.med")
+    blip = importlib.import_module("ImageReward.models.BLIP.blip")
+    blip_pretrain = importlib.import_module("ImageReward.models.BLIP.blip_pretrain")
+
+    class _Transform:                       # torchvision.transforms stand-in: built, never called
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, *args, **kwargs):
+            raise NotImplementedError("torchvision stand-in: the parity does not run the PIL preprocessing")
+
+    saved = {k: sys.modules.get(k) for k in ("torchvision", "torchvision.transforms")}
+    sys.modules["torchvision"] = _stand_in("torchvision", package=True)
+    sys.modules["torchvision.transforms"] = _stand_in(
+        "torchvision.transforms", Compose=_Transform, Resize=_Transform, CenterCrop=_Transform, ToTensor=_Transform,
+        Normalize=_Transform, InterpolationMode=types.SimpleNamespace(BICUBIC="bicubic"))
+    try:
+        image_reward = importlib.import_module("ImageReward.ImageReward")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+    _LOADED = types.SimpleNamespace(vit=vit, med=med, blip=blip, blip_pretrain=blip_pretrain,
+                                    image_reward=image_reward)
+    return _LOADED
+
+
+def med_config(config) -> "object":
+    """The package's BertConfig for an ms_rm ImageRewardConfig: BLIP's med_config.json with its sizes."""
+    pkg = load_package()
+    t = config.text
+    values = dict(MED_CONFIG, hidden_size=t.width, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                  intermediate_size=t.intermediate, max_position_embeddings=t.max_positions,
+                  layer_norm_eps=t.eps, vocab_size=t.vocab_size, pad_token_id=t.pad_token_id)
+    bert_config = pkg.med.BertConfig.from_dict(values)
+    bert_config.encoder_width = config.vision.width          # as BLIP_Pretrain sets it
+    return bert_config
+
+
+def build_reference(config, seed: int = 0) -> torch.nn.Module:
+    """The package's ImageReward with `config`'s sizes, every weight random (weights.random_parameter,
+    so the MLP's near-constant default init is replaced), in eval mode."""
+    from ms_rm.core.weights import random_parameter
+
+    pkg = load_package()
+    v = config.vision
+    blip = pkg.blip_pretrain.BLIP_Pretrain.__new__(pkg.blip_pretrain.BLIP_Pretrain)
+    torch.nn.Module.__init__(blip)
+    blip.visual_encoder = pkg.vit.VisionTransformer(img_size=v.image_size, patch_size=v.patch_size, embed_dim=v.width,
+                                                    depth=v.layers, num_heads=v.heads, mlp_ratio=v.mlp_ratio)
+    blip.text_encoder = pkg.med.BertModel(config=med_config(config), add_pooling_layer=False)
+    blip.vision_proj = torch.nn.Linear(v.width, 256)          # in the released file, unused by the reward
+    blip.text_proj = torch.nn.Linear(config.text.width, 256)
+    model = pkg.image_reward.ImageReward.__new__(pkg.image_reward.ImageReward)
+    torch.nn.Module.__init__(model)
+    model.device = "cpu"
+    model.blip = blip
+    model.mlp = pkg.image_reward.MLP(config.text.width)
+    model.mean, model.std = 0.16717362830052426, 1.0333394966054072
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = torch.from_numpy(random_parameter(name, tuple(p.shape), seed))
+            if p.ndim == 1 and "norm" in name.lower() and name.endswith(".weight"):
+                value = value + 1.0          # LayerNorm scales near 1, or every feature shrinks to its bias
+            p.copy_(value)
+    return model.eval()
+
+
+def save_checkpoint(model: torch.nn.Module, path: str) -> str:
+    """The model's state dict saved as the released ImageReward.pt is (buffers included)."""
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def reference_stages(model, pixels: np.ndarray, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     dtype=torch.float32) -> Dict[str, np.ndarray]:
+    """image features, [CLS] feature and reward (score_gard) of preprocessed pixels."""
+    put = lambda a: torch.from_numpy(np.asarray(a)).to(dtype)
+    ids, mask = torch.from_numpy(input_ids).long(), torch.from_numpy(attention_mask).long()
+    with torch.no_grad():
+        image = model.blip.visual_encoder(put(pixels))
+        text = model.blip.text_encoder(ids, attention_mask=mask, encoder_hidden_states=image,
+                                       encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long),
+                                       return_dict=True).last_hidden_state[:, 0, :]
+        reward = model.score_gard(ids, mask, put(pixels))
+    return {k: t.double().numpy() for k, t in
+            {"image_features": image, "text_features": text, "reward": reward}.items()}
+
+
+def package_parameter_count() -> int:
+    """Parameters of the package's full-size ImageReward(med_config), built on torch's meta device
+    with the real constructor (the tokenizer download replaced by a local synthetic vocabulary)."""
+    import tempfile
+
+    pkg = load_package()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "med_config.json")
+        with open(path, "w") as f:
+            json.dump(MED_CONFIG, f)
+        saved_tokenizer, saved_linspace = pkg.blip_pretrain.init_tokenizer, torch.linspace
+        pkg.blip_pretrain.init_tokenizer = lambda: None
+        # VisionTransformer reads its drop-path rates with .item(), which meta tensors refuse
+        torch.linspace = lambda *args, **kwargs: saved_linspace(*args, **dict(kwargs, device="cpu"))
+        try:
+            with torch.device("meta"):
+                model = pkg.image_reward.ImageReward(med_config=path, device="meta")
+        finally:
+            pkg.blip_pretrain.init_tokenizer, torch.linspace = saved_tokenizer, saved_linspace
+    return sum(p.numel() for p in model.parameters())
