@@ -213,10 +213,12 @@ def test_multi_scorer_with_latent_scorers_only_needs_no_images(model, batch):
 def test_multi_scorer_errors(model, batch):
     with pytest.raises(ConfigError, match="'avg' is reserved"):
         MultiScorer({"avg": 1.0})
-    with pytest.raises(ConfigError, match="unknown scorer 'imagereward'"):
-        MultiScorer({"imagereward": 1.0})
+    with pytest.raises(ConfigError, match="unknown scorer 'aesthetic'"):
+        MultiScorer({"aesthetic": 1.0})
     with pytest.raises(ConfigError, match="pass exactly one of model_path"):      # registered, needs its folder
         MultiScorer({"pickscore": 1.0})
+    with pytest.raises(ConfigError, match="pass exactly one of checkpoint_path"):
+        MultiScorer({"imagereward": 1.0})
     with pytest.raises(ConfigError, match="without a weight"):
         MultiScorer({"diffusion-rm-sd3": 1.0}, {"diffusion-rm-sd3": scorer(model), "other": {}})
     multi = MultiScorer({"brightness": 1.0}, {"brightness": PixelScorer()})

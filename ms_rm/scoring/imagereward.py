@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from mindspore import Tensor
 
-from ..core.errors import InputError
+from ..core.errors import ConfigError, InputError
 from ..rewards.imagereward import ImageReward, ImageRewardTokenizer
 from ..rewards.imagereward.config import PIXEL_MEAN, PIXEL_STD
 from .images import load_image, resize_center_crop, split_batch
@@ -27,16 +27,16 @@ class ImageRewardScorer:
     def __init__(self, checkpoint_path: Optional[str] = None, tokenizer: Optional[str] = None, *,
                  model: Optional[ImageReward] = None, mode: str = "graph", max_batch: int = 8):
         if (checkpoint_path is None) == (model is None):
-            raise InputError("pass either checkpoint_path (a converted ImageReward folder) or model")
+            raise ConfigError("pass exactly one of checkpoint_path (a converted ImageReward folder) or model")
         if tokenizer is None:
-            raise InputError("tokenizer: pass the folder of bert-base-uncased's tokenizer (vocab.txt)")
+            raise ConfigError("tokenizer: pass the folder of bert-base-uncased's tokenizer (vocab.txt)")
         self.model = model if model is not None else ImageReward.from_pretrained(checkpoint_path, mode=mode)
         self.tokenizer = ImageRewardTokenizer(tokenizer, self.model.config.max_length)
         if len(self.tokenizer) > self.model.config.text.vocab_size:
             raise InputError(f"{tokenizer}: {len(self.tokenizer)} tokens with [DEC] and [ENC], more than the "
                              f"model's {self.model.config.text.vocab_size}: is this the model's tokenizer?")
         if max_batch < 1:
-            raise InputError(f"max_batch must be positive, got {max_batch}")
+            raise ConfigError(f"max_batch must be positive, got {max_batch}")
         self.max_batch = max_batch
 
     def preprocess(self, images: Any) -> np.ndarray:
