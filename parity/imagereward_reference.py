@@ -1,8 +1,13 @@
 """The torch side of ImageReward parity: the published `image-reward==1.5` package's own model code.
 
-The package is installed without its dependencies (`pip install --no-deps image-reward==1.5
-timm==0.6.13`: its declared timm pin needs torchvision, whose PyPI build for torch 2.13 is a CUDA
-build that breaks the CPU torch). Its modules are loaded with these shims, all on the test side:
+The package is installed without its dependencies into a folder of its own, not site-packages
+(`pip install --no-deps --upgrade --target .deps/image-reward image-reward==1.5 timm==0.6.13`, the
+README's install; elsewhere name the folder in MS_RM_IMAGEREWARD_PACKAGES): its declared timm pin
+needs torchvision, whose PyPI build for torch 2.13 is a CUDA build that breaks the CPU torch, and a
+timm in site-packages makes mindone's transformers import it (and fail on torchvision). The folder
+is on sys.path only while the modules load, and the timm / fairscale modules leave sys.modules
+afterwards (the loaded classes keep what they use). The modules are loaded with these shims, all on
+the test side:
 
 * the package's `__init__` files are skipped (bare package modules are registered first): the top
   one imports ReFL.py (accelerate, datasets, torchvision) and the scores (CLIP, BLIP, aesthetic);
@@ -74,11 +79,26 @@ def _refuse(*args, **kwargs):
     raise NotImplementedError("fairscale stand-in: gradient checkpointing is not available in the parity shims")
 
 
-def _package_dir(distribution: str, top: str) -> str:
-    spec = importlib.util.find_spec(top)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{top} is not installed: pip install --no-deps image-reward==1.5 timm==0.6.13")
-    return list(spec.submodule_search_locations)[0]
+INSTALL = "pip install --no-deps --upgrade --target .deps/image-reward image-reward==1.5 timm==0.6.13"
+
+
+def packages_folder() -> str:
+    """Where image-reward and timm are installed (MS_RM_IMAGEREWARD_PACKAGES, else the checkout's
+    .deps/image-reward)."""
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), ".deps", "image-reward")
+    return os.environ.get("MS_RM_IMAGEREWARD_PACKAGES", default)
+
+
+def installed() -> bool:
+    folder = packages_folder()
+    return all(os.path.isdir(os.path.join(folder, top)) for top in ("ImageReward", "timm"))
+
+
+def _package_dir(top: str) -> str:
+    path = os.path.join(packages_folder(), top)
+    if not os.path.isdir(path):
+        raise ImportError(f"{path} is missing: run, in the checkout, {INSTALL} (or set MS_RM_IMAGEREWARD_PACKAGES)")
+    return path
 
 
 def load_package() -> types.SimpleNamespace:
@@ -93,24 +113,33 @@ def load_package() -> types.SimpleNamespace:
         if not hasattr(modeling_utils, helper):
             setattr(modeling_utils, helper, getattr(pytorch_utils, helper))
 
-    if "timm" not in sys.modules:
-        timm_dir = _package_dir("timm", "timm")
-        _bare_package("timm", timm_dir)
-        sys.modules["timm"].__version__ = "0.6.13"
-        _bare_package("timm.models", os.path.join(timm_dir, "models"))
+    sys.path.insert(0, packages_folder())
+    try:
+        _LOADED = _load_modules()
+    finally:
+        sys.path.remove(packages_folder())
+        for name in [n for n in sys.modules if n.split(".")[0] in ("timm", "fairscale")]:
+            del sys.modules[name]               # mindone imports timm when it can find one
+    return _LOADED
+
+
+def _load_modules() -> types.SimpleNamespace:
+    timm_dir = _package_dir("timm")
+    _bare_package("timm", timm_dir)
+    sys.modules["timm"].__version__ = "0.6.13"
+    _bare_package("timm.models", os.path.join(timm_dir, "models"))
     layers = importlib.import_module("timm.models.layers")
     importlib.import_module("timm.models.registry")
     importlib.import_module("timm.models.helpers")
     importlib.import_module("timm.models.hub")
     sys.modules.setdefault("timm.models.vision_transformer", _stand_in(
         "timm.models.vision_transformer", PatchEmbed=layers.PatchEmbed, _cfg=lambda url="", **kwargs: dict(url=url, **kwargs)))
-    if "fairscale" not in sys.modules:
-        for name in ("fairscale", "fairscale.nn", "fairscale.nn.checkpoint"):
-            sys.modules[name] = _stand_in(name, package=True)
-        sys.modules["fairscale.nn.checkpoint.checkpoint_activations"] = _stand_in(
-            "fairscale.nn.checkpoint.checkpoint_activations", checkpoint_wrapper=_refuse)
+    for name in ("fairscale", "fairscale.nn", "fairscale.nn.checkpoint"):
+        sys.modules[name] = _stand_in(name, package=True)
+    sys.modules["fairscale.nn.checkpoint.checkpoint_activations"] = _stand_in(
+        "fairscale.nn.checkpoint.checkpoint_activations", checkpoint_wrapper=_refuse)
 
-    root = _package_dir("image-reward", "ImageReward")
+    root = _package_dir("ImageReward")
     _bare_package("ImageReward", root)
     _bare_package("ImageReward.models", os.path.join(root, "models"))
     _bare_package("ImageReward.models.BLIP", os.path.join(root, "models", "BLIP"))
@@ -139,9 +168,7 @@ def load_package() -> types.SimpleNamespace:
                 sys.modules.pop(key, None)
             else:
                 sys.modules[key] = value
-    _LOADED = types.SimpleNamespace(vit=vit, med=med, blip=blip, blip_pretrain=blip_pretrain,
-                                    image_reward=image_reward)
-    return _LOADED
+    return types.SimpleNamespace(vit=vit, med=med, blip=blip, blip_pretrain=blip_pretrain, image_reward=image_reward)
 
 
 def med_config(config) -> "object":

@@ -36,6 +36,19 @@ class Scorer(ABC):
         """scores of the images"""
 '''
 
+# the weighted sum both forks' MultiScorer.__call__ computes
+MULTI_CALL = '''
+    def __call__(self, images, prompts=None):
+        details, total = {}, []
+        for name, weight in self.scorers.items():
+            scores = self.score_fn[name](images, prompts=prompts)
+            details[name] = scores
+            weighted = [weight * s for s in scores]
+            total = weighted if not total else [a + b for a, b in zip(total, weighted)]
+        details["avg"] = total
+        return details
+'''
+
 MULTI_PY = {
     "zyd": '''
 import importlib
@@ -55,17 +68,7 @@ class MultiScorer(Scorer):
             module, cls = AVAILABLE_SCORERS[name]
             cls = getattr(importlib.import_module("flow_grpo.scorer." + module), cls)
             self.score_fn[name] = cls(**given) if name in self.configs else cls()
-
-    def __call__(self, images, prompts=None):
-        details, total = {}, []
-        for name, weight in self.scorers.items():
-            scores = self.score_fn[name](images, prompts=prompts)
-            details[name] = scores
-            weighted = [weight * s for s in scores]
-            total = weighted if not total else [a + b for a, b in zip(total, weighted)]
-        details["avg"] = total
-        return details
-''',
+''' + MULTI_CALL,
     "zhtmike": '''
 import importlib
 from .scorer import Scorer
@@ -79,17 +82,7 @@ class MultiScorer(Scorer):
         for name in scorers:
             module, cls = AVAILABLE_SCORERS[name]
             self.score_fn[name] = getattr(importlib.import_module("flow_grpo.scorer." + module), cls)()
-
-    def __call__(self, images, prompts=None):
-        details, total = {}, []
-        for name, weight in self.scorers.items():
-            scores = self.score_fn[name](images, prompts=prompts)
-            details[name] = scores
-            weighted = [weight * s for s in scores]
-            total = weighted if not total else [a + b for a, b in zip(total, weighted)]
-        details["avg"] = total
-        return details
-''',
+''' + MULTI_CALL,
 }
 
 

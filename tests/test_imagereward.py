@@ -1,7 +1,6 @@
 """ImageReward: parity with the image-reward package's own model code, the converter's key
 accounting, input errors, the scorer and its preprocessing, and the full-size parameter count."""
 
-import importlib.metadata
 import os
 
 import numpy as np
@@ -13,15 +12,14 @@ from ms_rm.rewards.imagereward import ImageReward, ImageRewardConfig, tiny_confi
 
 
 def _need_package():
-    """The reference side: image-reward 1.5 and timm 0.6.13, installed with --no-deps (see README)."""
-    for dist in ("image-reward", "timm"):
-        try:
-            importlib.metadata.distribution(dist)
-        except importlib.metadata.PackageNotFoundError:
-            message = f"{dist} is not installed (pip install --no-deps image-reward==1.5 timm==0.6.13)"
-            if os.environ.get("CI"):
-                pytest.fail(f"{message}, and CI installs it", pytrace=False)
-            pytest.skip(message)
+    """The reference side: image-reward 1.5 and timm 0.6.13 in their own folder (see README's install)."""
+    from ms_rm_parity.imagereward_reference import INSTALL, installed, packages_folder
+
+    if not installed():
+        message = f"{packages_folder()}: image-reward / timm not installed there ({INSTALL})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}, and CI installs it", pytrace=False)
+        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
