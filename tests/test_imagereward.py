@@ -142,6 +142,38 @@ def test_scorer_preprocesses_tokenizes_and_ranks_like_the_package(converted, tmp
         scorer([], [])
 
 
+def test_cli_score_imagereward_scores_image_files(converted, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from ms_rm.cli import main
+    from ms_rm.scoring.imagereward import ImageRewardScorer
+
+    vocab = _vocab_folder(tmp_path)
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((40, 56), (32, 32), (48, 30))]
+    prompts = ["a red cube", "the blue sky", "a cat on the table"]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    out = tmp_path / "scores.jsonl"
+    args = ["score-imagereward", converted[2], "--tokenizer", vocab, "--out", str(out), "--no-progress",
+            "--batch-size", "2", "--mode", "pynative"]
+    for path, prompt in zip(paths, prompts):
+        args += ["--image", path, "--prompt", prompt]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = ImageRewardScorer(converted[2], tokenizer=vocab, mode="pynative")(images, prompts)
+    assert [r["image"] for r in rows] == paths and [r["prompt"] for r in rows] == prompts
+    np.testing.assert_allclose([r["score"] for r in rows], expected, rtol=1e-5, atol=1e-6)
+    assert np.ptp(expected) > 1e-3                                  # the scores differ by image and prompt
+    assert main(["score-imagereward", converted[2], "--tokenizer", str(tmp_path / "none"), "--image", paths[0],
+                 "--prompt", "a"]) == 2
+    assert "no vocab.txt" in capsys.readouterr().err
+
+
 def test_real_configuration_has_the_package_parameter_count():
     """ViT-L/16 + BERT-base + MLP: the package's ImageReward(med_config) minus BLIP's two contrastive
     projections (which the converter declares unused)."""
