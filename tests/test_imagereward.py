@@ -210,29 +210,35 @@ def test_pixel_refl_step_loss_and_every_lora_gradient_match_torch():
         print(f"\nsd3-pixel-refl {report.mode}: max relative error {max(s.max_rel for s in report.stages):.2e}")
 
 
+def _tiny_pipeline(root):
+    """A tiny SD3 pipeline folder (transformer/, scheduler/, vae/) and a pool of 3 prompt embeddings."""
+    from ms_rm_parity.generator import _reference
+    from ms_rm_parity.vae_reference import build_reference_vae, tiny_vae_config
+
+    _reference(0, str(root))
+    build_reference_vae(tiny_vae_config(), seed=0).save_pretrained(str(root / "vae"), safe_serialization=True)
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((3, 7, 48), dtype=np.float32), rng.standard_normal((3, 40), dtype=np.float32)]
+
+
 def test_pixel_refl_training_raises_the_imagereward_reward(converted, tmp_path):
     """train_refl with PixelReFLObjective: a few steps on tiny models raise ImageReward's reward of
     held-out latents; the objective refuses a token pool that does not match the prompt pool."""
     from ms_rm import SD3Generator
     from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
     from ms_rm.training.refl import PixelReFLObjective, ReFLSettings, refl_loss_and_grads, train_refl
-    from ms_rm_parity.generator import _reference
     from ms_rm_parity.imagereward import tiny_inputs
-    from ms_rm_parity.vae_reference import build_reference_vae, tiny_vae_config
 
-    _reference(0, str(tmp_path / "pipeline"))
-    build_reference_vae(tiny_vae_config(), seed=0).save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    pool = _tiny_pipeline(tmp_path / "pipeline")
+    negatives = [np.zeros_like(pool[0]), np.zeros_like(pool[1])]
     generator = SD3Generator.from_pretrained(str(tmp_path / "pipeline"), mode="pynative")
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     generator.add_lora(rank=4, alpha=4, target_modules=targets, seed=0)
-    vae = load_vae_decoder(str(tmp_path / "vae"), mode="pynative")
+    vae = load_vae_decoder(str(tmp_path / "pipeline"), mode="pynative")
     reward_model = ImageReward.from_pretrained(converted[2], mode="pynative")
-    rng = np.random.default_rng(0)
-    pool = [rng.standard_normal((3, 7, 48), dtype=np.float32), rng.standard_normal((3, 40), dtype=np.float32)]
-    negatives = [np.zeros_like(pool[0]), np.zeros_like(pool[1])]
     _, _, ids, mask = tiny_inputs(tiny_config(), 0, batch=3)
     objective = PixelReFLObjective(generator, vae, reward_model, input_ids=ids, attention_mask=mask)
-    held_out = rng.standard_normal((3, 16, 8, 8), dtype=np.float32)
+    held_out = np.random.default_rng(1).standard_normal((3, 16, 8, 8), dtype=np.float32)
     sigmas, timesteps = generator.schedule(4)
 
     def reward():
@@ -254,6 +260,28 @@ def test_pixel_refl_training_raises_the_imagereward_reward(converted, tmp_path):
                                                  attention_mask=mask[:2]),
                    *pool, *negatives, settings, str(tmp_path / "other"), (4, 4, targets), latent_hw=(8, 8),
                    progress=False)
+
+
+def test_the_refl_command_trains_with_imagereward(converted, tmp_path, capsys):
+    import json
+
+    from ms_rm.cli import main
+
+    pool = _tiny_pipeline(tmp_path / "pipeline")
+    np.savez(tmp_path / "pool.npz", prompt_embeds=pool[0], pooled_prompt_embeds=pool[1])
+    (tmp_path / "prompts.txt").write_text("a red cube\nthe blue sky\na cat on the table\n")
+    common = [str(tmp_path / "pipeline"), "--reward-kind", "imagereward", "--reward", converted[2], "--tokenizer",
+              _vocab_folder(tmp_path), "--embeds", str(tmp_path / "pool.npz"), "--rank", "2", "--alpha", "4",
+              "--batch-size", "2", "--num-inference-steps", "3", "--step-range", "1", "2", "--guidance", "1.0",
+              "--height", "64", "--width", "64", "--mode", "pynative", "--no-progress", "--steps", "2"]
+    assert main(["refl", *common, "--out", str(tmp_path / "run"), "--prompts", str(tmp_path / "prompts.txt")]) == 0
+    state = json.load(open(tmp_path / "run" / "state.json"))
+    assert state["step"] == 2 and all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in state["history"])
+    (tmp_path / "two.txt").write_text("a red cube\nthe blue sky\n")
+    assert main(["refl", *common, "--out", str(tmp_path / "bad"), "--prompts", str(tmp_path / "two.txt")]) == 2
+    assert "2 prompts for the 3 rows" in capsys.readouterr().err
+    assert main(["refl", *common, "--out", str(tmp_path / "bad")]) == 2
+    assert "needs --prompts" in capsys.readouterr().err
 
 
 @pytest.mark.slow
