@@ -107,7 +107,8 @@ def pixel_objective(args: argparse.Namespace, generator: SD3Generator, count: in
         raise InputError("--reward-kind imagereward needs --tokenizer: the folder of bert-base-uncased's vocab.txt")
     prompts = read_prompts(args.prompts)
     if len(prompts) != count:
-        raise InputError(f"{args.prompts}: {len(prompts)} prompts for the {count} rows of {args.embeds}: one prompt per row")
+        raise InputError(f"{args.prompts}: {len(prompts)} prompts for the {count} rows of {args.embeds}: "
+                         "one prompt per row")
     model = ImageReward.from_pretrained(args.reward, mode=args.mode)
     ids, mask = ImageRewardTokenizer(args.tokenizer, model.config.max_length)(prompts)
     vae = load_vae_decoder(args.vae or args.model, mode=args.mode)

@@ -152,11 +152,12 @@ def pretrain_loss_and_grads(generator: Any, x0, eps, sigma, prompt_embeds, poole
 
 
 def refl_loss_and_grads(objective: Any, x_t, timestep: float, sigma: float, prompt_embeds, pooled_prompt_embeds,
-                        *reward_inputs, graph: bool = True) -> Tuple[Tensor, Tuple]:
+                        *reward_inputs, graph: bool = True, **named_reward_inputs) -> Tuple[Tensor, Tuple]:
     """(loss, gradients of every LoRA factor of objective.generator) of one ReFL step at latents x_t
     (B, C, H, W) of sampler step (timestep, sigma). `reward_inputs`: the objective's own
-    (objective.reward_inputs): ReFLObjective: u and the reward model's noise at u (B, C, H, W);
-    PixelReFLObjective: the prompts' ImageReward input_ids and attention_mask (B, L)."""
+    (objective.reward_inputs), by position or name: ReFLObjective: u and rm_noise, the reward
+    model's noise at u (B, C, H, W); PixelReFLObjective: the prompts' ImageReward input_ids and
+    attention_mask (B, L)."""
     generator = objective.generator
     params = generator.lora_parameters()
     if not params:
@@ -167,7 +168,8 @@ def refl_loss_and_grads(objective: Any, x_t, timestep: float, sigma: float, prom
     args = (x, Tensor(np.full(batch, timestep, np.float32)), Tensor(np.float32(sigma)),
             Tensor(np.asarray(prompt_embeds, np.float32)), Tensor(np.asarray(pooled_prompt_embeds, np.float32)),
             Tensor(generator.transformer.positions(x.shape[2], x.shape[3])))
-    args += tuple(objective.reward_inputs(x, prompt_embeds, pooled_prompt_embeds, *reward_inputs))
+    args += tuple(objective.reward_inputs(x, prompt_embeds, pooled_prompt_embeds, *reward_inputs,
+                                          **named_reward_inputs))
     grad_fn = ms.value_and_grad(objective.__call__, None, params)
     return (ms.jit(grad_fn) if graph else grad_fn)(*args)
 
