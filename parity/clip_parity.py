@@ -80,12 +80,15 @@ def _pixel_batches(seed: int) -> Dict[str, np.ndarray]:
 
 def _torch_pixel_scores(model, text_embeds, pixels, dtype, mean, std) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Differentiable path in torch: (cosine scores, their pixel gradient, logit-scaled scores)."""
-    from ms_rm.rewards.clip.preprocess import crop_offsets, resized_size
+    from transformers.image_transforms import center_crop, get_resize_output_image_size
 
     x = torch.tensor(pixels, dtype=dtype, requires_grad=True)
     h, w = pixels.shape[2:]
-    new_h, new_w = resized_size(h, w, IMAGE_SIZE)
-    top, left = crop_offsets(new_h, new_w, (IMAGE_SIZE, IMAGE_SIZE))
+    # the sizes and the crop offset from transformers' own functions (CLIPImageProcessor's), not ms_rm's
+    new_h, new_w = get_resize_output_image_size(np.zeros((h, w, 1)), IMAGE_SIZE, default_to_square=False,
+                                                input_data_format="channels_last")
+    where = np.stack(np.meshgrid(np.arange(new_h), np.arange(new_w), indexing="ij"), axis=-1)    # (h', w', 2)
+    top, left = (int(v) for v in center_crop(where, (IMAGE_SIZE, IMAGE_SIZE), input_data_format="channels_last")[0, 0])
     resized = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     crop = resized[:, :, top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
     normed = (crop - torch.tensor(mean, dtype=dtype).view(1, 3, 1, 1)) / torch.tensor(std, dtype=dtype).view(1, 3, 1, 1)
