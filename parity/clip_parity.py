@@ -80,12 +80,15 @@ def _pixel_batches(seed: int) -> Dict[str, np.ndarray]:
 
 def _torch_pixel_scores(model, text_embeds, pixels, dtype, mean, std) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Differentiable path in torch: (cosine scores, their pixel gradient, logit-scaled scores)."""
-    from ms_rm.rewards.clip.preprocess import crop_offsets, resized_size
+    from transformers.image_transforms import center_crop, get_resize_output_image_size
 
     x = torch.tensor(pixels, dtype=dtype, requires_grad=True)
     h, w = pixels.shape[2:]
-    new_h, new_w = resized_size(h, w, IMAGE_SIZE)
-    top, left = crop_offsets(new_h, new_w, (IMAGE_SIZE, IMAGE_SIZE))
+    # the sizes and the crop offset from transformers' own functions (CLIPImageProcessor's), not ms_rm's
+    new_h, new_w = get_resize_output_image_size(np.zeros((h, w, 1)), IMAGE_SIZE, default_to_square=False,
+                                                input_data_format="channels_last")
+    where = np.stack(np.meshgrid(np.arange(new_h), np.arange(new_w), indexing="ij"), axis=-1)    # (h', w', 2)
+    top, left = (int(v) for v in center_crop(where, (IMAGE_SIZE, IMAGE_SIZE), input_data_format="channels_last")[0, 0])
     resized = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     crop = resized[:, :, top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]
     normed = (crop - torch.tensor(mean, dtype=dtype).view(1, 3, 1, 1)) / torch.tensor(std, dtype=dtype).view(1, 3, 1, 1)
@@ -173,28 +176,32 @@ def run_clip_case(name: str, modes: List[str], dtype: str, seed: int, ms_device:
 
 # --- the real CLIP vocabulary, for tokenizer tests --------------------------------------------------
 
-OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"         # MIT; ships OpenAI CLIP's BPE merges
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 
 
-def download_open_clip_bpe(folder: str) -> str:
-    """OpenAI CLIP's BPE file (bpe_simple_vocab_16e6.txt.gz) read out of the open-clip-torch wheel,
-    which `pip download --no-deps` fetches into `folder` (kept: a second call downloads nothing).
-    open_clip itself is never imported (it imports torchvision)."""
+OPEN_CLIP_DOWNLOAD = ("pip download --no-deps --only-binary :all: -d .deps/open-clip open-clip-torch==3.3.0")
+
+
+def open_clip_folder() -> str:
+    """Where the open-clip-torch wheel lies (MS_RM_OPEN_CLIP_WHEEL_DIR, else the checkout's .deps/open-clip:
+    the README's install downloads it there)."""
+    default = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), ".deps", "open-clip")
+    return os.environ.get("MS_RM_OPEN_CLIP_WHEEL_DIR", default)
+
+
+def open_clip_bpe(folder: str) -> str:
+    """OpenAI CLIP's BPE file (bpe_simple_vocab_16e6.txt.gz) read out of the open-clip-torch wheel
+    (open_clip_folder(), downloaded by the README's install, never installed: it would pull
+    torchvision) into `folder`. open_clip itself is never imported."""
     import glob
-    import subprocess
-    import sys
     import zipfile
 
-    target = os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz")
-    if os.path.isfile(target):
-        return target
-    os.makedirs(folder, exist_ok=True)
-    wheels = glob.glob(os.path.join(folder, "open_clip_torch-3.3.0-*.whl"))
+    wheels = glob.glob(os.path.join(open_clip_folder(), "open_clip_torch-3.3.0-*.whl"))
     if not wheels:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
-                        "-d", folder, OPEN_CLIP_WHEEL], check=True)
-        wheels = glob.glob(os.path.join(folder, "open_clip_torch-3.3.0-*.whl"))
+        raise FileNotFoundError(f"{open_clip_folder()}: no open_clip_torch-3.3.0 wheel; run, in the checkout, "
+                                f"{OPEN_CLIP_DOWNLOAD}")
+    target = os.path.join(folder, "bpe_simple_vocab_16e6.txt.gz")
+    os.makedirs(folder, exist_ok=True)
     with zipfile.ZipFile(wheels[0]) as wheel:
         data = wheel.read(BPE_MEMBER)
     with open(target + ".tmp", "wb") as f:

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from ms_rm import CheckpointError, ConfigError, InputError, MultiScorer, PickScoreScorer  # noqa: E402
 from ms_rm.rewards.clip import CLIPModel, load_clip_config  # noqa: E402
 from ms_rm.scoring.clip import CLIPScorer  # noqa: E402
-from ms_rm_parity.clip_parity import (download_open_clip_bpe, write_clip_vocabulary,  # noqa: E402
+from ms_rm_parity.clip_parity import (open_clip_bpe, write_clip_vocabulary,  # noqa: E402
                                       write_tiny_clip)
 from ms_rm_parity.cli import main as parity_main  # noqa: E402
 
@@ -92,11 +92,11 @@ def test_batch_splitting_and_input_forms_do_not_change_scores(tiny_clip, scorer)
 
 # --- tokenizer and real size ------------------------------------------------------------------------
 
-def test_tokenizer_with_the_real_clip_vocabulary(request, tmp_path):
+def test_tokenizer_with_the_real_clip_vocabulary(tmp_path):
     """vocab.json / merges.txt built from open-clip-torch's BPE file (CLIP's simple tokenizer
     algorithm): 49,408 tokens; ms_rm's path (transformers' CLIPTokenizer from the folder) gives
     the ids of transformers' fast (Rust) tokenizer, and CLIP's well-known ids for "a photo of a cat"."""
-    bpe = download_open_clip_bpe(str(request.config.cache.mkdir("open-clip-bpe")))
+    bpe = open_clip_bpe(str(tmp_path / "bpe"))          # from the wheel the README's install downloads
     folder = str(tmp_path / "tok")
     write_clip_vocabulary(bpe, folder)
     from ms_rm.rewards.clip import load_tokenizer, tokenize

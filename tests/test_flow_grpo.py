@@ -207,9 +207,16 @@ def test_the_trainers_configuration_as_it_is(fork, checkpoints, batch):
     scores = reward_fn(latents, None)["ms-rm-sd3"]
     assert pipeline.prompts == [""] * B                # no prompts: scored against ""
     np.testing.assert_array_equal(scores, _expected(checkpoints["index"], batch, 0.9))
-    # the same u under the sigma checkpoint is refused, not reinterpreted
-    with pytest.raises(ConfigError, match="converted under 'sigma'"):
+    # the same u under the sigma checkpoint is refused, not reinterpreted, also when the registered
+    # defaults carry a sigma-convention u of their own: the trainer's u is Flow-GRPO-MS's (index)
+    integration.register({"ms-rm-sd3": {"u": 0.4, "u_convention": "sigma"}})
+    with pytest.raises(ConfigError, match="u 0.9 is given under the 'index' convention"):
         multi.MultiScorer({"ms-rm-sd3": 1.0}, {"ms-rm-sd3": {**config, "checkpoint_path": checkpoints["sigma"]}})
+    # without any u, an index checkpoint takes Flow-GRPO-MS's default u = 0.9
+    integration.register({"ms-rm-sd3": {"seed": 11, "noise": "fixed"}})
+    no_u = {k: v for k, v in config.items() if k != "u"}
+    scores = multi.MultiScorer({"ms-rm-sd3": 1.0}, {"ms-rm-sd3": no_u})(latents, None)["ms-rm-sd3"]
+    np.testing.assert_array_equal(scores, _expected(checkpoints["index"], batch, 0.9))
 
 
 def test_ready_instances_must_be_the_forks_scorer_type(fork, checkpoints):
@@ -241,8 +248,10 @@ def test_errors_name_the_fix(fork, checkpoints, batch, tmp_path):
     edited_path.write_text(json.dumps(edited))
     with pytest.raises(ConfigError, match="num_transformer_layers"):
         classes["ms-rm-sd3"](checkpoint_path=checkpoints["sigma"], config_path=str(edited_path))
+    registry = dict(multi.AVAILABLE_SCORERS)
     with pytest.raises(ConfigError, match="names no ms_rm scorer"):
         integration.register({"ms-rm-sd4": {}})
+    assert multi.AVAILABLE_SCORERS == registry                     # an error changes nothing
     with pytest.raises(InputError, match="2 images and 3 prompts"):
         classes["ms-rm-sd3"](checkpoint_path=checkpoints["sigma"], pipeline=_Pipeline(None))(
             batch["latents"], ["a", "b", "c"])

@@ -78,7 +78,13 @@ def test_conversion_accounts_for_every_key(converted, tmp_path):
         ImageReward.convert(str(tmp_path / "missing.pt"), str(tmp_path / "o2"), config=tiny_config(), progress=False)
     with pytest.raises(CheckpointError, match="missing keys"):           # the released config on a tiny file
         ImageReward.convert(path, str(tmp_path / "o3"), progress=False)
-    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    shuffled = dict(state)
+    key = "blip.text_encoder.embeddings.position_ids"
+    shuffled[key] = state[key].flip(-1)
+    torch.save(shuffled, tmp_path / "positions.pt")
+    with pytest.raises(CheckpointError, match="position_ids' is not 0.."):
+        ImageReward.convert(str(tmp_path / "positions.pt"), str(tmp_path / "o4"), config=tiny_config(), progress=False)
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4))
 
 
 def test_bad_inputs_get_one_line_errors(converted):
@@ -126,6 +132,16 @@ def test_scorer_preprocesses_tokenizes_and_ranks_like_the_package(converted, tmp
         expected.append((crop.transpose(2, 0, 1) - np.reshape(PIXEL_MEAN, (3, 1, 1))) / np.reshape(PIXEL_STD, (3, 1, 1)))
     pixels = scorer.preprocess(images)
     np.testing.assert_allclose(pixels, np.stack(expected), rtol=0, atol=1e-6)
+    # RGBA and palette images: resized and cropped in their own mode (PIL premultiplies alpha and
+    # takes nearest for P), converted to RGB only then, in the package's order
+    rgba = Image.fromarray(rng.integers(0, 256, (50, 70, 4), dtype=np.uint8), "RGBA")
+    palette = images[0].convert("P", palette=Image.ADAPTIVE, colors=16)
+    for odd in (rgba, palette):
+        rgb = np.asarray(odd.resize((44, 32), Image.BICUBIC).crop((6, 0, 38, 32)).convert("RGB"), np.float32) / 255.0
+        want = (rgb.transpose(2, 0, 1) - np.reshape(PIXEL_MEAN, (3, 1, 1))) / np.reshape(PIXEL_STD, (3, 1, 1))
+        np.testing.assert_allclose(scorer.preprocess([odd])[0], want, rtol=0, atol=1e-6)
+        converted_first = np.asarray(odd.convert("RGB").resize((44, 32), Image.BICUBIC).crop((6, 0, 38, 32)), np.float32)
+        assert np.abs(converted_first / 255.0 - rgb).max() > 0.1          # the order matters for these modes
 
     prompts = ["a red cube on the table", "the blue sky", "a cat and a dog"]
     scores = scorer(images, prompts)

@@ -93,8 +93,9 @@ def _tiny_run(tmp_path, mode="pynative"):
 
 
 def test_a_resumed_refl_run_equals_an_uninterrupted_one(tmp_path):
-    """4 steps straight vs 2 steps, a new process's worth of objects, resume to 4: the same LoRA,
-    optimizer state and history; changed settings are refused."""
+    """4 steps straight vs 2 steps, a new process's worth of objects, resume to 4: the same history
+    and LoRA, bit for bit (so the optimizer state carried over too: Adam's moments shape every
+    update); changed settings, another latent size, a stray adapter are refused."""
     import dataclasses
     import json
 
@@ -123,6 +124,12 @@ def test_a_resumed_refl_run_equals_an_uninterrupted_one(tmp_path):
     with pytest.raises(InputError, match="lr: 0.005 there, 0.001 now"):
         run(SD3Generator.from_pretrained(pipeline, lora=str(tmp_path / "resumed"), lora_mode="train", mode="pynative"),
             dataclasses.replace(settings, lr=1e-3), tmp_path / "resumed", resume=True)
+    with pytest.raises(InputError, match="latent_hw"):
+        train_refl(SD3Generator.from_pretrained(pipeline, lora=str(tmp_path / "resumed"), lora_mode="train",
+                                                mode="pynative"), rm, *pool, *negatives, settings,
+                   str(tmp_path / "resumed"), (4, 4, targets), latent_hw=(16, 16), progress=False, resume=True)
+    with pytest.raises(InputError, match="already exists"):
+        run(fresh(), settings, tmp_path / "resumed")
     with pytest.raises(InputError, match="not this run's adapter"):
         run(fresh(), settings, tmp_path / "resumed", resume=True)
     resumed = SD3Generator.from_pretrained(pipeline, lora=str(tmp_path / "resumed"), lora_mode="train", mode="pynative")
@@ -132,8 +139,10 @@ def test_a_resumed_refl_run_equals_an_uninterrupted_one(tmp_path):
     assert ours.keys() == theirs.keys()
     for key in ours:
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
-    with pytest.raises(InputError, match="multiple of grad_accumulation"):
+    with pytest.raises(InputError, match="checkpoint_every 3 must be a multiple of grad_accumulation"):
         run(fresh(), dataclasses.replace(settings, checkpoint_every=3), tmp_path / "other")
+    with pytest.raises(InputError, match="steps 5 must be a multiple of grad_accumulation"):
+        run(fresh(), dataclasses.replace(settings, steps=5), tmp_path / "other")
 
 
 def test_the_pretraining_term_matches_torch(tmp_path):
@@ -178,8 +187,9 @@ def test_the_pretraining_term_matches_torch(tmp_path):
     assert worst <= 1e-5, worst
 
 
-def test_the_refl_command_trains_resumes_and_refuses_to_overwrite(tmp_path):
+def test_the_refl_command_trains_resumes_and_refuses_to_overwrite(tmp_path, capsys):
     import json
+    import os
 
     import numpy as np
 
@@ -191,6 +201,12 @@ def test_the_refl_command_trains_resumes_and_refuses_to_overwrite(tmp_path):
     common = [pipeline, "--reward", rm, "--out", str(tmp_path / "run"), "--embeds", str(tmp_path / "pool.npz"),
               "--rank", "2", "--alpha", "4", "--batch-size", "1", "--num-inference-steps", "3", "--step-range", "1", "2",
               "--guidance", "1.0", "--height", "64", "--width", "64", "--mode", "pynative", "--no-progress"]
+    bad = str(tmp_path / "bad")
+    assert main(["refl", *common, "--steps", "2", "--out", bad, "--guidance", "4.5"]) == 2    # no negatives
+    np.savez(tmp_path / "narrow.npz", prompt_embeds=pool[0][..., :40], pooled_prompt_embeds=pool[1])
+    assert main(["refl", *common, "--steps", "2", "--out", bad, "--embeds", str(tmp_path / "narrow.npz")]) == 2
+    assert main(["refl", *common, "--steps", "2", "--out", bad, "--pretrain-weight", "0.5"]) == 2
+    assert not os.path.exists(bad)
     assert main(["refl", *common, "--steps", "2"]) == 0
     state = json.load(open(tmp_path / "run" / "state.json"))
     assert state["step"] == 2 and state["settings"]["num_inference_steps"] == 3
@@ -199,3 +215,6 @@ def test_the_refl_command_trains_resumes_and_refuses_to_overwrite(tmp_path):
     state = json.load(open(tmp_path / "run" / "state.json"))
     assert state["step"] == 3 and [h["step"] for h in state["history"]] == [1, 2, 3]
     assert json.load(open(tmp_path / "run" / "adapter_config.json"))["r"] == 2
+    errors = capsys.readouterr().err
+    assert "needs the negative prompt's embeddings" in errors and "prompt embeddings 40 (the transformer takes 48)" in errors
+    assert "--pretrain-weight needs --pretrain FILE" in errors

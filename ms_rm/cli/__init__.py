@@ -2,7 +2,7 @@
 
 Errors that ms_rm raises on purpose print as one line on stderr with exit status 2; --debug
 shows the traceback instead. Under msrun every subcommand joins the job first (ms_rm.core.distributed);
-`score` and `score-images` shard their samples, `refl` trains data-parallel.
+`score`, `score-images` and `score-clip` shard their samples, `refl` trains data-parallel.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=level, format=f"{prefix}%(levelname)s %(name)s: %(message)s")
     try:
         if args.world.size > 1 and not getattr(sys.modules[args.func.__module__], "DISTRIBUTED", False):
-            raise ConfigError(f"ms-rm {args.command} runs in one process; under msrun only score, score-images "
-                              "and refl split their work")
+            raise ConfigError(f"ms-rm {args.command} runs in one process; under msrun only score, score-images, "
+                              "score-clip and refl split their work")
         return args.func(args)
     except MsRmError as e:
         if args.debug:

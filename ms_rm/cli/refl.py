@@ -35,35 +35,67 @@ def read_prompts(path: str):
     return prompts
 
 
-def prompt_pool(args: argparse.Namespace, generator: SD3Generator):
-    """(embeds, pooled, negative, negative pooled) of the prompt pool: an .npz, or a prompts file
-    (one prompt a line) encoded with the folder's text encoders. With ImageReward, --embeds may come
-    with --prompts: the texts of its rows, for ImageReward's tokens."""
+def read_pool(args: argparse.Namespace):
+    """The --embeds arrays (prompt pool, negatives), checked against each other; None with --prompts
+    alone. With ImageReward, --embeds may come with --prompts: the texts of its rows, for its tokens."""
     both_ok = args.reward_kind == "imagereward" and args.embeds and args.prompts
     if not both_ok and bool(args.embeds) == bool(args.prompts):
         raise InputError("pass either --embeds FILE (.npz of prompt embeddings) or --prompts FILE (one prompt a line)")
-    if args.embeds:
-        arrays = read_inputs(args.embeds, EMBEDS, NEGATIVES)
-        ehs, pooled = arrays["prompt_embeds"], arrays["pooled_prompt_embeds"]
-        neg = arrays.get("negative_prompt_embeds", np.zeros_like(ehs[:1]))
-        neg_pooled = arrays.get("negative_pooled_prompt_embeds", np.zeros_like(pooled[:1]))
-    else:
-        from ..encoders.sd3_prompts import SD3PromptEncoder
+    if not args.embeds:
+        return None
+    arrays = read_inputs(args.embeds, EMBEDS, NEGATIVES)
+    ehs, pooled = arrays["prompt_embeds"], arrays["pooled_prompt_embeds"]
+    if ehs.ndim != 3 or pooled.ndim != 2 or ehs.shape[0] != pooled.shape[0]:
+        raise InputError(f"{args.embeds}: prompt_embeds (N, T, D) and pooled_prompt_embeds (N, P) must hold the same "
+                         f"N prompts, got {ehs.shape} and {pooled.shape}")
+    if (NEGATIVES[0] in arrays) != (NEGATIVES[1] in arrays):
+        raise InputError(f"{args.embeds}: holds one of {list(NEGATIVES)}: give both or neither")
+    if NEGATIVES[0] not in arrays:
+        if args.guidance > 1:
+            raise InputError(f"{args.embeds}: guidance {args.guidance} needs the negative prompt's embeddings "
+                             f"({' and '.join(NEGATIVES)}, the encoded \"\" by default); add them, or pass --guidance 1")
+        arrays[NEGATIVES[0]], arrays[NEGATIVES[1]] = np.zeros_like(ehs[:1]), np.zeros_like(pooled[:1])
+    neg, neg_pooled = arrays[NEGATIVES[0]], arrays[NEGATIVES[1]]
+    if neg.shape[1:] != ehs.shape[1:] or neg_pooled.shape[1:] != pooled.shape[1:] or neg.shape[0] not in (1, ehs.shape[0]):
+        raise InputError(f"{args.embeds}: the negative embeddings {neg.shape} / {neg_pooled.shape} must be one row, or "
+                         f"one per prompt, shaped as the prompts' {ehs.shape[1:]} / {pooled.shape[1:]}")
+    return ehs, pooled, neg, neg_pooled
 
-        prompts = read_prompts(args.prompts)
-        encoder = SD3PromptEncoder.from_pretrained(args.model, max_sequence_length=args.max_sequence_length,
-                                                   joint_attention_dim=generator.config.joint_attention_dim)
-        ehs, pooled = (t.asnumpy() for t in encoder.encode(prompts))
-        neg, neg_pooled = (t.asnumpy() for t in encoder.encode([args.negative_prompt]))
-    count = ehs.shape[0]
-    if neg.shape[0] == 1:                                 # one negative for every prompt
-        neg, neg_pooled = np.repeat(neg, count, axis=0), np.repeat(neg_pooled, count, axis=0)
+
+def read_pretrain(args: argparse.Namespace):
+    """The --pretrain arrays (clean latents and their prompts' embeddings), checked; None without it."""
+    if not args.pretrain:
+        if args.pretrain_weight:
+            raise InputError("--pretrain-weight needs --pretrain FILE (clean latents and their prompt embeddings)")
+        return None
+    if args.pretrain_weight <= 0:
+        raise InputError("--pretrain FILE needs a positive --pretrain-weight")
+    arrays = read_inputs(args.pretrain, PRETRAIN, ())
+    latents, ehs, pooled = (arrays[k] for k in PRETRAIN)
+    if latents.ndim != 4 or not latents.shape[0] == ehs.shape[0] == pooled.shape[0]:
+        raise InputError(f"{args.pretrain}: latents (M, C, H, W), prompt_embeds (M, T, D) and pooled_prompt_embeds "
+                         f"(M, P) must hold the same M samples, got {latents.shape}, {ehs.shape}, {pooled.shape}")
+    return latents, ehs, pooled
+
+
+def encode_pool(args: argparse.Namespace, generator: SD3Generator):
+    """The --prompts file encoded with the folder's text encoders: (embeds, pooled, negative, negative pooled)."""
+    from ..encoders.sd3_prompts import SD3PromptEncoder
+
+    prompts = read_prompts(args.prompts)
+    encoder = SD3PromptEncoder.from_pretrained(args.model, max_sequence_length=args.max_sequence_length,
+                                               joint_attention_dim=generator.config.joint_attention_dim)
+    ehs, pooled = (t.asnumpy() for t in encoder.encode(prompts))
+    neg, neg_pooled = (t.asnumpy() for t in encoder.encode([args.negative_prompt]))
     return ehs, pooled, neg, neg_pooled
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
+        raise InputError(f"--height and --width must be positive multiples of 16 pixels, got {args.height}x{args.width}")
     if os.path.exists(args.out) and not (args.resume or args.force):
         raise InputError(f"{args.out}: already exists; pass --resume to continue that run or --force to start anew")
+    pool, pretrain = read_pool(args), read_pretrain(args)
     if args.resume:
         adapter = read_config_file(os.path.join(args.out, "adapter_config.json"))
         lora = (adapter["r"], adapter["lora_alpha"], adapter["target_modules"])
@@ -72,22 +104,27 @@ def run(args: argparse.Namespace) -> int:
         lora = (args.rank, args.alpha, args.targets)
         generator = SD3Generator.from_pretrained(args.model, mode=args.mode)
         generator.add_lora(args.rank, args.alpha, args.targets, seed=args.seed)
-    pool = prompt_pool(args, generator)
-    reward_model = (pixel_objective(args, generator, pool[0].shape[0]) if args.reward_kind == "imagereward"
+    pool = pool if pool is not None else encode_pool(args, generator)
+    config = generator.config
+    widths = {"prompt embeddings": (pool[0].shape[-1], config.joint_attention_dim),
+              "pooled embeddings": (pool[1].shape[-1], config.pooled_projection_dim)}
+    if pretrain is not None:
+        widths["pretrain latent channels"] = (pretrain[0].shape[1], config.in_channels)
+    wrong = [f"{what} {have} (the transformer takes {want})" for what, (have, want) in widths.items() if have != want]
+    if wrong:
+        raise InputError(f"{args.model}: " + "; ".join(wrong))
+    ehs, pooled, neg, neg_pooled = pool
+    if neg.shape[0] == 1:                                 # one negative for every prompt
+        neg, neg_pooled = np.repeat(neg, ehs.shape[0], axis=0), np.repeat(neg_pooled, ehs.shape[0], axis=0)
+    reward_model = (pixel_objective(args, generator, ehs.shape[0]) if args.reward_kind == "imagereward"
                     else DiffusionRM.from_pretrained(args.reward, mode=args.mode))
-    pretrain = None
-    if args.pretrain:
-        arrays = read_inputs(args.pretrain, PRETRAIN, ())
-        pretrain = tuple(arrays[k] for k in PRETRAIN)
-    if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:
-        raise InputError(f"--height and --width must be positive multiples of 16 pixels, got {args.height}x{args.width}")
     settings = ReFLSettings(steps=args.steps, batch_size=args.batch_size, grad_accumulation=args.grad_accumulation,
                             num_inference_steps=args.num_inference_steps, step_range=tuple(args.step_range),
                             guidance_scale=args.guidance, lr=args.lr, u=args.u, seed=args.seed,
                             checkpoint_every=args.checkpoint_every, pretrain_weight=args.pretrain_weight)
-    history = train_refl(generator, reward_model, *pool, settings, args.out, lora,
+    history = train_refl(generator, reward_model, ehs, pooled, neg, neg_pooled, settings, args.out, lora,
                          latent_hw=(args.height // 8, args.width // 8), progress=not args.no_progress,
-                         resume=args.resume, pretrain_data=pretrain, world=args.world)
+                         resume=args.resume, pretrain_data=pretrain, world=args.world, force=args.force)
     last = history[-min(len(history), 10):]
     logger.info("mean reward of the last %d steps: %.4f; LoRA (peft) and run state in %s", len(last),
                 float(np.mean([h["mean_reward"] for h in last])), args.out)
@@ -140,7 +177,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="the run folder (peft adapter + optimizer.safetensors + state.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same settings; --steps may grow)")
     p.add_argument("--force", action="store_true", help="replace an existing --out and start anew")
-    p.add_argument("--embeds", help=".npz: prompt_embeds, pooled_prompt_embeds (optionally the negative_ pair)")
+    p.add_argument("--embeds", help=".npz: prompt_embeds, pooled_prompt_embeds (and the negative_ pair, needed with "
+                                    "--guidance > 1)")
     p.add_argument("--prompts", help="a text file, one prompt a line, encoded with the folder's text encoders")
     p.add_argument("--negative-prompt", default="", help="with --prompts (default: empty)")
     p.add_argument("--max-sequence-length", type=int, default=256, help="with --prompts: T5 tokens")

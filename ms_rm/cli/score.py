@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.errors import ConfigError
 from ..rewards import load_reward_model
 from ..scoring.runs import input_arrays, read_inputs, score_arrays, write_npz
 
@@ -13,6 +14,9 @@ DISTRIBUTED = True                  # under msrun: each rank scores its shard; t
 
 def run(args: argparse.Namespace) -> int:
     model = load_reward_model(args.model, mode=args.mode, verify=args.verify)
+    if getattr(model, "input_kind", "latents") != "latents":
+        raise ConfigError(f"{args.model}: a {type(model).__name__} model scores images, not latents: use its scorer "
+                          "(ms_rm.scoring.SCORERS) or its ms-rm score-* command")
     arrays = read_inputs(args.inputs, *input_arrays(model))
     result = score_arrays(model, arrays, args.u if len(args.u) > 1 else args.u[0], args.seed, args.features,
                           world=args.world)

@@ -50,8 +50,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..core.errors import ConfigError, InputError
+from ..core.errors import ConfigError, InputError, MsRmError
 from ..io.files import read_config_file
+from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring.scorers import SCORERS, DiffusionRMScorer
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ PREFIX = "ms-rm-"
 DIFFUSION_RM_PREFIX = "diffusion-rm-"
 FLOW_GRPO_NORMALIZE = "flow-grpo-ms"       # raw / 5, what Flow-GRPO-MS's Diffusion-RM scorer returns
 FLOW_GRPO_U_CONVENTION = "index"           # what Flow-GRPO-MS's `u` means
+FLOW_GRPO_INDEX_U = 0.9                    # its default u (--diffusion-rm-u)
 
 
 def flow_grpo_name(name: str) -> str:
@@ -129,8 +131,12 @@ class DiffusionRMAdapter:
                  pipeline_path: Optional[str] = None, u: Optional[float] = None, u_convention: Optional[str] = None,
                  **options):
         given = dict(checkpoint_path=checkpoint_path, config_path=config_path, pipeline=pipeline,
-                     pipeline_path=pipeline_path, u=u, u_convention=u_convention, **options)
+                     pipeline_path=pipeline_path, **options)
         settings = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        # u and its convention travel together: a trainer's u (no convention with it) is Flow-GRPO-MS's
+        source = {"u": u, "u_convention": u_convention} if u is not None else self.defaults
+        settings.pop("u_convention", None)
+        u, u_convention = source.get("u"), source.get("u_convention") or FLOW_GRPO_U_CONVENTION
         name = flow_grpo_name(self.scorer_class.name)
         checkpoint_path = settings.pop("checkpoint_path", None)
         if checkpoint_path is None:
@@ -143,28 +149,37 @@ class DiffusionRMAdapter:
                               "--out FOLDER [--u-convention index]")
         config_path = settings.pop("config_path", None)
         pipeline, pipeline_path = settings.pop("pipeline", None), settings.pop("pipeline_path", None)
-        u_convention = settings.pop("u_convention", FLOW_GRPO_U_CONVENTION)
         settings.setdefault("normalize", FLOW_GRPO_NORMALIZE)
-        if pipeline is not None and "encoder" not in settings:
-            from ..encoders.sd3 import MindOneSD3Encoder
-            settings["encoder"] = MindOneSD3Encoder(pipeline)
-        elif pipeline_path is not None and "encoder" not in settings:
-            if not os.path.isdir(pipeline_path):
-                raise ConfigError(f"{name}: pipeline_path {pipeline_path!r} is not a local folder (ms_rm never "
-                                  "downloads): pass the SD3 pipeline folder, or the trainer's pipeline")
-            from ..encoders.sd3 import SD3Encoder
-            settings["encoder"] = SD3Encoder.from_pretrained(pipeline_path)
-        self.scorer = self.scorer_class(checkpoint_path, **settings)
-        model_config = self.scorer.model.config
-        if settings.get("u") is not None and u_convention != model_config.u_convention:
+        settings["u"] = u
+        model = DiffusionRM.from_pretrained(checkpoint_path, **{k: settings.pop(k) for k in ("dtype", "mode", "verify")
+                                                                if k in settings})
+        model_config = model.config
+        if u is not None and u_convention != model_config.u_convention:
             raise ConfigError(
-                f"{name}: u is given under the '{u_convention}' convention (Flow-GRPO-MS's u is 'index': 0.9 -> sigma "
-                f"0.25) but {checkpoint_path} was converted under '{model_config.u_convention}': set u_convention="
-                f"'{model_config.u_convention}' with a u of that convention in the scorer's config, or re-convert "
-                f"with --u-convention {u_convention} if the checkpoint was trained so")
+                f"{name}: u {u} is given under the '{u_convention}' convention (a trainer's u is Flow-GRPO-MS's, "
+                f"'index': 0.9 -> sigma 0.25) but {checkpoint_path} was converted under '{model_config.u_convention}': "
+                f"give u with u_convention='{model_config.u_convention}' in the scorer's config (and not from the "
+                f"trainer), or re-convert with --u-convention {u_convention} if the checkpoint was trained so")
+        if u is None and model_config.u_convention == FLOW_GRPO_U_CONVENTION:
+            settings["u"] = FLOW_GRPO_INDEX_U            # Flow-GRPO-MS's default for images and latents alike
         if config_path is not None:
             check_reference_config(model_config, config_path)
-        self.channels = model_config.backbone.in_channels
+        if (pipeline is not None or pipeline_path is not None) and "encoder" not in settings:
+            if model_config.backbone.family != "sd3":
+                raise ConfigError(f"{name}: ms_rm encodes images for SD3 models only; this {model_config.backbone.family} "
+                                  "model scores latents: pass with_latents(images, latents, prompt_embeds, pooled) "
+                                  "and no pipeline / pipeline_path")
+            if pipeline is not None:
+                from ..encoders.sd3 import MindOneSD3Encoder
+                settings["encoder"] = MindOneSD3Encoder(pipeline)
+            else:
+                if not os.path.isdir(pipeline_path):
+                    raise ConfigError(f"{name}: pipeline_path {pipeline_path!r} is not a local folder (ms_rm never "
+                                      "downloads): pass the SD3 pipeline folder, or the trainer's pipeline")
+                from ..encoders.sd3 import SD3Encoder
+                settings["encoder"] = SD3Encoder.from_pretrained(pipeline_path)
+        self.scorer = self.scorer_class(model=model, **settings)
+        self.channels = model_config.backbone.latent_channels
 
     def __call__(self, images, prompts: Optional[Sequence[str]] = None) -> List[float]:
         if isinstance(images, LatentBatch):
@@ -229,27 +244,29 @@ def register(configs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[
     "/models/dina-lrm-ms", "u": 0.4, "u_convention": "sigma"}}. Calling it again replaces the defaults."""
     base, available = _flow_grpo()
     configs = dict(configs or {})
+    names = {flow_grpo_name(name): name for name in SCORERS}
+    unknown = sorted(set(configs) - set(names))
+    if unknown:
+        raise ConfigError(f"configs names no ms_rm scorer: {unknown}; registered are {sorted(names)}")
+    taken = {n: available[n] for n in names if n in available and available[n][0] != MODULE}
+    if taken:
+        raise ConfigError(f"Flow-GRPO-MS already registers {taken}; not replacing them")
     module = types.ModuleType(f"flow_grpo.scorer.{MODULE}", "ms_rm's scorers, registered by ms_rm.integrations.flow_grpo")
     classes: Dict[str, type] = {}
-    for name, scorer_class in SCORERS.items():
-        flow_name = flow_grpo_name(name)
+    for flow_name, name in names.items():
+        scorer_class = SCORERS[name]
         adapter = DiffusionRMAdapter if issubclass(scorer_class, DiffusionRMScorer) else ScorerAdapter
         class_name = "MsRm" + "".join(part.capitalize() for part in flow_name[len(PREFIX):].split("-")) + "Scorer"
-        defaults = configs.pop(flow_name, {})
+        defaults = configs.get(flow_name, {})
         if not isinstance(defaults, Mapping):
             raise ConfigError(f"configs['{flow_name}'] must be a mapping of keyword arguments, got {defaults!r}")
-        cls = type(base)(class_name, (adapter, base), {"scorer_class": scorer_class, "defaults": dict(defaults),
-                                                 "__module__": module.__name__})
-        setattr(module, class_name, cls)
-        collision = available.get(flow_name)
-        if collision is not None and collision[0] != MODULE:
-            raise ConfigError(f"Flow-GRPO-MS already registers '{flow_name}' as {collision}; not replacing it")
-        available[flow_name] = (MODULE, class_name)
-        classes[flow_name] = cls
-    if configs:
-        raise ConfigError(f"configs names no ms_rm scorer: {sorted(configs)}; registered are {sorted(classes)}")
-    sys.modules[module.__name__] = module
+        classes[flow_name] = type(base)(class_name, (adapter, base), {"scorer_class": scorer_class,
+                                                                      "defaults": dict(defaults),
+                                                                      "__module__": module.__name__})
+        setattr(module, class_name, classes[flow_name])
+    sys.modules[module.__name__] = module                 # then the registry: nothing changes on an error above
     setattr(sys.modules["flow_grpo.scorer"], MODULE, module)
+    available.update({flow_name: (MODULE, cls.__name__) for flow_name, cls in classes.items()})
     logger.info("registered with Flow-GRPO-MS: %s", ", ".join(classes))
     return classes
 
@@ -273,7 +290,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"{args.script}: no such script")
     script_dir = os.path.dirname(os.path.abspath(args.script))
     sys.path.insert(0, script_dir)                       # as `python script.py` would
-    register(configs)
+    try:
+        register(configs)
+    except MsRmError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
     script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
     sys.argv = [args.script] + list(script_args)
     runpy.run_path(args.script, run_name="__main__")

@@ -134,11 +134,12 @@ def group_by_size(pixels: Sequence[np.ndarray]) -> Dict[Tuple[int, int], List[in
 
 
 def resize_center_crop(image: Any, size: int, index: int = 0) -> np.ndarray:
-    """One image as float32 (3, size, size) in [0, 1] the way torchvision's Resize(size, bicubic) +
-    CenterCrop(size) + ToTensor treat a PIL image (CLIP's and ImageReward's preprocessing): PIL's
-    bicubic resize of the shorter side to `size` (the longer one to int(size * long / short)), then
-    the centre crop at int(round((length - size) / 2)). Arrays in [0, 1] are first rounded to uint8,
-    as a trainer's images are before such a scorer sees them."""
+    """One image as float32 (3, size, size) in [0, 1] the way ImageReward's preprocessing treats a
+    PIL image (torchvision's Resize(size, bicubic), CenterCrop(size), then convert("RGB"), ToTensor):
+    PIL's bicubic resize of the shorter side to `size` (the longer one to int(size * long / short))
+    in the image's own mode (PIL resizes RGBA / LA premultiplied and P / 1 images by nearest), the
+    centre crop at int(round((length - size) / 2)), and only then RGB. Arrays in [0, 1] are first
+    rounded to uint8, as a trainer's images are before such a scorer sees them."""
     from ..rewards.imagereward.pixels import crop_start, resized_size
 
     Image = _pil()
@@ -147,7 +148,7 @@ def resize_center_crop(image: Any, size: int, index: int = 0) -> np.ndarray:
         image = Image.fromarray(np.round(unit.transpose(1, 2, 0) * 255.0).astype(np.uint8))
     width, height = image.size
     new_h, new_w = resized_size(height, width, size)
-    resized = image.convert("RGB").resize((new_w, new_h), Image.BICUBIC)
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
     top, left = crop_start(new_h, size), crop_start(new_w, size)
-    array = np.asarray(resized, dtype=np.uint8)[top:top + size, left:left + size]
-    return array.transpose(2, 0, 1).astype(np.float32) / 255.0
+    cropped = resized.crop((left, top, left + size, top + size)).convert("RGB")
+    return np.asarray(cropped, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255.0

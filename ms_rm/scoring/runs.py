@@ -86,6 +86,8 @@ def score_arrays(model, arrays: Dict[str, np.ndarray], u: Union[float, Sequence[
             from ..rewards.diffusion_rm.noise import draw_noise
 
             arrays, seed = {**arrays, "noise": draw_noise(tuple(arrays["latents"].shape), seed=seed)}, None
+        if np.ndim(u) and len(u) != count:
+            raise InputError(f"--u: one noise level, or one per sample ({count}); got {len(u)}")
         rows = world.shard(count)
         arrays = {k: v[rows] for k, v in arrays.items()}
         u = u if np.ndim(u) == 0 else np.asarray(u)[rows]

@@ -146,6 +146,8 @@ class DiffusionRMScorer:
         levels = len(self.ensemble_u) if self.ensemble_u is not None else 1
         batch = shape[0]
         if sample_ids is not None:
+            if groups is not None:
+                raise ConfigError("sample_ids and shared noise per group (groups / common_noise) exclude each other")
             if self.seed is None:
                 raise ConfigError("per-sample noise (sample_ids) needs the scorer's seed")
             if len(sample_ids) != batch:

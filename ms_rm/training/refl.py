@@ -241,9 +241,10 @@ def save_checkpoint(folder: str, generator: Any, optimizer: nn.Optimizer, lora: 
     return folder
 
 
-def _resume(folder: str, generator: Any, optimizer: nn.Optimizer, settings: "ReFLSettings") -> Dict:
+def _resume(folder: str, generator: Any, optimizer: nn.Optimizer, settings: "ReFLSettings", run: Dict) -> Dict:
     """Load a run folder's optimizer state into `optimizer`; check that the generator holds the
-    folder's adapter and that the settings are the run's; returns its state.json."""
+    folder's adapter and that the settings and `run` (latent size, pretraining data or not) are the
+    run's; returns its state.json."""
     state_path = os.path.join(folder, STATE_FILE)
     if not os.path.isfile(state_path):
         raise InputError(f"{folder}: no {STATE_FILE}: not a ReFL run folder to resume (omit resume to start anew)")
@@ -254,6 +255,10 @@ def _resume(folder: str, generator: Any, optimizer: nn.Optimizer, settings: "ReF
     if changed:
         what = ", ".join(f"{k}: {recorded.get(k)!r} there, {json_value(getattr(settings, k))!r} now" for k in changed)
         raise InputError(f"{state_path}: the run was started with other settings ({what}); only steps may change")
+    if state.get("run") != run:
+        raise InputError(f"{state_path}: the run was started with {state.get('run')}, now {run}; resume it as it was")
+    if int(state["step"]) % settings.grad_accumulation:
+        raise InputError(f"{state_path}: step {state['step']} is not at a grad_accumulation boundary")
     adapter = SafetensorsFile(os.path.join(folder, "adapter_model.safetensors"))
     try:
         ours = generator.lora_state()
@@ -284,7 +289,8 @@ def json_value(value):
 def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                negative_pooled_prompt_embeds, settings: ReFLSettings, out: str, lora: Tuple[int, float, Sequence[str]],
                latent_hw: Tuple[int, int] = (64, 64), progress: bool = True, resume: bool = False,
-               pretrain_data: Optional[Tuple[Any, Any, Any]] = None, world: World = World()) -> List[Dict]:
+               pretrain_data: Optional[Tuple[Any, Any, Any]] = None, world: World = World(),
+               force: bool = False) -> List[Dict]:
     """ReFL fine-tuning of the generator's LoRA factors on a pool of prompt embeddings (N, T, J).
 
     reward_model: a Diffusion-RM model (the latent objective, ReFLObjective) or an objective built
@@ -296,8 +302,9 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
     per step; saves a resumable run folder `out` (save_checkpoint) every `checkpoint_every` steps and at
     the end. `lora`: (rank, alpha, target modules) for the adapter config.
     resume: continue the run in `out` (the generator built with its adapter, lora_mode='train'):
-        its optimizer state, step and history; the same settings except `steps`. Every step draws
-        from a generator seeded with (seed, step), so a resumed run equals an uninterrupted one.
+        its optimizer state, step and history; the same settings and latent size except `steps`.
+        Every step draws from a generator seeded with (seed, step), so a resumed run equals an
+        uninterrupted one. Without resume, an existing `out` is refused unless `force`.
     pretrain_data: (clean latents (M, C, H, W), prompt_embeds (M, T, J), pooled (M, P)), used when
         settings.pretrain_weight > 0: the loss adds pretrain_weight x the flow-matching loss on
         `batch_size` of them (PretrainObjective, sigma drawn uniformly from the training table).
@@ -310,6 +317,9 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
         raise InputError(f"step_range {settings.step_range} must lie in 0..{settings.num_inference_steps - 1}")
     if settings.grad_accumulation < 1 or settings.batch_size < 1 or settings.steps < 1:
         raise InputError("steps, batch_size and grad_accumulation must be positive")
+    if settings.steps % settings.grad_accumulation:
+        raise InputError(f"steps {settings.steps} must be a multiple of grad_accumulation {settings.grad_accumulation} "
+                         "(the last optimizer step would drop a partly accumulated gradient)")
     if settings.checkpoint_every % settings.grad_accumulation:
         raise InputError(f"checkpoint_every {settings.checkpoint_every} must be a multiple of grad_accumulation "
                          f"{settings.grad_accumulation} (a checkpoint holds no partly accumulated gradient)")
@@ -322,10 +332,13 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
         raise InputError("the generator has no LoRA factors to train: add_lora or load an adapter with lora_mode='train'")
     optimizer = nn.Adam(params, learning_rate=settings.lr)
     start, history = 0, []
+    run = {"latent_hw": list(latent_hw), "pretrain": pretrain_data is not None}     # checked on resume too
     if resume:
-        state = _resume(out, generator, optimizer, settings)
+        state = _resume(out, generator, optimizer, settings, run)
         start, history = int(state["step"]), list(state["history"])
         logger.info("ReFL: resuming %s at step %d of %d", out, start, settings.steps)
+    elif os.path.exists(out) and not force:
+        raise InputError(f"{out}: already exists; resume=True continues that run, force=True starts anew over it")
     objective = reward_model if hasattr(reward_model, "reward_inputs") else ReFLObjective(generator, reward_model)
     if objective.generator is not generator:
         raise InputError("the objective's generator is not the generator being trained")
@@ -373,7 +386,7 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
         checkpoint = settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0
         if world.is_main and (checkpoint or step + 1 == settings.steps):
             save_checkpoint(out, generator, optimizer, lora, {
-                "step": step + 1, "history": history,
+                "step": step + 1, "history": history, "run": run,
                 "settings": {k: json_value(v) for k, v in dataclasses.asdict(settings).items()}})
     logger.info("ReFL: %d steps; LoRA in %s", settings.steps, out)
     return history

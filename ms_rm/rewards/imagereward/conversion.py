@@ -31,10 +31,11 @@ logger = logging.getLogger(__name__)
 ParameterShapes = Callable[[ImageRewardConfig], Dict[str, Tuple[int, ...]]]
 
 PREFIXES = {"blip.visual_encoder.": "visual_encoder.", "blip.text_encoder.": "text_encoder.", "mlp.": "mlp."}
+POSITION_IDS = "blip.text_encoder.embeddings.position_ids"
 UNUSED = {
     "blip.vision_proj.": "BLIP's image-text contrastive projection of the image: not part of the reward",
     "blip.text_proj.": "BLIP's image-text contrastive projection of the text: not part of the reward",
-    "blip.text_encoder.embeddings.position_ids": "the index buffer 0..P-1: positions are taken in order",
+    POSITION_IDS: "the index buffer 0..P-1 (checked): positions are taken in order",
 }
 
 
@@ -100,6 +101,11 @@ class ConversionPlan:
             else:
                 self.unused[key] = reason
         check_key_sets(self.shapes, found, self.source.path, hint)
+        if POSITION_IDS in self.unused:
+            ids = np.asarray(self.source.read(POSITION_IDS)).reshape(-1)
+            if not np.array_equal(ids, np.arange(ids.size)):
+                raise CheckpointError(f"{self.source.path}: buffer '{POSITION_IDS}' is not 0..{ids.size - 1}; ms_rm "
+                                      "takes text positions in order only")
         self.keys = found
         problems = [f"'{key}' has shape {self.source.shape(key)}, the model expects {self.shapes[name]}"
                     for name, key in found.items() if tuple(self.source.shape(key)) != self.shapes[name]]

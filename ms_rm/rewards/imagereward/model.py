@@ -96,7 +96,7 @@ class ImageReward(CompiledCell):
     @classmethod
     def from_pretrained(cls, path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
                         verify: bool = False) -> "ImageReward":
-        """Load a folder written by `ms-rm convert --model imagereward`, every parameter filled strictly."""
+        """Load a folder written by `ms-rm convert-imagereward`, every parameter filled strictly."""
         with ConvertedFolder(path, verify=verify) as folder:
             folder.expect_format(FORMAT_NAME)
             model = cls(ImageRewardConfig.from_dict(folder.config, folder.config_path), dtype=dtype, mode=mode)
