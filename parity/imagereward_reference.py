@@ -233,9 +233,9 @@ def reference_stages(model, pixels: np.ndarray, input_ids: np.ndarray, attention
             {"image_features": image, "text_features": text, "reward": reward}.items()}
 
 
-def package_parameter_count() -> int:
-    """Parameters of the package's full-size ImageReward(med_config), built on torch's meta device
-    with the real constructor (the tokenizer download replaced by a local synthetic vocabulary)."""
+def package_model() -> torch.nn.Module:
+    """The package's full-size ImageReward(med_config), built on torch's meta device with the real
+    constructor (the tokenizer download replaced by nothing: the model's shapes do not need it)."""
     import tempfile
 
     pkg = load_package()
@@ -249,7 +249,47 @@ def package_parameter_count() -> int:
         torch.linspace = lambda *args, **kwargs: saved_linspace(*args, **dict(kwargs, device="cpu"))
         try:
             with torch.device("meta"):
-                model = pkg.image_reward.ImageReward(med_config=path, device="meta")
+                return pkg.image_reward.ImageReward(med_config=path, device="meta")
         finally:
             pkg.blip_pretrain.init_tokenizer, torch.linspace = saved_tokenizer, saved_linspace
-    return sum(p.numel() for p in model.parameters())
+
+
+def package_parameter_count() -> int:
+    """Parameters of the package's full-size ImageReward(med_config) (package_model)."""
+    return sum(p.numel() for p in package_model().parameters())
+
+
+def write_synthetic_checkpoint(path: str, seed: int = 0) -> int:
+    """A full-size ImageReward.pt at `path`: the package's state dict keys, shapes and dtypes
+    (package_model: fp32 parameters, the int64 position_ids buffer), finite random values; its
+    size in bytes. Never held in memory: torch.save writes the file's layout from fake tensors
+    under torch.serialization.skip_data (storages left empty), then each tensor is filled in place
+    through torch.load's memory map opened shared, a slice of a random pool at a time."""
+    import mmap
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in package_model().state_dict().items()}
+    with FakeTensorMode():
+        fake = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(fake, path)
+    del fake
+    pool = torch.from_numpy(np.random.default_rng(seed).standard_normal(1 << 20).astype(np.float32) * 0.02)
+    torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)
+    try:
+        tensors = torch.load(path, mmap=True, weights_only=True)
+    finally:
+        torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
+    with torch.no_grad():
+        for i, (key, tensor) in enumerate(tensors.items()):
+            flat = tensor.view(-1)
+            if not tensor.is_floating_point():
+                flat.copy_(torch.arange(flat.numel(), dtype=tensor.dtype))     # position_ids
+                continue
+            start = (i * 7919) % pool.numel()
+            for begin in range(0, flat.numel(), pool.numel() - start):
+                part = flat[begin:begin + pool.numel() - start]
+                part.copy_(pool[start:start + part.numel()])
+    del tensors
+    return os.path.getsize(path)

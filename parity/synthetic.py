@@ -172,15 +172,20 @@ def write_reference(root: str, family: str = "sd3", lora_rank: int = 64) -> Dict
 def measured_convert(paths: Dict[str, str], out: str, dtype: str = "keep") -> Dict[str, float]:
     """Run `ms-rm convert` in a child process; wall seconds and peak RSS bytes of that child
     (its own VmHWM, see ms_rm_parity.peak_rss)."""
+    return measured_cli(["convert", paths["src"], "--transformer", paths["transformer"], "--scheduler",
+                         paths["scheduler"], "--out", out, "--dtype", dtype, "--force", "--no-progress"], out)
+
+
+def measured_cli(arguments, out: str) -> Dict[str, float]:
+    """Run `ms-rm ARGUMENTS` (a conversion writing the folder `out`) in a child process; its wall
+    seconds, peak RSS bytes, the largest and total output tensor bytes and the memory bound."""
     report = out.rstrip(os.sep) + ".peak_rss"
-    command = [sys.executable, "-m", "ms_rm_parity.peak_rss", report, "ms_rm.cli", "convert", paths["src"],
-               "--transformer", paths["transformer"], "--scheduler", paths["scheduler"], "--out", out,
-               "--dtype", dtype, "--force", "--no-progress"]
+    command = [sys.executable, "-m", "ms_rm_parity.peak_rss", report, "ms_rm.cli", *arguments]
     start = time.perf_counter()
     status = subprocess.run(command, cwd=ROOT).returncode
     seconds = time.perf_counter() - start
     if status != 0:
-        raise RuntimeError(f"ms-rm convert failed with status {status}")
+        raise RuntimeError(f"ms-rm {arguments[0]} failed with status {status}")
     with open(report) as f:
         peak = int(f.read())
     os.remove(report)

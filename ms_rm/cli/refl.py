@@ -1,4 +1,5 @@
-"""`ms-rm refl`: reward-feedback (ReFL) fine-tuning of an SD3 / SD3.5 LoRA with a Diffusion-RM, resumable."""
+"""`ms-rm refl`: reward-feedback (ReFL) fine-tuning of an SD3 / SD3.5 LoRA with a Diffusion-RM on latents,
+or with ImageReward on decoded pixels (--reward-kind imagereward), resumable."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..generators.sd3 import SD3Generator
 from ..io.files import read_config_file
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring.runs import read_inputs
-from ..training.refl import ReFLSettings, train_refl
+from ..training.refl import PixelReFLObjective, ReFLSettings, train_refl
 
 logger = logging.getLogger(__name__)
 
@@ -24,9 +25,21 @@ NEGATIVES = ("negative_prompt_embeds", "negative_pooled_prompt_embeds")
 PRETRAIN = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
 
+def read_prompts(path: str):
+    try:
+        prompts = [line.strip() for line in open(path, encoding="utf-8") if line.strip()]
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the prompts file ({e.strerror})") from None
+    if not prompts:
+        raise InputError(f"{path}: no prompts (one prompt a line)")
+    return prompts
+
+
 def read_pool(args: argparse.Namespace):
-    """The --embeds arrays (prompt pool, negatives), checked against each other; None with --prompts."""
-    if bool(args.embeds) == bool(args.prompts):
+    """The --embeds arrays (prompt pool, negatives), checked against each other; None with --prompts
+    alone. With ImageReward, --embeds may come with --prompts: the texts of its rows, for its tokens."""
+    both_ok = args.reward_kind == "imagereward" and args.embeds and args.prompts
+    if not both_ok and bool(args.embeds) == bool(args.prompts):
         raise InputError("pass either --embeds FILE (.npz of prompt embeddings) or --prompts FILE (one prompt a line)")
     if not args.embeds:
         return None
@@ -69,12 +82,7 @@ def encode_pool(args: argparse.Namespace, generator: SD3Generator):
     """The --prompts file encoded with the folder's text encoders: (embeds, pooled, negative, negative pooled)."""
     from ..encoders.sd3_prompts import SD3PromptEncoder
 
-    try:
-        prompts = [line.strip() for line in open(args.prompts, encoding="utf-8") if line.strip()]
-    except OSError as e:
-        raise InputError(f"{args.prompts}: cannot read the prompts file ({e.strerror})") from None
-    if not prompts:
-        raise InputError(f"{args.prompts}: no prompts (one prompt a line)")
+    prompts = read_prompts(args.prompts)
     encoder = SD3PromptEncoder.from_pretrained(args.model, max_sequence_length=args.max_sequence_length,
                                                joint_attention_dim=generator.config.joint_attention_dim)
     ehs, pooled = (t.asnumpy() for t in encoder.encode(prompts))
@@ -108,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     ehs, pooled, neg, neg_pooled = pool
     if neg.shape[0] == 1:                                 # one negative for every prompt
         neg, neg_pooled = np.repeat(neg, ehs.shape[0], axis=0), np.repeat(neg_pooled, ehs.shape[0], axis=0)
-    reward_model = DiffusionRM.from_pretrained(args.reward, mode=args.mode)
+    reward_model = (pixel_objective(args, generator, ehs.shape[0]) if args.reward_kind == "imagereward"
+                    else DiffusionRM.from_pretrained(args.reward, mode=args.mode))
     settings = ReFLSettings(steps=args.steps, batch_size=args.batch_size, grad_accumulation=args.grad_accumulation,
                             num_inference_steps=args.num_inference_steps, step_range=tuple(args.step_range),
                             guidance_scale=args.guidance, lr=args.lr, u=args.u, seed=args.seed,
@@ -122,17 +131,49 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def pixel_objective(args: argparse.Namespace, generator: SD3Generator, count: int) -> PixelReFLObjective:
+    """ImageReward's pixel ReFL: the pipeline's (or --vae's) decoder, ImageReward from --reward, the
+    pool's prompts tokenized with --tokenizer."""
+    from ..generators.sd3_vae_decoder import load_vae_decoder
+    from ..rewards.imagereward import ImageReward, ImageRewardTokenizer
+
+    if not args.prompts:
+        raise InputError("--reward-kind imagereward needs --prompts FILE: the pool's prompts, which ImageReward reads "
+                         "(with --embeds: the texts of its rows, in order)")
+    if not args.tokenizer:
+        raise InputError("--reward-kind imagereward needs --tokenizer: the folder of bert-base-uncased's vocab.txt")
+    prompts = read_prompts(args.prompts)
+    if len(prompts) != count:
+        raise InputError(f"{args.prompts}: {len(prompts)} prompts for the {count} rows of {args.embeds}: "
+                         "one prompt per row")
+    model = ImageReward.from_pretrained(args.reward, mode=args.mode)
+    ids, mask = ImageRewardTokenizer(args.tokenizer, model.config.max_length)(prompts)
+    vae = load_vae_decoder(args.vae or args.model, mode=args.mode)
+    return PixelReFLObjective(generator, vae, model, grad_scale=args.grad_scale, input_ids=ids, attention_mask=mask)
+
+
 def add_parsers(sub) -> None:
-    p = sub.add_parser("refl", help="ReFL fine-tuning of an SD3 / SD3.5 LoRA with a Diffusion-RM (resumable)",
+    p = sub.add_parser("refl", help="ReFL fine-tuning of an SD3 / SD3.5 LoRA with a Diffusion-RM or ImageReward "
+                                       "(resumable)",
                        description="The reference recipe's reward-feedback fine-tuning on latents: per step, sample "
                                    "without gradient to a step k in --step-range, one gradient-carrying transformer "
                                    "call, x0_hat = x_t - sigma v, loss 2 - mean(Diffusion-RM reward of x0_hat) "
                                    "(+ --pretrain-weight x the flow-matching loss on --pretrain latents), Adam on the "
                                    "LoRA. Writes a run folder: the LoRA as a peft adapter, the optimizer state and "
-                                   "state.json; --resume continues it.")
+                                   "state.json; --resume continues it (with the same reward flags). --reward-kind "
+                                   "imagereward: ImageReward's own ReFL on pixels instead: x0_hat decoded by the VAE, "
+                                   "(image / 2 + 0.5) clamped to [0, 1], loss relu(2 - ImageReward).mean() x "
+                                   "--grad-scale.")
     p.add_argument("model", help="a diffusers SD3 / SD3.5 pipeline folder (transformer/, scheduler/; text encoders "
                                  "for --prompts)")
-    p.add_argument("--reward", required=True, help="a Diffusion-RM folder written by ms-rm convert")
+    p.add_argument("--reward", required=True, help="a Diffusion-RM folder written by ms-rm convert (or, with "
+                                                   "--reward-kind imagereward, by ms-rm convert-imagereward)")
+    p.add_argument("--reward-kind", choices=["diffusion-rm", "imagereward"], default="diffusion-rm",
+                   help="diffusion-rm: latent ReFL, loss 2 - mean(reward of x0_hat) (default); imagereward: "
+                        "ImageReward's pixel ReFL, loss relu(2 - reward of the decoded x0_hat).mean() x --grad-scale")
+    p.add_argument("--tokenizer", help="imagereward: folder of bert-base-uncased's vocab.txt")
+    p.add_argument("--vae", help="imagereward: diffusers vae/ folder (default: the pipeline's)")
+    p.add_argument("--grad-scale", type=float, default=1e-3, help="imagereward: the loss scale (the package's 1e-3)")
     p.add_argument("--out", required=True, help="the run folder (peft adapter + optimizer.safetensors + state.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same settings; --steps may grow)")
     p.add_argument("--force", action="store_true", help="replace an existing --out and start anew")

@@ -1,5 +1,6 @@
 """`ms-rm score-images`: score image files against prompts (VAE + text encoders + reward model);
-`ms-rm score-clip`: the same with a CLIP scorer (PickScore, CLIP score) from a Hugging Face folder."""
+`ms-rm score-clip`: the same with a CLIP scorer (PickScore, CLIP score) from a Hugging Face folder;
+`ms-rm score-imagereward`: the same with ImageReward (a folder written by ms-rm convert-imagereward)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ..encoders import SD3Encoder
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
 from ..scoring.clip import CLIPScorer
+from ..scoring.imagereward import ImageRewardScorer
 from ..scoring.runs import read_pairs, score_pairs, write_jsonl
 
 
@@ -63,6 +65,12 @@ def run_clip(args: argparse.Namespace) -> int:
     return _score(scorer, pairs, args)
 
 
+def run_imagereward(args: argparse.Namespace) -> int:
+    pairs = _pairs(args)
+    scorer = ImageRewardScorer(args.model, tokenizer=args.tokenizer, mode=args.mode, max_batch=args.batch_size)
+    return _score(scorer, pairs, args)
+
+
 def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", help="an image file (repeat, with one --prompt each)")
     parser.add_argument("--prompt", action="append", help="the prompt of the --image at the same position")
@@ -109,3 +117,13 @@ def add_parsers(sub) -> None:
                       help="cosine of the embeddings (default) or exp(logit_scale) x cosine (original PickScore)")
     _add_pair_arguments(clip)
     clip.set_defaults(func=run_clip)
+
+    ir = sub.add_parser(
+        "score-imagereward", help="score image files against prompts with ImageReward",
+        description="Score image files against prompts with ImageReward in MindSpore (the package's preprocessing "
+                    "and BLIP tokenizer). One score per pair on stdout (score, image).")
+    ir.add_argument("model", help="a folder written by ms-rm convert-imagereward")
+    ir.add_argument("--tokenizer", required=True,
+                    help="folder with bert-base-uncased's vocab.txt (ImageReward's tokenizer; nothing is downloaded)")
+    _add_pair_arguments(ir)
+    ir.set_defaults(func=run_imagereward)

@@ -7,6 +7,15 @@
     loss = 2 - mean(Diffusion-RM reward of x0_hat at its u)      (no VAE decode)
 
 Gradients reach the generator's LoRA factors only, through the frozen reward model.
+
+PixelReFLObjective is ImageReward's own ReFL in pixel space (ImageReward/ReFL.py of the
+image-reward package, in our words), on the same x0_hat:
+
+    images = (VAE decode(x0_hat) / 2 + 0.5) clamped to [0, 1]   (decode: latents / scaling + shift)
+    reward = ImageReward(Normalize(CenterCrop(Resize(images, 224, bicubic))), prompt tokens)
+    loss = mean(relu(2 - reward)) x grad_scale                     (the package's grad_scale: 1e-3)
+
+Both objectives go through one step (refl_loss_and_grads) and one loop (train_refl).
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, mint, nn
 from tqdm import tqdm
 
 from ..core.distributed import World
@@ -48,6 +57,73 @@ class ReFLObjective:
         reward = self.reward_model(x0_hat, rm_noise, rm_sigma, rm_timestep, *rm_conditioning)[-1]   # (B, 1)
         return REFL_TARGET - reward.mean()
 
+    def reward_inputs(self, x_t: Tensor, prompt_embeds, pooled_prompt_embeds, u: float, rm_noise) -> Tuple:
+        """The reward model's tensors of one step at latents x_t: its noise at level u, the level's
+        sigma and timestep, and the prompt conditioning."""
+        _, conditioning = self.reward_model._prepare(x_t, prompt_embeds, pooled_prompt_embeds)
+        rm_sigma, rm_timestep = self.reward_model.noise_level(u, x_t.shape[0])
+        return (Tensor(np.asarray(rm_noise, np.float32)), Tensor(rm_sigma), Tensor(rm_timestep)) + tuple(conditioning)
+
+    def draw(self, rng: np.random.Generator, rows: np.ndarray, x_t: np.ndarray, settings: "ReFLSettings",
+             mine: slice) -> Tuple:
+        """train_refl's reward inputs of one step: u and the reward model's noise (drawn for the whole batch)."""
+        return settings.u, rng.standard_normal((settings.batch_size,) + x_t.shape[1:], dtype=np.float32)[mine]
+
+    def check_pool(self, size: int) -> None:
+        """Nothing to check: the reward model reads the pool's embeddings."""
+
+    def mean_reward(self, loss: float) -> float:
+        return REFL_TARGET - loss
+
+
+class PixelReFLObjective:
+    """ImageReward's pixel ReFL loss (module docstring) of one step; differentiable with respect to
+    the generator's LoRA factors, through the frozen VAE decoder and ImageReward. A plain callable.
+
+    input_ids, attention_mask: the token pool of train_refl's prompt pool (N, L) (ImageRewardTokenizer
+    of the same prompts as its embeddings), used by `draw`; refl_loss_and_grads takes the batch's
+    tokens directly. antialias: torchvision's Resize of float tensors (True since torchvision 0.17)."""
+
+    def __init__(self, generator: Any, vae: Any, reward_model: Any, grad_scale: float = 1e-3,
+                 input_ids=None, attention_mask=None, antialias: bool = True):
+        if grad_scale <= 0:
+            raise InputError(f"grad_scale must be positive, got {grad_scale}")
+        if (input_ids is None) != (attention_mask is None):
+            raise InputError("input_ids and attention_mask go together (the prompt pool's ImageReward tokens)")
+        self.generator, self.vae, self.reward_model = generator, vae, reward_model
+        self.grad_scale, self.antialias = float(grad_scale), antialias
+        self.tokens = None if input_ids is None else (np.asarray(input_ids), np.asarray(attention_mask))
+        self.upscale = 2 ** (len(vae.config.block_out_channels) - 1)       # latent -> pixel size
+
+    def __call__(self, x_t, timestep, sigma, encoder_hidden_states, pooled, positions, rows, cols_t, input_ids,
+                 attention_mask):
+        v = self.generator.velocity(x_t, timestep, encoder_hidden_states, pooled, positions)   # (B, C, h, w)
+        x0_hat = x_t - sigma * v
+        images = mint.clamp(self.vae.construct(x0_hat) / 2 + 0.5, 0.0, 1.0)                   # (B, 3, 8h, 8w)
+        reward = self.reward_model.pixel_construct(images, rows, cols_t, input_ids, attention_mask)[-1]   # (B, 1)
+        return mint.nn.functional.relu(REFL_TARGET - reward).mean() * self.grad_scale
+
+    def reward_inputs(self, x_t: Tensor, prompt_embeds, pooled_prompt_embeds, input_ids, attention_mask) -> Tuple:
+        """The resize-and-crop matrices of the decoded size and the batch's prompt tokens (B, L)."""
+        height, width = x_t.shape[2] * self.upscale, x_t.shape[3] * self.upscale
+        rows, cols_t = self.reward_model._resize(height, width, self.antialias)
+        return (rows, cols_t) + self.reward_model._tokens(input_ids, attention_mask, x_t.shape[0])
+
+    def draw(self, rng: np.random.Generator, rows: np.ndarray, x_t: np.ndarray, settings: "ReFLSettings",
+             mine: slice) -> Tuple:
+        """train_refl's reward inputs of one step: the tokens of the step's prompts."""
+        return self.tokens[0][rows], self.tokens[1][rows]
+
+    def check_pool(self, size: int) -> None:
+        if self.tokens is None or len(self.tokens[0]) != size:
+            have = "none" if self.tokens is None else len(self.tokens[0])
+            raise InputError(f"PixelReFLObjective(input_ids=, attention_mask=): train_refl needs the ImageReward "
+                             f"tokens of every prompt of the pool ({size}), got {have}")
+
+    def mean_reward(self, loss: float) -> float:
+        """The mean reward when every reward is below 2 (relu inactive)."""
+        return REFL_TARGET - loss / self.grad_scale
+
 
 class PretrainObjective:
     """The generator's own flow-matching loss on clean latents x0: x_s = (1 - s) x0 + s eps,
@@ -75,23 +151,25 @@ def pretrain_loss_and_grads(generator: Any, x0, eps, sigma, prompt_embeds, poole
     return (ms.jit(grad_fn) if graph else grad_fn)(*args)
 
 
-def refl_loss_and_grads(objective: ReFLObjective, x_t, timestep: float, sigma: float, prompt_embeds,
-                        pooled_prompt_embeds, u: float, rm_noise, graph: bool = True) -> Tuple[Tensor, Tuple]:
+def refl_loss_and_grads(objective: Any, x_t, timestep: float, sigma: float, prompt_embeds, pooled_prompt_embeds,
+                        *reward_inputs, graph: bool = True, **named_reward_inputs) -> Tuple[Tensor, Tuple]:
     """(loss, gradients of every LoRA factor of objective.generator) of one ReFL step at latents x_t
-    (B, C, H, W) of sampler step (timestep, sigma). `rm_noise`: the reward model's noise at u."""
-    generator, model = objective.generator, objective.reward_model
+    (B, C, H, W) of sampler step (timestep, sigma). `reward_inputs`: the objective's own
+    (objective.reward_inputs), by position or name: ReFLObjective: u and rm_noise, the reward
+    model's noise at u (B, C, H, W); PixelReFLObjective: the prompts' ImageReward input_ids and
+    attention_mask (B, L)."""
+    generator = objective.generator
     params = generator.lora_parameters()
     if not params:
         raise InputError("the generator has no LoRA factors to train: add_lora or load an adapter with "
                          "lora_mode='train'")
     x = Tensor(np.asarray(x_t, np.float32))
     batch = x.shape[0]
-    _, conditioning = model._prepare(x, prompt_embeds, pooled_prompt_embeds)
-    rm_sigma, rm_timestep = model.noise_level(u, batch)
     args = (x, Tensor(np.full(batch, timestep, np.float32)), Tensor(np.float32(sigma)),
             Tensor(np.asarray(prompt_embeds, np.float32)), Tensor(np.asarray(pooled_prompt_embeds, np.float32)),
-            Tensor(generator.transformer.positions(x.shape[2], x.shape[3])), Tensor(np.asarray(rm_noise, np.float32)),
-            Tensor(rm_sigma), Tensor(rm_timestep)) + tuple(conditioning)
+            Tensor(generator.transformer.positions(x.shape[2], x.shape[3])))
+    args += tuple(objective.reward_inputs(x, prompt_embeds, pooled_prompt_embeds, *reward_inputs,
+                                          **named_reward_inputs))
     grad_fn = ms.value_and_grad(objective.__call__, None, params)
     return (ms.jit(grad_fn) if graph else grad_fn)(*args)
 
@@ -215,10 +293,13 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
                force: bool = False) -> List[Dict]:
     """ReFL fine-tuning of the generator's LoRA factors on a pool of prompt embeddings (N, T, J).
 
+    reward_model: a Diffusion-RM model (the latent objective, ReFLObjective) or an objective built
+    on `generator`: ReFLObjective, or PixelReFLObjective(generator, vae, imagereward, input_ids=,
+    attention_mask=) with the pool's ImageReward tokens (N, L) for ImageReward's pixel ReFL.
     Each step: `batch_size` prompts drawn from the pool, initial noise, the sampler run without
     gradient to a step k drawn in `step_range`, one ReFL loss and gradient (refl_loss_and_grads),
-    accumulated over `grad_accumulation` steps, then Adam. Logs the mean reward (2 - ReFL loss) per
-    step; saves a resumable run folder `out` (save_checkpoint) every `checkpoint_every` steps and at
+    accumulated over `grad_accumulation` steps, then Adam. Logs the mean reward (objective.mean_reward)
+    per step; saves a resumable run folder `out` (save_checkpoint) every `checkpoint_every` steps and at
     the end. `lora`: (rank, alpha, target modules) for the adapter config.
     resume: continue the run in `out` (the generator built with its adapter, lora_mode='train'):
         its optimizer state, step and history; the same settings and latent size except `steps`.
@@ -258,9 +339,12 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
         logger.info("ReFL: resuming %s at step %d of %d", out, start, settings.steps)
     elif os.path.exists(out) and not force:
         raise InputError(f"{out}: already exists; resume=True continues that run, force=True starts anew over it")
-    objective = ReFLObjective(generator, reward_model)
+    objective = reward_model if hasattr(reward_model, "reward_inputs") else ReFLObjective(generator, reward_model)
+    if objective.generator is not generator:
+        raise InputError("the objective's generator is not the generator being trained")
     embeds = [np.asarray(a, np.float32) for a in (prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
                                                   negative_pooled_prompt_embeds)]
+    objective.check_pool(embeds[0].shape[0])
     pretrain = None if pretrain_data is None else [np.asarray(a, np.float32) for a in pretrain_data]
     sigmas, timesteps = generator.schedule(settings.num_inference_steps)
     table = training_table(generator.scheduler)[0]                # the sigmas the pretraining term draws from
@@ -278,9 +362,8 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
         k = int(rng.integers(low, high + 1))
         x_t = generator.generate(ehs, pooled, noise, settings.num_inference_steps, settings.guidance_scale, neg,
                                  neg_pooled, stop_after=k).asnumpy()             # the latents after k steps
-        rm_noise = rng.standard_normal((settings.batch_size,) + x_t.shape[1:], dtype=np.float32)[mine]
         loss, grads = refl_loss_and_grads(objective, x_t, float(timesteps[k]), float(sigmas[k]), ehs, pooled,
-                                          settings.u, rm_noise, graph=graph)
+                                          *objective.draw(rng, rows, x_t, settings, mine), graph=graph)
         if pretrain is not None:
             picked = rng.integers(0, pretrain[0].shape[0], settings.batch_size)
             eps = rng.standard_normal((settings.batch_size,) + pretrain[0].shape[1:], dtype=np.float32)[mine]
@@ -291,7 +374,7 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
             grads = tuple(g + settings.pretrain_weight * p for g, p in zip(grads, pre_grads))
         grads = world.mean(grads)                                # = the gradient of the whole batch
         loss = world.mean([loss])[0]
-        record = {"step": step + 1, "k": k, "loss": float(loss), "mean_reward": REFL_TARGET - float(loss)}
+        record = {"step": step + 1, "k": k, "loss": float(loss), "mean_reward": objective.mean_reward(float(loss))}
         if pretrain is not None:
             record["pretrain_loss"] = float(world.mean([pre_loss])[0])
         accumulated = grads if accumulated is None else tuple(a + g for a, g in zip(accumulated, grads))
