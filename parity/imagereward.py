@@ -41,11 +41,14 @@ def torch_refl_transform(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """torchvision's Resize(size, bicubic) (antialias=True) + CenterCrop(size) + Normalize on a float
     tensor, written with torch's interpolate (torchvision cannot be installed next to the CPU torch)."""
     from ms_rm.rewards.imagereward.config import PIXEL_MEAN, PIXEL_STD
-    from ms_rm.rewards.imagereward.pixels import crop_start, resized_size
 
-    h, w = resized_size(pixels.shape[2], pixels.shape[3], size)
+    # torchvision's own size rules, written out here (not ms_rm's): Resize(size) makes the shorter
+    # side `size` and the longer int(size * long / short); CenterCrop starts at int(round(excess / 2))
+    height, width = pixels.shape[2], pixels.shape[3]
+    short, long = (width, height) if width <= height else (height, width)
+    h, w = (int(size * long / short), size) if width <= height else (size, int(size * long / short))
     x = torch.nn.functional.interpolate(pixels, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-    top, left = crop_start(h, size), crop_start(w, size)
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     x = x[:, :, top:top + size, left:left + size]
     mean = torch.tensor(PIXEL_MEAN, dtype=x.dtype).reshape(1, 3, 1, 1)
     std = torch.tensor(PIXEL_STD, dtype=x.dtype).reshape(1, 3, 1, 1)

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..core.errors import InputError, MissingDependencyError
+from ..core.resize import center_crop_start, shortest_edge_size
 
 MULTIPLE = 16                       # VAE downsampling 8 x transformer patch 2
 SIZE_POLICIES = ("crop", "resize", "error")
@@ -140,15 +141,14 @@ def resize_center_crop(image: Any, size: int, index: int = 0) -> np.ndarray:
     in the image's own mode (PIL resizes RGBA / LA premultiplied and P / 1 images by nearest), the
     centre crop at int(round((length - size) / 2)), and only then RGB. Arrays in [0, 1] are first
     rounded to uint8, as a trainer's images are before such a scorer sees them."""
-    from ..rewards.imagereward.pixels import crop_start, resized_size
 
     Image = _pil()
     if not (hasattr(image, "convert") and hasattr(image, "size")):
         unit = to_unit_rgb(image, index)                                    # (3, H, W) in [0, 1]
         image = Image.fromarray(np.round(unit.transpose(1, 2, 0) * 255.0).astype(np.uint8))
     width, height = image.size
-    new_h, new_w = resized_size(height, width, size)
+    new_h, new_w = shortest_edge_size(height, width, size)
     resized = image.resize((new_w, new_h), Image.BICUBIC)
-    top, left = crop_start(new_h, size), crop_start(new_w, size)
+    top, left = center_crop_start(new_h, size, "round"), center_crop_start(new_w, size, "round")   # torchvision's
     cropped = resized.crop((left, top, left + size, top + size)).convert("RGB")
     return np.asarray(cropped, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255.0

@@ -205,7 +205,7 @@ class CLIPModel(CompiledCell):
     def unit_pixel_embeds(self, pixels: Tensor, resize_h: Tensor, resize_w_t: Tensor, mean: Tensor,
                           std: Tensor) -> Tensor:
         """(B, 3, H, W) pixels in [0, 1] -> image embeddings, with the resize-and-crop as two
-        matrix products (resize_h (S, H), resize_w_t (W, S); see preprocess.resize_matrix) and
+        matrix products (resize_h (S, H), resize_w_t (W, S); see preprocess.resize_matrices) and
         the normalisation inside the differentiable program."""
         b, c, h, w = pixels.shape
         s_h, s_w = resize_h.shape[0], resize_w_t.shape[1]

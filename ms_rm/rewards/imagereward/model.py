@@ -8,7 +8,7 @@ as the package's `ImageReward.score_gard` computes it. Calls:
 
 * `reward(pixels, input_ids, attention_mask)`: pixels already preprocessed (B, 3, S, S);
 * `reward_of_pixels(pixels, input_ids, attention_mask)`: pixels (B, 3, H, W) in [0, 1], e.g. a
-  decoded image, through the ReFL transform (resize, center crop, normalise: see pixels.py),
+  decoded image, through the ReFL transform (resize, center crop, normalise: see `_resize`),
   differentiable with respect to the pixels;
 * `stages(...)`: image features, [CLS] feature and reward by name, for parity checks.
 
@@ -38,7 +38,7 @@ from ...io.converted import ConvertedFolder
 from . import conversion
 from .bert import TextEncoder
 from .config import FORMAT_NAME, PIXEL_MEAN, PIXEL_STD, ImageRewardConfig
-from .pixels import resize_crop_matrices
+from ...core.resize import resize_crop_matrices
 from .vit import VisionTransformer
 
 logger = logging.getLogger(__name__)
@@ -167,9 +167,14 @@ class ImageReward(CompiledCell):
         return x
 
     def _resize(self, height: int, width: int, antialias: bool) -> Tuple[Tensor, Tensor]:
+        """The ReFL transform's Resize(224, bicubic) + CenterCrop(224) of (H, W) float pixels as two
+        matrices (ms_rm.core.resize): torchvision resizes float tensors with torch's interpolate
+        (antialias=True by default since torchvision 0.17; False, the older default) and crops at
+        int(round(excess / 2))."""
         key = (height, width, antialias)
         if key not in self._matrices:
-            rows, cols = resize_crop_matrices(height, width, self.config.vision.image_size, antialias)
+            size = self.config.vision.image_size
+            rows, cols = resize_crop_matrices(height, width, size, (size, size), "round", antialias)  # torchvision's crop
             self._matrices[key] = (Tensor(rows), Tensor(np.ascontiguousarray(cols.T)))
             if len(self._matrices) > MATRIX_CACHE:
                 self._matrices.popitem(last=False)
@@ -188,7 +193,7 @@ class ImageReward(CompiledCell):
         return self.stages(pixels, input_ids, attention_mask)["reward"]
 
     def reward_of_pixels(self, pixels, input_ids, attention_mask, antialias: bool = True) -> Tensor:
-        """Rewards (B, 1) of images (B, 3, H, W) in [0, 1] through the ReFL transform (pixels.py)."""
+        """Rewards (B, 1) of images (B, 3, H, W) in [0, 1] through the ReFL transform (`_resize`)."""
         x = self._pixels(pixels, size=False)
         rows, cols_t = self._resize(x.shape[2], x.shape[3], antialias)
         return self.run("pixel_construct", x, rows, cols_t, *self._tokens(input_ids, attention_mask, x.shape[0]))[-1]
