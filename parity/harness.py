@@ -212,6 +212,21 @@ def measured_stages(ours: Dict[str, np.ndarray], torch32: Dict[str, np.ndarray],
     return compare_stages(ours, {k: torch32[k] for k in ours}, bounds)
 
 
+def measured_reports(name: str, description: str, modes: List[str], dtype: str, seed: int, ms_device: str,
+                     torch_device: str, stages) -> List[Report]:
+    """One report per mode of an fp32 case whose `stages(folder, mode, seed)` returns (ours, torch
+    fp32, torch float64) for measured_stages, computed in a fresh temporary folder."""
+    if dtype != "fp32":
+        raise ValueError(f"the {name} case compares fp32 only, not {dtype}")
+    reports = []
+    for mode in modes:
+        with tempfile.TemporaryDirectory() as folder:
+            results = measured_stages(*stages(folder, mode, seed))
+        reports.append(Report(name, description, mode, dtype, seed, results,
+                              environment=environment(ms_device, torch_device)))
+    return reports
+
+
 def compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs: Inputs, u_convention: str,
                   dtype: str, torch_device: str) -> List[StageResult]:
     torch32 = torch_stages(torch_model, rm_config, scheduler_config, inputs, u_convention, torch.float32,

@@ -9,7 +9,6 @@ bicubic interpolate, center crop, normalise) and its gradient with respect to th
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Dict, List
 
 import numpy as np
@@ -91,14 +90,6 @@ def stages(folder: str, mode: str, seed: int):
 
 
 def run_imagereward_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str, torch_device: str):
-    from .harness import Report, environment, measured_stages
+    from .harness import measured_reports
 
-    if dtype != "fp32":
-        raise ValueError(f"the ImageReward case compares fp32 only, not {dtype}")
-    reports = []
-    for mode in modes:
-        with tempfile.TemporaryDirectory() as folder:
-            results = measured_stages(*stages(folder, mode, seed))
-        reports.append(Report(name, IMAGEREWARD_CASES[name], mode, dtype, seed, results,
-                              environment=environment(ms_device, torch_device)))
-    return reports
+    return measured_reports(name, IMAGEREWARD_CASES[name], modes, dtype, seed, ms_device, torch_device, stages)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from typing import Dict, List
 
 import numpy as np
@@ -147,14 +146,7 @@ def _pixel_stages(folder: str, mode: str, seed: int):
 
 
 def run_refl_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str, torch_device: str):
-    from .harness import Report, environment, measured_stages
+    from .harness import measured_reports
 
-    if dtype != "fp32":
-        raise ValueError(f"the ReFL case compares fp32 only, not {dtype}")
-    reports = []
-    for mode in modes:
-        with tempfile.TemporaryDirectory() as folder:
-            results = measured_stages(*(_pixel_stages if name == "sd3-pixel-refl" else _stages)(folder, mode, seed))
-        reports.append(Report(name, REFL_CASES[name], mode, dtype, seed, results,
-                              environment=environment(ms_device, torch_device)))
-    return reports
+    stages = _pixel_stages if name == "sd3-pixel-refl" else _stages
+    return measured_reports(name, REFL_CASES[name], modes, dtype, seed, ms_device, torch_device, stages)
