@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any, Dict
 
+import numpy as np
 import mindspore as ms
 from mindspore import nn
 
 from .errors import InputError
+from .weights import load_parameters, random_parameter
 
 MODES = ("graph", "pynative")
 
@@ -56,3 +58,16 @@ class CompiledCell(nn.Cell):
         if name not in self._compiled:
             self._compiled[name] = ms.jit(getattr(self, name))
         return self._compiled[name](*args)
+
+    # --- weights -----------------------------------------------------------------------------
+    def load_state_dict(self, tensors, source: str = "state dict") -> None:
+        """Fill every parameter from a name -> array mapping, strictly (weights.load_parameters)."""
+        load_parameters(self, lambda name: np.asarray(tensors[name]), tensors.keys(), source)
+
+    def randomize(self, seed: int = 0):
+        """Random weights of realistic scale (weights.random_parameter by parameter name), one tensor
+        at a time; returns the model."""
+        shapes = {p.name: p.shape for p in self.get_parameters()}
+        load_parameters(self, lambda name: random_parameter(name, shapes[name], seed), shapes,
+                        f"random weights (seed {seed})")
+        return self

@@ -33,7 +33,7 @@ from ..core.compiled import CompiledCell
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..core.flow_match import SchedulerConfig, inference_schedule
 from ..core.inputs import latent_input, noise_input, reward_inputs
-from ..core.weights import check_key_sets, load_parameters, random_parameter
+from ..core.weights import check_key_sets, load_parameters
 from ..io.files import find_weights, read_config_file
 from ..io.lora import LoraAdapter
 from ..io.safetensors_file import open_safetensors
@@ -180,13 +180,6 @@ class SD3Generator(CompiledCell):
                                       "of this transformer")
             plan[name] = (module, adapter.check_module(module, names[name])[2])
         return plan
-
-    def randomize(self, seed: int = 0) -> "SD3Generator":
-        """Random weights of realistic scale (ms_rm.core.weights.random_parameter by parameter name)."""
-        shapes = {p.name: p.shape for p in self.get_parameters()}
-        load_parameters(self, lambda name: random_parameter(name, shapes[name], seed), shapes,
-                        f"random weights (seed {seed})")
-        return self
 
     def load_state_dict(self, tensors, source: str = "state dict") -> None:
         """Fill every parameter from {diffusers key: array} (the transformer's state dict), strictly."""

@@ -30,7 +30,7 @@ from ...core.compiled import CompiledCell
 from ...core.errors import CheckpointError, InputError
 from ...backbones.zimage import pack_captions
 from ...core.inputs import latent_input, noise_input, reward_inputs, variable_length_text
-from ...core.weights import load_parameters, random_parameter
+from ...core.weights import load_parameters
 from ...io.converted import ConvertedFolder
 from . import conversion
 from .config import FORMAT_NAME, RewardModelConfig, config_from_any
@@ -129,18 +129,6 @@ class DiffusionRM(CompiledCell):
         return conversion.convert(src, transformer, scheduler, out, cls.parameter_shapes, config=config,
                                   dtype=dtype, u_convention=u_convention, force=force, progress=progress,
                                   time_convention=time_convention)
-
-    # --- weights ---------------------------------------------------------------------------
-    def load_state_dict(self, tensors, source: str = "state dict") -> None:
-        """Fill every parameter from a name -> array mapping, strictly (ms_rm.core.weights.load_parameters)."""
-        load_parameters(self, lambda name: np.asarray(tensors[name]), tensors.keys(), source)
-
-    def randomize(self, seed: int = 0) -> "DiffusionRM":
-        """Random weights of realistic scale (weights.random_parameter), one tensor at a time."""
-        shapes = {p.name: p.shape for p in self.get_parameters()}
-        load_parameters(self, lambda name: random_parameter(name, shapes[name], seed), shapes,
-                        f"random weights (seed {seed})")
-        return self
 
     # --- the tensor program ----------------------------------------------------------------
     def embed(self, latents: Tensor, noise: Tensor, sigma: Tensor, timestep: Tensor, *conditioning):

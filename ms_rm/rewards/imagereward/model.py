@@ -33,7 +33,7 @@ from ...core.compiled import CompiledCell
 from ...core.errors import InputError
 from ...core.inputs import as_float_tensor, check_finite
 from ...core.layers import Linear
-from ...core.weights import load_parameters, random_parameter
+from ...core.weights import load_parameters
 from ...io.converted import ConvertedFolder
 from . import conversion
 from .bert import TextEncoder
@@ -109,17 +109,6 @@ class ImageReward(CompiledCell):
         """The released ImageReward.pt (a torch state dict) -> a converted folder `out`."""
         return conversion.convert(src, out, cls.parameter_shapes, config=config, dtype=dtype, force=force,
                                   progress=progress)
-
-    def load_state_dict(self, tensors, source: str = "state dict") -> None:
-        """Fill every parameter from a name -> array mapping, strictly."""
-        load_parameters(self, lambda name: np.asarray(tensors[name]), tensors.keys(), source)
-
-    def randomize(self, seed: int = 0) -> "ImageReward":
-        """Random weights of realistic scale (weights.random_parameter)."""
-        shapes = {p.name: p.shape for p in self.get_parameters()}
-        load_parameters(self, lambda name: random_parameter(name, shapes[name], seed), shapes,
-                        f"random weights (seed {seed})")
-        return self
 
     # --- the tensor program ------------------------------------------------------------------
     def construct(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor):
