@@ -24,17 +24,18 @@ framework; the best of the two is the machine's peak).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from .peak_rss import peak_rss_bytes
+from ms_rm_parity.peak_rss import peak_rss_bytes    # absolute: MindSpore's compilation cache parses the entry script
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sd35m")
 
@@ -118,13 +119,15 @@ def _inputs(spec: dict, batch: int, seed: int = 0):
             rng.standard_normal((batch, tr["in_channels"], h, w), dtype=np.float32))
 
 
-def _ms_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
+def _ms_worker(spec: dict, batch: int, runs: int, threads: int, cache_root: Optional[str] = None) -> dict:
     import mindspore as ms
 
     from ms_rm import DiffusionRM, RewardModelConfig
+    from ms_rm.core.compile_cache import compile_cache_status, use_compile_cache
 
     ms.set_device("CPU")
     ms.set_context(runtime_num_threads=threads)
+    use_compile_cache(cache_root)
     config = RewardModelConfig.from_reference(spec["rm"], spec["transformer"], _json("scheduler_config.json"))
     start = time.perf_counter()
     model = DiffusionRM(config).randomize(0)
@@ -134,7 +137,7 @@ def _ms_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
     def call():
         return model.reward(latents, ehs, pooled, u=0.4, noise=noise, check_values=False).asnumpy()
 
-    return _timed(call, runs) | {"build_seconds": build}
+    return _timed(call, runs) | {"build_seconds": build, "compile_cache": compile_cache_status()}
 
 
 def _torch_worker(spec: dict, batch: int, runs: int, threads: int) -> dict:
@@ -281,10 +284,41 @@ def _child(args: List[str]) -> dict:
 
 
 # --- the report ---------------------------------------------------------------------------------
-def run(size_names: List[str], runs: int, threads: int, batch_scaling: bool) -> dict:
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",     # x86
+             "asimd", "sve", "sve2", "bf16", "i8mm")                                           # Arm
+
+
+def cpu_info() -> dict:
+    """The machine the figures come from: CPU model, architecture, cores and the vector and matrix
+    instruction sets its kernels can use (from /proc/cpuinfo on Linux)."""
+    import platform
+
+    info = {"model": platform.processor() or "unknown", "machine": platform.machine(), "cores": os.cpu_count(),
+            "isa": []}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return info
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    info["model"] = fields.get("model name") or fields.get("Model") or fields.get("CPU part") or info["model"]
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    info["isa"] = [flag for flag in ISA_FLAGS if flag in flags]
+    return info
+
+
+def cpu_label(info: dict) -> str:
+    return f"{info['model']} ({info['machine']}, {info['cores']} cores; {' '.join(info['isa']) or 'no ISA flags read'})"
+
+
+def run(size_names: List[str], runs: int, threads: int, batches: Optional[List[int]] = None,
+        compile_cache: bool = False) -> dict:
     from ms_rm import RewardModelConfig
 
-    report = {"threads": threads, "sizes": {}}
+    report = {"cpu": cpu_info(), "threads": threads, "sizes": {}}
     for name in size_names:
         spec = sizes()[name]
         config = RewardModelConfig.from_reference(spec["rm"], spec["transformer"], _json("scheduler_config.json"))
@@ -303,17 +337,24 @@ def run(size_names: List[str], runs: int, threads: int, batch_scaling: bool) -> 
         for fw in ("torch", "ms"):
             entry["runs"][fw] = _child(["--worker", fw, "--size", name, "--batch", "1", "--runs", str(runs),
                                         "--threads", str(threads)])
-        if batch_scaling and name == "small":
+        if compile_cache and not spec.get("generate"):
+            # a new process, after one earlier run of the same shapes filled the cache
+            with tempfile.TemporaryDirectory() as root:
+                cold, warm = (_child(["--worker", "ms", "--size", name, "--batch", "1", "--runs", "1", "--threads",
+                                      str(threads), "--cache-root", root]) for _ in range(2))
+            entry["compile_cache"] = {"cold_first_call": cold["first_call"], "warm_first_call": warm["first_call"],
+                                      "warm_median": warm["median"], "reused": warm["compile_cache"]["reused"]}
+        if batches and not spec.get("generate"):
             entry["batch_scaling"] = {fw: {b: _child(["--worker", fw, "--size", name, "--batch", str(b), "--runs",
-                                                      str(max(3, runs // 2)), "--threads", str(threads)])["median"]
-                                           for b in (1, 2, 4, 8)} for fw in ("torch", "ms")}
+                                                      str(max(2, runs // 2)), "--threads", str(threads)])["median"]
+                                           for b in batches} for fw in ("torch", "ms")}
         report["sizes"][name] = entry
     return report
 
 
 def format_report(report: dict) -> str:
     gib = 1024 ** 3
-    lines = [f"threads: {report['threads']}",
+    lines = [f"CPU: {cpu_label(report['cpu'])}; threads: {report['threads']}",
              "| size | framework | median s | spread s | first call s | ms/torch | peak RSS GiB | GFLOP/s | % matmul peak |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, entry in report["sizes"].items():
@@ -333,10 +374,21 @@ def format_report(report: dict) -> str:
         lines.append(f"{name}: {entry['flops'] / 1e9:.1f} GFLOP per sample; matmul peak torch "
                      f"{entry['gemm_gflops']['torch']:.0f}, MindSpore {entry['gemm_gflops']['ms']:.0f} GFLOP/s; "
                      f"ms_rm {what} vs torch: max rel diff {rel:.1e}")
+        if "compile_cache" in entry:
+            c = entry["compile_cache"]
+            lines.append(f"{name} first call in a new process: {c['cold_first_call']:.2f} s without a compilation "
+                         f"cache, {c['warm_first_call']:.2f} s after one earlier run filled it ({c['reused']} graph "
+                         f"reused; steady call {c['warm_median']:.2f} s)")
         if "batch_scaling" in entry:
             lines.append(f"{name} batch scaling (samples/s): " + "; ".join(
                 f"{fw} " + ", ".join(f"b{b}={int(b) / s:.2f}" for b, s in entry["batch_scaling"][fw].items())
                 for fw in ("torch", "ms")))
+            for fw in ("torch", "ms"):
+                per_sample = {int(b): s / int(b) for b, s in entry["batch_scaling"][fw].items()}
+                if 1 in per_sample and len(per_sample) > 1:
+                    top = max(per_sample)
+                    lines.append(f"{name} {fw}: time per sample at batch {top} = "
+                                 f"{per_sample[top] / per_sample[1]:.2f} x batch 1")
     return "\n".join(lines)
 
 
@@ -350,14 +402,17 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", type=int, nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker or args.gemm:
         if args.worker:
             spec = sizes()[args.size]
             if spec.get("generate"):
                 work = _ms_generate_worker if args.worker == "ms" else _torch_generate_worker
+            elif args.worker == "ms":
+                work = functools.partial(_ms_worker, cache_root=args.cache_root)
             else:
-                work = _ms_worker if args.worker == "ms" else _torch_worker
+                work = _torch_worker
             result = work(spec, args.batch, args.runs, args.threads)
         else:
             result = _gemm_worker(args.gemm, *args.shape, args.threads)
@@ -376,12 +431,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "SD3.5-M blocks, ~10 GB per framework)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs after the warm-up call")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both frameworks")
-    parser.add_argument("--batch-scaling", action="store_true", help="throughput at batch 1, 2, 4, 8 (small size)")
+    parser.add_argument("--batch-scaling", action="store_true",
+                        help="throughput at each of --batches, for every reward size asked")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8], help="batch sizes of --batch-scaling")
+    parser.add_argument("--compile-cache", action="store_true",
+                        help="ms_rm's first call in a new process with a compilation cache filled by one earlier run")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
 
 
 def run_command(args: argparse.Namespace) -> int:
-    report = run(args.sizes, args.runs, args.threads, args.batch_scaling)
+    report = run(args.sizes, args.runs, args.threads, args.batches if args.batch_scaling else None,
+                 args.compile_cache)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -7,15 +7,19 @@ from ms_rm_parity.bench import _json, format_report, reward_flops, run, sizes
 
 
 def test_small_benchmark_runs_and_reports():
-    report = run(["small"], runs=1, threads=2, batch_scaling=False)
+    report = run(["small"], runs=1, threads=2, batches=[1, 2], compile_cache=True)
     entry = report["sizes"]["small"]
     for framework in ("torch", "ms"):
         r = entry["runs"][framework]
         assert r["median"] > 0 and r["first_call"] > 0 and r["peak_rss"] > 0
     # Same weights (seeded per name) and inputs in two processes: the rewards must agree.
     np.testing.assert_allclose(entry["runs"]["ms"]["reward"], entry["runs"]["torch"]["reward"], rtol=1e-4, atol=1e-5)
+    # the second new process took its graph from the cache the first one filled
+    assert entry["compile_cache"]["reused"] == 1
+    assert set(entry["batch_scaling"]["ms"]) == {1, 2} and report["cpu"]["cores"] >= 1
     text = format_report(report)
-    assert "| small | ms_rm (graph) |" in text and "GFLOP per sample" in text
+    assert "| small | ms_rm (graph) |" in text and "GFLOP per sample" in text and text.startswith("CPU: ")
+    assert "after one earlier run filled it" in text and "time per sample at batch 2" in text
 
 
 def test_flop_count_of_one_block_by_hand():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -22,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("--device", default="CPU", choices=["CPU", "Ascend", "GPU"],
                         help="MindSpore device target (default: CPU)")
+    parser.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("MS_RM_COMPILE_CACHE") or None,
+                        help="keep compiled graphs in DIR for later runs of the same shapes (default: "
+                             "$MS_RM_COMPILE_CACHE; none)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.add_parsers(sub)
@@ -32,10 +36,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import mindspore as ms
 
+    from ..core.compile_cache import use_compile_cache
     from ..core.distributed import init_world
     from ..core.errors import ConfigError, MsRmError
 
     ms.set_device(args.device)
+    use_compile_cache(args.compile_cache)
     args.world = init_world()              # under msrun: join the job first (its scheduler process stays there)
     level = logging.DEBUG if args.debug else logging.INFO if args.world.is_main else logging.WARNING
     prefix = f"[rank {args.world.rank}] " if args.world.size > 1 else ""

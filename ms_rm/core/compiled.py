@@ -14,6 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 
+from .compile_cache import jit
 from .errors import InputError
 from .weights import load_parameters, random_parameter
 
@@ -52,11 +53,11 @@ class CompiledCell(nn.Cell):
 
     def run(self, name: str, *args):
         """Method `name` on args: through ms.jit in graph mode (one compiled function per method;
-        MindSpore caches one graph per input shape), eagerly in PyNative mode."""
+        MindSpore caches one graph per input shape; compile_cache.jit), eagerly in PyNative mode."""
         if self._mode == "pynative":
             return self(*args) if name == "construct" else getattr(self, name)(*args)
         if name not in self._compiled:
-            self._compiled[name] = ms.jit(getattr(self, name))
+            self._compiled[name] = jit(getattr(self, name), self, name=name)
         return self._compiled[name](*args)
 
     # --- weights -----------------------------------------------------------------------------

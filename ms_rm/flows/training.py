@@ -31,6 +31,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 from tqdm import tqdm
 
+from ..core.compile_cache import jit
 from ..core.errors import CheckpointError, InputError
 from ..core.weights import load_parameters
 from ..io.files import atomic_folder, read_json
@@ -174,13 +175,13 @@ def train(config: FlowScoreConfig, images: np.ndarray, labels: np.ndarray, setti
                                    weight_decay=settings.weight_decay)
     grad_fn = ms.value_and_grad(model.loss, None, optimizer.parameters)
 
-    @ms.jit
     def step(x, y, keep, sigma, eps):
         loss, grads = grad_fn(x, y, keep, sigma, eps)
         grads = ops.clip_by_global_norm(grads, settings.grad_clip)
         optimizer(grads)
         return loss
 
+    step = jit(step, model, optimizer, name=f"train_step:clip {settings.grad_clip}")
     rng = np.random.default_rng([settings.seed, start])
     n = images.shape[0]
     bar = tqdm(range(start, settings.steps), desc="flow train", disable=not progress)
@@ -215,7 +216,7 @@ def sample(model: FlowScoreModel, labels: np.ndarray, steps: int = 40, sigma_max
     keep = Tensor(np.full(b, 0.0 if guidance_free else 1.0, np.float32))
     sigmas = np.geomspace(sigma_max, sigma_min, steps).astype(np.float32)
     x = np.random.default_rng(seed).standard_normal((b, model.config.data_dim), dtype=np.float32) * sigmas[0]
-    compiled = ms.jit(model.x0_hat)
+    compiled = jit(model.x0_hat, model, name="x0_hat")
     y = Tensor(labels)
     for i, sigma in enumerate(sigmas):
         x0 = compiled(Tensor(x), Tensor(np.full(b, sigma, np.float32)), y, keep).asnumpy()

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..backbones.config import SD3BackboneConfig
 from ..backbones.sd3 import POSITION_TABLE_KEY
 from ..core import ops
+from ..core.compile_cache import jit
 from ..core.compiled import CompiledCell
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..core.flow_match import SchedulerConfig, inference_schedule
@@ -213,7 +214,7 @@ class SD3Generator(CompiledCell):
         key = f"grad:{name}:{self.mode}"
         if key not in self._compiled:
             grad_fn = ms.value_and_grad(getattr(self, name), grad_position=None, weights=params)
-            self._compiled[key] = ms.jit(grad_fn) if self.mode == "graph" else grad_fn
+            self._compiled[key] = jit(grad_fn, self, name=key) if self.mode == "graph" else grad_fn
         return self._compiled[key](*args)
 
     def guided_velocity(self, latents, timestep, encoder_hidden_states, pooled, positions, guidance):

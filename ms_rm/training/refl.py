@@ -31,6 +31,7 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 from tqdm import tqdm
 
+from ..core.compile_cache import jit
 from ..core.distributed import World
 from ..core.errors import InputError
 from ..core.flow_match import training_table
@@ -148,7 +149,7 @@ def pretrain_loss_and_grads(generator: Any, x0, eps, sigma, prompt_embeds, poole
             Tensor(np.asarray(prompt_embeds, np.float32)), Tensor(np.asarray(pooled_prompt_embeds, np.float32)),
             Tensor(generator.transformer.positions(x0.shape[2], x0.shape[3])))
     grad_fn = ms.value_and_grad(PretrainObjective(generator).__call__, None, generator.lora_parameters())
-    return (ms.jit(grad_fn) if graph else grad_fn)(*args)
+    return (jit(grad_fn, generator, name="pretrain_loss_and_grads") if graph else grad_fn)(*args)
 
 
 def refl_loss_and_grads(objective: Any, x_t, timestep: float, sigma: float, prompt_embeds, pooled_prompt_embeds,
@@ -171,7 +172,7 @@ def refl_loss_and_grads(objective: Any, x_t, timestep: float, sigma: float, prom
     args += tuple(objective.reward_inputs(x, prompt_embeds, pooled_prompt_embeds, *reward_inputs,
                                           **named_reward_inputs))
     grad_fn = ms.value_and_grad(objective.__call__, None, params)
-    return (ms.jit(grad_fn) if graph else grad_fn)(*args)
+    return (jit(grad_fn, objective, name="refl_loss_and_grads") if graph else grad_fn)(*args)
 
 
 # --- the training loop -------------------------------------------------------------------------------

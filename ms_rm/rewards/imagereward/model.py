@@ -29,6 +29,7 @@ from mindspore import Tensor, mint, nn
 from mindspore.nn.utils import no_init_parameters
 
 from ...core import ops
+from ...core.compile_cache import jit
 from ...core.compiled import CompiledCell
 from ...core.errors import InputError
 from ...core.inputs import as_float_tensor, check_finite
@@ -199,7 +200,7 @@ class ImageReward(CompiledCell):
 
         grad_fn = ms.value_and_grad(total, grad_position=0, has_aux=True)
         if self.mode == "graph":
-            grad_fn = ms.jit(grad_fn)
+            grad_fn = jit(grad_fn, self, name="pixel_reward_and_grad")
         (_, reward), grad = grad_fn(x, rows, cols_t, ids, mask)
         return reward, grad
 

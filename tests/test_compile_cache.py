@@ -1,0 +1,92 @@
+"""The compilation cache (ms_rm.core.compile_cache): a later process reuses the graphs of an earlier
+one only where it compiles the same graphs in the same order, with the numbers of an uncached run."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from ms_rm.cli.demo import TINY_SD35
+from ms_rm.core.compile_cache import fingerprint
+from ms_rm.rewards.diffusion_rm import DiffusionRM, RewardModelConfig
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from ms_rm.cli.demo import TINY_SD35
+    from ms_rm.core.compile_cache import compile_cache_status, use_compile_cache
+    from ms_rm.rewards.diffusion_rm import DiffusionRM, RewardModelConfig
+
+    root, seed, batches = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
+    use_compile_cache(root if root != "-" else None)
+    model = DiffusionRM(RewardModelConfig.from_dict(TINY_SD35)).randomize(seed)
+    rewards = {}
+    for b in batches:
+        rng = np.random.default_rng(b)
+        args = (rng.standard_normal((b, 16, 32, 32), dtype=np.float32), rng.standard_normal((b, 20, 64), dtype=np.float32),
+                rng.standard_normal((b, 32), dtype=np.float32))
+        rewards[b] = model.reward(*args, u=0.5, seed=0).asnumpy()[:, 0].tolist()
+    print(json.dumps({"rewards": rewards, **compile_cache_status()}))
+""")
+
+
+def _run(tmp_path, root, seed, batches):
+    script = tmp_path / "score.py"            # MindSpore's cache needs an entry script file
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(root), str(seed), batches], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_later_processes_reuse_matching_graphs_only(tmp_path):
+    root = tmp_path / "cache"
+    first = _run(tmp_path, root, 0, "2,3")
+    assert first["compiled"] == 2 and first["reused"] == 0 and first["active"]
+    # same first graph, then another shape: graph 1 of the cache (batch 3) must not be taken for batch 4
+    second = _run(tmp_path, root, 0, "2,4")
+    assert second["directory"] == first["directory"] and second["reused"] == 1 and not second["active"]
+    uncached = _run(tmp_path, "-", 0, "4")
+    assert second["rewards"]["2"] == first["rewards"]["2"]
+    np.testing.assert_array_equal(second["rewards"]["4"], uncached["rewards"]["4"])
+    # other weights, same structure: the cached graph, this model's numbers
+    other = _run(tmp_path, root, 1, "2")
+    assert other["reused"] == 1 and other["directory"] == first["directory"]
+    np.testing.assert_array_equal(other["rewards"]["2"], _run(tmp_path, "-", 1, "2")["rewards"]["2"])
+    assert other["rewards"]["2"] != first["rewards"]["2"]
+
+
+@pytest.mark.slow
+def test_unreadable_graph_list_turns_the_cache_off(tmp_path):
+    root = tmp_path / "cache"
+    first = _run(tmp_path, root, 0, "2")
+    (tmp_path / "cache" / first["directory"].rsplit("/", 1)[-1] / "ms_rm_graphs.json").write_text("{not json")
+    again = _run(tmp_path, root, 0, "2")
+    assert again["reused"] == 0 and not again["active"] and again["rewards"] == first["rewards"]
+
+
+def test_structure_not_in_the_parameters_changes_the_fingerprint():
+    """Without qk-norm, heads 4 x 16 and 2 x 32 have the same parameters and different graphs."""
+    base = json.loads(json.dumps(TINY_SD35))
+    base["backbone"]["qk_norm"] = None
+    other = json.loads(json.dumps(base))
+    other["backbone"].update(num_attention_heads=2, attention_head_dim=32)
+    a = DiffusionRM(RewardModelConfig.from_dict(base))
+    b = DiffusionRM(RewardModelConfig.from_dict(other))
+    assert [(p.name, p.shape) for p in a.get_parameters()] == [(p.name, p.shape) for p in b.get_parameters()]
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) == fingerprint(DiffusionRM(RewardModelConfig.from_dict(base)).randomize(3))
+
+
+def test_command_line_takes_the_cache_folder_from_the_environment(monkeypatch, tmp_path):
+    from ms_rm.cli import build_parser
+
+    monkeypatch.setenv("MS_RM_COMPILE_CACHE", str(tmp_path))
+    assert build_parser().parse_args(["demo"]).compile_cache == str(tmp_path)
+    assert build_parser().parse_args(["--compile-cache", "elsewhere", "demo"]).compile_cache == "elsewhere"
+    monkeypatch.delenv("MS_RM_COMPILE_CACHE")
+    assert build_parser().parse_args(["demo"]).compile_cache is None
