@@ -174,14 +174,16 @@ def merge_heads(x: ms.Tensor) -> ms.Tensor:
     return mint.swapaxes(x, 1, 2).reshape(b, length, heads * d)
 
 
-def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, bias: Optional[ms.Tensor] = None) -> ms.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v on split heads: q (B,H,Lq,d), k and v (B,H,Lk,d) -> (B,H,Lq,d).
+def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, bias: Optional[ms.Tensor] = None,
+              scale: Optional[float] = None) -> ms.Tensor:
+    """softmax(q k^T * scale + bias) v on split heads: q (B,H,Lq,d), k and v (B,H,Lk,d) -> (B,H,Lq,d).
 
-    bias: float32 (B, 1, 1, Lk), 0 for keys to attend and -inf for masked ones (what torch's
-    scaled_dot_product_attention makes of a boolean key mask)."""
-    scale = q.shape[-1] ** -0.5
+    scale: 1 / sqrt(d) by default (T5 uses 1). bias: float32, broadcast to the scores: (B, 1, 1, Lk),
+    0 for keys to attend and -inf for masked ones (what torch's scaled_dot_product_attention makes
+    of a boolean key mask), or a position bias (1, H, Lq, Lk)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     # Scaling q rather than the (Lq, Lk) scores is cheaper, and exact for power-of-two d.
-    scores = _BATCH_MATMUL_T(q * scale, k)                     # (B, H, Lq, Lk)
+    scores = _BATCH_MATMUL_T(q if scale == 1.0 else q * scale, k)      # (B, H, Lq, Lk)
     # Softmax in float32 (torch's fused attention keeps scores in float32 for fp16/bf16 inputs).
     scores = _float32(scores)
     if bias is not None:

@@ -18,25 +18,28 @@ max_sequence_length=N)` (diffusers 0.36, pipeline_stable_diffusion_3.py), step f
 * The two CLIP hidden states are concatenated on the channel axis, zero-padded to the T5 width and
   put in front of the T5 tokens: (B, 77 + N, D). pooled = cat(text_embeds_L, text_embeds_G).
 
-The models are mindone's (`mindone.transformers`, the MindSpore port of transformers), loaded
-with their `from_pretrained` from the same safetensors folders diffusers reads; the tokenizers are
-transformers' own. mindone and transformers are imported only when an encoder is built: `import
-ms_rm` does not need them. Note that transformers 4.57 imports torch when torch is installed
-(`transformers.utils.generic` does, so `import mindone.transformers` does too); nothing here needs
-torch: with the environment variable USE_TORCH=0 (or without torch installed) torch stays out of
-the process and encoding works the same (checked).
+The CLIP models are mindone's (`mindone.transformers`, the MindSpore port of transformers), loaded
+with their `from_pretrained` from the same safetensors folders diffusers reads; T5 is ms_rm's own
+(`ms_rm.encoders.t5`: transformers' T5EncoderModel computed in float32 with its weights kept in
+the file's dtype); the tokenizers are transformers' own. mindone and transformers are imported
+only when an encoder is built: `import ms_rm` does not need them. Note that transformers 4.57
+imports torch when torch is installed (`transformers.utils.generic` does, so `import
+mindone.transformers` does too); nothing here needs torch: with the environment variable
+USE_TORCH=0 (or without torch installed) torch stays out of the process and encoding works the
+same (checked).
 
 How the models run: every model is called through `ms.jit` (graph mode, compiled once per batch
-size; the global execution mode is left untouched). mindone's T5EncoderModel has no PyNative CPU
-kernel (its `mint.nn.Embedding`), and in graph mode it compiles and runs. mindone's CLIP with
-`hidden_act="gelu"` (CLIP-G's) calls GeluExt, which has no CPU kernel in either mode: its GELU
-cells are replaced by ms_rm's portable exact GELU (`ms_rm.core.ops.gelu`, the same function, erf form).
+size; the global execution mode is left untouched). mindone's CLIP with `hidden_act="gelu"`
+(CLIP-G's) calls GeluExt, which has no CPU kernel in either mode: its GELU cells are replaced by
+ms_rm's portable exact GELU (`ms_rm.core.ops.gelu`, the same function, erf form). A mindone
+`T5EncoderModel` passed to the constructor (a pipeline's) is called like the CLIPs.
 
 Dtypes: the default float32 runs everywhere. bf16 does not compute on the CPU (no bf16 MatMul
-or Softmax kernels): `from_pretrained(dtype=ms.bfloat16)` loads in float32 there (logged), and the
-constructor refuses bf16 models on the CPU. float16 runs on the CPU, slowly.
-Memory: SD3's encoders in float32 hold about 19 GB (T5-XXL, 4.7 B parameters) + 2.8 GB (CLIP-G)
-+ 0.5 GB (CLIP-L); without T5 (use_t5=False) about 3.3 GB.
+or Softmax kernels): `from_pretrained(dtype=ms.bfloat16)` loads the CLIPs in float32 there
+(logged), and the constructor refuses bf16 models on the CPU. float16 runs on the CPU, slowly.
+T5 always computes in float32 from its stored weights, whatever `dtype` says.
+Memory: SD3.5's T5-XXL (4.7 B parameters, stored in fp16) holds 9.5 GB here instead of 19 GB in
+float32; CLIP-G 2.8 GB and CLIP-L 0.5 GB in float32; without T5 (use_t5=False) about 3.3 GB.
 
 Loading is checked: every parameter of a model must have its tensor in the checkpoint (mindone
 only warns and keeps a random init), so a wrong or incomplete folder raises CheckpointError.
@@ -56,6 +59,8 @@ import mindspore as ms
 from mindspore import Tensor, mint, nn
 
 from ..core import ops
+from ..core.compile_cache import jit
+from .t5 import T5Encoder
 from ..core.errors import CheckpointError, ConfigError, InputError, MissingDependencyError
 from ..io.files import find_weights
 from ..io.safetensors_file import open_safetensors
@@ -86,18 +91,18 @@ _MINDONE_LOAD_LOGGER = "mindone.transformers.modeling_utils"
 
 # --- optional dependencies -------------------------------------------------------------------
 def _mindone_models():
-    """mindone's CLIPTextModelWithProjection and T5EncoderModel, or MissingDependencyError."""
+    """mindone's CLIPTextModelWithProjection, or MissingDependencyError."""
     try:
         # transformers prints notes about its own model registry to stdout on import; keep
         # stdout for results (ms-rm score-images prints scores there) and log them instead.
         with contextlib.redirect_stdout(io.StringIO()) as printed:
-            from mindone.transformers import CLIPTextModelWithProjection, T5EncoderModel
+            from mindone.transformers import CLIPTextModelWithProjection
         if printed.getvalue().strip():
             logger.debug("importing mindone.transformers printed: %s", printed.getvalue().strip())
     except ImportError as e:
         raise MissingDependencyError(f"SD3 prompt encoding needs mindone and transformers ({e}): "
                                      f"{INSTALL_HINT}") from None
-    return CLIPTextModelWithProjection, T5EncoderModel
+    return CLIPTextModelWithProjection
 
 
 def _tokenizer_classes():
@@ -165,8 +170,8 @@ class SD3PromptEncoder:
     """SD3's three text encoders: prompts -> (prompt_embeds (B, 77 + N, D), pooled (B, L + G)).
 
     clip_l, clip_g: mindone `CLIPTextModelWithProjection` (SD3's text_encoder, text_encoder_2).
-    t5: mindone `T5EncoderModel` (text_encoder_3), or None: the T5 part is then zeros of width
-        `joint_attention_dim`, as in diffusers.
+    t5: ms_rm's `T5Encoder` or a mindone `T5EncoderModel` (text_encoder_3), or None: the T5 part
+        is then zeros of width `joint_attention_dim`, as in diffusers.
     tokenizer_l, tokenizer_g, tokenizer_t5: transformers tokenizers (tokenizer, tokenizer_2,
         tokenizer_3; tokenizer_t5 is None exactly when t5 is). Prompts are padded to and cut at
         tokenizer_l's `model_max_length` (77) for both CLIPs, and at N for T5.
@@ -214,13 +219,16 @@ class SD3PromptEncoder:
 
         self._calls = {}
         for name, model in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5)):
+            if isinstance(model, T5Encoder):       # ms_rm's own: compiles its blocks itself
+                self._calls[name] = (model, model)
+                continue
             if model is None:
                 continue
             model.set_train(False)                 # dropout off (SD3's T5 config has dropout 0.1)
             if use_portable_gelu(model):
                 logger.info("%s: mindone's exact GELU replaced by ms_rm's portable one", name)
             call = _T5Call(model) if name == "t5" else _ClipCall(model)
-            self._calls[name] = (call, ms.jit(call.construct))   # keep the cell alive with its compiled call
+            self._calls[name] = (call, jit(call.construct, call, name="construct"))   # keep the cell alive with its compiled call
 
     @classmethod
     def from_pretrained(cls, root: Union[str, os.PathLike], max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
@@ -250,13 +258,13 @@ class SD3PromptEncoder:
         if with_t5:
             _require_part(root, "tokenizer_3")
 
-        clip_class, t5_class = _mindone_models()
+        clip_class = _mindone_models()
         clip_tokenizer, t5_tokenizer = _tokenizer_classes()
         part = lambda name: os.path.join(root, name)  # noqa: E731
         return cls(
             _load_model(clip_class, part("text_encoder"), dtype),
             _load_model(clip_class, part("text_encoder_2"), dtype),
-            _load_model(t5_class, part("text_encoder_3"), dtype) if with_t5 else None,
+            T5Encoder.from_pretrained(part("text_encoder_3")) if with_t5 else None,
             _load_tokenizer(clip_tokenizer, part("tokenizer")),
             _load_tokenizer(clip_tokenizer, part("tokenizer_2")),
             _load_tokenizer(t5_tokenizer, part("tokenizer_3")) if with_t5 else None,
