@@ -140,3 +140,33 @@ def test_score_images_errors_name_the_problem(world):
         main(["--debug"] + base + ["--image", "x.png"])
     with pytest.raises(InputError, match="x.png: image file not found"):
         main(["--debug"] + base + ["--image", str(world["root"] / "x.png"), "--prompt", "p", "--no-progress"])
+
+
+def test_score_runs_call_one_batch_size_per_image_size(tmp_path):
+    """Batches hold one image size and are filled up to the batch size (so a model compiles one
+    graph per size); the fillers' scores are dropped and every pair keeps its own score and index."""
+    from PIL import Image
+
+    from ms_rm.scoring.runs import score_pairs
+
+    sizes = [(32, 32), (48, 32), (32, 32), (32, 32), (48, 32)]
+    pairs = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", size, (i, 0, 0)).save(path)
+        pairs.append((str(path), f"prompt {i}"))
+
+    class Recorder:
+        seed = 0
+        calls = []
+
+        def __call__(self, images, prompts, sample_ids):
+            self.calls.append(([im.size for im in images], list(sample_ids)))
+            return [1000.0 * sample_id + im.getpixel((0, 0))[0] for im, sample_id in zip(images, sample_ids)]
+
+    scorer = Recorder()
+    rows = score_pairs(scorer, pairs, batch_size=2, progress=False)
+    assert [r["score"] for r in rows] == [1001.0 * i for i in range(5)]
+    assert [r["prompt"] for r in rows] == [p for _, p in pairs]
+    assert all(len(images) == 2 and len(set(images)) == 1 for images, _ in scorer.calls)
+    assert [ids for _, ids in scorer.calls] == [[0, 2], [3, 3], [1, 4]]

@@ -175,13 +175,13 @@ def train(config: FlowScoreConfig, images: np.ndarray, labels: np.ndarray, setti
                                    weight_decay=settings.weight_decay)
     grad_fn = ms.value_and_grad(model.loss, None, optimizer.parameters)
 
-    def step(x, y, keep, sigma, eps):
+    def train_step(x, y, keep, sigma, eps):
         loss, grads = grad_fn(x, y, keep, sigma, eps)
         grads = ops.clip_by_global_norm(grads, settings.grad_clip)
         optimizer(grads)
         return loss
 
-    step = jit(step, model, optimizer, name=f"train_step:clip {settings.grad_clip}")
+    step = jit(train_step, model, optimizer, name=f"train_step:clip {settings.grad_clip}")
     rng = np.random.default_rng([settings.seed, start])
     n = images.shape[0]
     bar = tqdm(range(start, settings.steps), desc="flow train", disable=not progress)

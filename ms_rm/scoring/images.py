@@ -54,6 +54,18 @@ def load_image(path: str):
         raise InputError(f"{path}: cannot read the image ({e})") from None
 
 
+def image_size(path: str) -> Tuple[int, int]:
+    """(width, height) of an image file, from its header (the pixels are not read)."""
+    Image = _pil()
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError:
+        raise InputError(f"{path}: image file not found") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{path}: cannot read the image ({e})") from None
+
+
 def split_batch(images: Any) -> List[Any]:
     """A list of single images from a list, or from a batch array / tensor (B, ...)."""
     if isinstance(images, (list, tuple)):

@@ -10,8 +10,9 @@
 * Image files against prompts (`ms-rm score-images`): pairs from the command line or from a
   file, a CSV with columns `image,prompt` (a header row) or a JSONL with one {"image": ...,
   "prompt": ...} per line; relative image paths are taken relative to that file's folder.
-  Images are read, fitted to multiples of 16 pixels (the scorer's size policy), encoded by groups
-  of equal size, and scored; results as JSONL ({"image", "prompt", "score"} per pair).
+  Images are read, fitted to multiples of 16 pixels (the scorer's size policy), encoded and scored
+  in batches of one size, each filled up to the batch size (one compiled graph per image size);
+  results as JSONL ({"image", "prompt", "score"} per pair), in the order of the pairs.
 
 Under msrun (a World of several ranks, ms_rm.core.distributed) each rank scores a contiguous
 shard of the samples and the results are gathered in order, equal to one process's: the noise of
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from ..core.distributed import World
 from ..core.errors import InputError
 from ..io.files import atomic_file
-from .images import load_image
+from .images import image_size, load_image
 
 REQUIRED = ("latents", "encoder_hidden_states", "pooled_projections")
 OPTIONAL = ("noise",)
@@ -140,24 +141,39 @@ def read_pairs(path: str) -> List[Pair]:
 def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bool = True,
                 world: World = World()) -> List[Dict]:
     """Score the pairs `batch_size` at a time; {"image", "prompt", "score"} per pair, in order.
-    With a seed, each pair's noise comes from (seed, its index): scores do not depend on the batch
-    size or on the number of workers. With a world of several ranks, each scores its shard and
-    every rank returns all rows."""
+
+    Batches hold images of one size, and a batch short of `batch_size` (the last of a size) is
+    filled up with copies of its first pair whose scores are dropped: every call has the same
+    batch size, so each model compiles one graph per image size in a run, not one per batch
+    size (the cost: at most batch_size - 1 extra samples per image size). With a seed, each pair's
+    noise comes from (seed, its index): scores do not depend on the batch size, the order or the
+    number of workers. With a world of several ranks, each scores its shard and every rank
+    returns all rows."""
     if batch_size < 1:
         raise InputError(f"batch size must be positive, got {batch_size}")
     if len(pairs) < world.size:
         raise InputError(f"{len(pairs)} pairs for {world.size} workers: run fewer workers than pairs")
     rows = world.shard(len(pairs))
     keyed = getattr(scorer, "seed", None) is not None
-    scores: List[float] = []
+    scores = np.zeros(len(pairs), np.float32)
     with tqdm(total=rows.stop - rows.start, unit="image", desc="scoring", disable=not progress) as bar:
-        for start in range(rows.start, rows.stop, batch_size):
-            batch = pairs[start:min(start + batch_size, rows.stop)]
-            ids = {"sample_ids": list(range(start, start + len(batch)))} if keyed else {}
-            scores += scorer([load_image(path) for path, _ in batch], [prompt for _, prompt in batch], **ids)
+        for batch in size_batches(pairs, range(rows.start, rows.stop), batch_size):
+            filled = batch + [batch[0]] * (batch_size - len(batch))
+            ids = {"sample_ids": filled} if keyed else {}
+            values = scorer([load_image(pairs[i][0]) for i in filled], [pairs[i][1] for i in filled], **ids)
+            scores[batch] = values[:len(batch)]
             bar.update(len(batch))
-    everyone = world.gather_rows(np.asarray(scores, np.float32)[:, None], len(pairs))[:, 0]   # float32: lossless
+    everyone = world.gather_rows(scores[rows][:, None], len(pairs))[:, 0]          # float32: lossless
     return [{"image": path, "prompt": prompt, "score": float(score)} for (path, prompt), score in zip(pairs, everyone)]
+
+
+def size_batches(pairs: Sequence[Pair], indices: Sequence[int], batch_size: int) -> List[List[int]]:
+    """The indices cut into batches of at most batch_size pairs whose images have one size (from the
+    file headers), sizes in order of first appearance."""
+    by_size: Dict[Tuple[int, int], List[int]] = {}
+    for i in indices:
+        by_size.setdefault(image_size(pairs[i][0]), []).append(i)
+    return [group[start:start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]
 
 
 def write_jsonl(path: str, rows: Sequence[Dict]) -> None:
