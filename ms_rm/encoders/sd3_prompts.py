@@ -60,10 +60,10 @@ from mindspore import Tensor, mint, nn
 
 from ..core import ops
 from ..core.compile_cache import jit
-from .t5 import T5Encoder
 from ..core.errors import CheckpointError, ConfigError, InputError, MissingDependencyError
 from ..io.files import find_weights
 from ..io.safetensors_file import open_safetensors
+from .t5 import T5Encoder
 
 logger = logging.getLogger(__name__)
 

@@ -158,9 +158,10 @@ def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bo
     scores = np.zeros(len(pairs), np.float32)
     with tqdm(total=rows.stop - rows.start, unit="image", desc="scoring", disable=not progress) as bar:
         for batch in size_batches(pairs, range(rows.start, rows.stop), batch_size):
-            filled = batch + [batch[0]] * (batch_size - len(batch))
+            filled = batch + [batch[0]] * (batch_size - len(batch))           # the fillers: the first pair
+            images = [load_image(pairs[i][0]) for i in batch]
             ids = {"sample_ids": filled} if keyed else {}
-            values = scorer([load_image(pairs[i][0]) for i in filled], [pairs[i][1] for i in filled], **ids)
+            values = scorer(images + images[:1] * (batch_size - len(batch)), [pairs[i][1] for i in filled], **ids)
             scores[batch] = values[:len(batch)]
             bar.update(len(batch))
     everyone = world.gather_rows(scores[rows][:, None], len(pairs))[:, 0]          # float32: lossless
