@@ -14,12 +14,13 @@ from ms_rm.core.compile_cache import fingerprint
 from ms_rm.rewards.diffusion_rm import DiffusionRM, RewardModelConfig
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, logging, sys
     import numpy as np
     from ms_rm.cli.demo import TINY_SD35
     from ms_rm.core.compile_cache import compile_cache_status, use_compile_cache
     from ms_rm.rewards.diffusion_rm import DiffusionRM, RewardModelConfig
 
+    logging.basicConfig(level=logging.INFO)
     root, seed, batches = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
     use_compile_cache(root if root != "-" else None)
     model = DiffusionRM(RewardModelConfig.from_dict(TINY_SD35)).randomize(seed)
@@ -33,13 +34,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, root, seed, batches):
-    script = tmp_path / "score.py"            # MindSpore's cache needs an entry script file
+def _run(tmp_path, root, seed, batches, inline=False):
+    """The script in a new process (from a file, as MindSpore's cache needs, or inline with -c):
+    its JSON report, with its log under "log"."""
+    script = tmp_path / "score.py"
     script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, str(script), str(root), str(seed), batches], capture_output=True, text=True,
+    entry = ["-c", SCRIPT] if inline else [str(script)]
+    done = subprocess.run([sys.executable, *entry, str(root), str(seed), batches], capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "log": done.stderr}
 
 
 @pytest.mark.slow
@@ -50,6 +54,7 @@ def test_later_processes_reuse_matching_graphs_only(tmp_path):
     # same first graph, then another shape: graph 1 of the cache (batch 3) must not be taken for batch 4
     second = _run(tmp_path, root, 0, "2,4")
     assert second["directory"] == first["directory"] and second["reused"] == 1 and not second["active"]
+    assert "holds other graphs from graph 1 on" in second["log"]
     uncached = _run(tmp_path, "-", 0, "4")
     assert second["rewards"]["2"] == first["rewards"]["2"]
     np.testing.assert_array_equal(second["rewards"]["4"], uncached["rewards"]["4"])
@@ -67,6 +72,15 @@ def test_unreadable_graph_list_turns_the_cache_off(tmp_path):
     (tmp_path / "cache" / first["directory"].rsplit("/", 1)[-1] / "ms_rm_graphs.json").write_text("{not json")
     again = _run(tmp_path, root, 0, "2")
     assert again["reused"] == 0 and not again["active"] and again["rewards"] == first["rewards"]
+    assert "its ms_rm_graphs.json is unreadable" in again["log"]
+
+
+@pytest.mark.slow
+def test_without_an_entry_script_the_cache_is_off(tmp_path):
+    """python -c (or -m): MindSpore cannot hash the entry script, so the run goes on uncached."""
+    report = _run(tmp_path, tmp_path / "cache", 0, "2", inline=True)
+    assert report["directory"] is None and not report["active"] and len(report["rewards"]["2"]) == 2
+    assert "compilation cache off: MindSpore hashes the entry script" in report["log"]
 
 
 def test_structure_not_in_the_parameters_changes_the_fingerprint():
