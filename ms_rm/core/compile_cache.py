@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 import mindspore as ms
