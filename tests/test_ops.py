@@ -50,6 +50,64 @@ def test_patchify_linear_is_the_conv2d_patch_embedding():
     assert _rel(patches @ w.reshape(7, -1).T, ref) < 1e-6
 
 
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("band_bytes", [None, 4096])          # one band; bands of a few rows
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0), (2, 1)])
+def test_conv2d_as_gemm_matches_torch(monkeypatch, mode, band_bytes, stride, padding):
+    """unfold + GEMM (the CPU spelling), whole or in bands of output rows, with the VAE's
+    GroupNorm -> SiLU before it and a residual after, is torch's; so is the Conv2D spelling."""
+    if band_bytes is not None:
+        monkeypatch.setattr(ops, "BAND_BYTES", band_bytes)
+    x, w, bias, norm_w, norm_b = (RNG.standard_normal(shape).astype(np.float32)
+                                  for shape in ((2, 6, 13, 10), (7, 6, 3, 3), (7,), (6,), (6,)))
+    out_shape = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=padding).shape
+    residual = RNG.standard_normal(tuple(out_shape)).astype(np.float32)
+    t = {name: torch.from_numpy(a) for name, a in dict(x=x, w=w, bias=bias, norm_w=norm_w, norm_b=norm_b,
+                                                         residual=residual).items()}
+    plain = F.conv2d(t["x"], t["w"], t["bias"], stride=stride, padding=padding).numpy()
+    activated = F.silu(F.group_norm(t["x"], 3, t["norm_w"], t["norm_b"], eps=1e-6))
+    fused = (F.conv2d(activated, t["w"], t["bias"], stride=stride, padding=padding) + t["residual"]).numpy()
+
+    def conv(x, w, bias, norm_w, norm_b, residual, as_gemm):
+        pre_norm = (ops.group_statistics(x, 3, 1e-6), norm_w, norm_b)
+        return (ops.conv2d(x, w, bias, stride, padding, as_gemm=as_gemm),
+                ops.conv2d(x, w, bias, stride, padding, as_gemm=as_gemm, pre_norm=pre_norm, residual=residual))
+
+    fn = ms.jit(conv) if mode == "graph" else conv
+    for as_gemm in (True, False):
+        ours_plain, ours_fused = fn(*(ms.Tensor(a) for a in (x, w, bias, norm_w, norm_b, residual)), as_gemm)
+        assert ours_plain.shape == plain.shape and ours_fused.shape == fused.shape
+        assert _rel(ours_plain.asnumpy(), plain) < 1e-6
+        assert _rel(ours_fused.asnumpy(), fused) < 2e-6
+    if band_bytes is not None:
+        row = 2 * 6 * 9 * plain.shape[-1] * 4             # the bytes of one output row's columns
+        assert band_bytes // row < plain.shape[2]          # the bands did split the rows
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_chunked_attention_is_whole_attention(monkeypatch, mode):
+    """Queries in chunks of 4 (of 9), with and without a key mask."""
+    monkeypatch.setattr(ops, "BAND_BYTES", 2 * 3 * 14 * 4 * 4)
+    q, k, v = (RNG.standard_normal((2, 3, n, 32)).astype(np.float32) for n in (9, 14, 14))
+    keep = np.ones((2, 14), bool)
+    keep[1, 10:] = False
+    bias = np.where(keep, 0.0, -np.inf).astype(np.float32)[:, None, None, :]
+    t = [torch.from_numpy(a) for a in (q, k, v)]
+    refs = [F.scaled_dot_product_attention(*t).numpy(),
+            F.scaled_dot_product_attention(*t, attn_mask=torch.from_numpy(keep)[:, None, None, :]).numpy()]
+
+    def attend(q, k, v, bias):
+        return ops.attention(q, k, v, chunked=True), ops.attention(q, k, v, bias, chunked=True)
+
+    fn = ms.jit(attend) if mode == "graph" else attend
+    for ours, ref in zip(fn(*(ms.Tensor(a) for a in (q, k, v, bias))), refs):
+        assert _rel(ours.asnumpy(), ref) < 3e-6
+
+
+def test_cpu_spellings_on_the_cpu_only():
+    assert ops.use_cpu_spellings() == (ops.device_target() == "CPU")
+
+
 @pytest.mark.parametrize("approximate", [True, False])
 def test_gelu_matches_torch(approximate):
     x = (RNG.standard_normal(1000) * 3).astype(np.float32)

@@ -41,6 +41,7 @@ class Attention(nn.Cell):
         self.context_out = context_out
         self.text_first = text_first
         self.use_qk_norm = qk_norm is not None
+        self.chunked = ops.use_cpu_spellings()          # queries in chunks on the CPU (memory at large sizes)
         self.to_q = Linear(dim, dim, bias)
         self.to_k = Linear(dim, dim, bias)
         self.to_v = Linear(dim, dim, bias)
@@ -84,7 +85,7 @@ class Attention(nn.Cell):
         if rotary is not None:
             q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         q, k, v = ops.heads_first(q), ops.heads_first(k), ops.heads_first(v)      # (B, H, L, d)
-        out = ops.merge_heads(ops.attention(q, k, v, key_bias))                  # (B, L, D)
+        out = ops.merge_heads(ops.attention(q, k, v, key_bias, chunked=self.chunked))   # (B, L, D)
         if not self.joint:
             return self.to_out(out)
         n_text = context.shape[1]

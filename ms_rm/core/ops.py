@@ -175,21 +175,34 @@ def merge_heads(x: ms.Tensor) -> ms.Tensor:
 
 
 def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, bias: Optional[ms.Tensor] = None,
-              scale: Optional[float] = None) -> ms.Tensor:
+              scale: Optional[float] = None, chunked: bool = False) -> ms.Tensor:
     """softmax(q k^T * scale + bias) v on split heads: q (B,H,Lq,d), k and v (B,H,Lk,d) -> (B,H,Lq,d).
 
     scale: 1 / sqrt(d) by default (T5 uses 1). bias: float32, broadcast to the scores: (B, 1, 1, Lk),
     0 for keys to attend and -inf for masked ones (what torch's scaled_dot_product_attention makes
-    of a boolean key mask), or a position bias (1, H, Lq, Lk)."""
+    of a boolean key mask), or a position bias (1, H, Lq, Lk).
+    chunked (the CPU spelling, `use_cpu_spellings()`; with no bias or a key mask): the queries in
+    chunks whose scores take at most BAND_BYTES, each waiting for the previous one, instead of all
+    (B, H, Lq, Lk) scores at once (1 GiB in the SD3 VAE's mid block at 1024 x 1024 pixels, 1.9 GiB
+    per sample in the reward model's attention there). The same numbers."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     # Scaling q rather than the (Lq, Lk) scores is cheaper, and exact for power-of-two d.
-    scores = _BATCH_MATMUL_T(q if scale == 1.0 else q * scale, k)      # (B, H, Lq, Lk)
-    # Softmax in float32 (torch's fused attention keeps scores in float32 for fp16/bf16 inputs).
-    scores = _float32(scores)
-    if bias is not None:
-        scores = scores + expand(bias, scores)
-    probs = mint.softmax(scores, dim=-1).astype(q.dtype)
-    return _BATCH_MATMUL(probs, v)
+    q = q if scale == 1.0 else q * scale
+    b, heads, length = q.shape[0], q.shape[1], q.shape[2]
+    per_row = b * heads * k.shape[2] * 4
+    rows = max(1, BAND_BYTES // per_row) if chunked and (bias is None or bias.shape[2] == 1) else length
+    chunks = []
+    for first in range(0, length, rows):
+        part = q[:, :, first:first + rows] if rows < length else q
+        if chunks:
+            part = ops.depend(part, chunks[-1])
+        scores = _BATCH_MATMUL_T(part, k)                                  # (B, H, rows, Lk)
+        # Softmax in float32 (torch's fused attention keeps scores in float32 for fp16/bf16 inputs).
+        scores = _float32(scores)
+        if bias is not None:
+            scores = scores + expand(bias, scores)
+        chunks.append(_BATCH_MATMUL(mint.softmax(scores, dim=-1).astype(q.dtype), v))
+    return chunks[0] if len(chunks) == 1 else ops.concat(chunks, 2)
 
 
 def patchify(x: ms.Tensor, patch: int, channels_last: bool = False) -> ms.Tensor:
@@ -208,18 +221,77 @@ def patchify(x: ms.Tensor, patch: int, channels_last: bool = False) -> ms.Tensor
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
-# --- convolutional helpers (the SD3 VAE encoder, ms_rm/encoders/sd3_vae.py) --------------------
+# --- convolutional helpers (the SD3 VAE, ms_rm/encoders/sd3_vae.py) --------------------
+
+BAND_BYTES = 256 * 2 ** 20     # with the CPU spellings: a convolution band's columns, an attention chunk's scores
+
+
+def use_cpu_spellings() -> bool:
+    """Whether a model built now should use the CPU spellings of `conv2d` (unfold + GEMM, in bands)
+    and `attention` (queries in chunks); decided when the model is built, outside any compiled
+    graph. On the CPU, yes: MindSpore's CPU Conv2D kernel runs 3x3 convolutions at under 1 GFLOP/s,
+    and the graph executor keeps more of a large graph's intermediates than torch (README,
+    "Op spellings"). On Ascend the device's own Conv2D and whole attention are kept."""
+    return device_target() == "CPU"
+
 
 def conv2d(x: ms.Tensor, weight: ms.Tensor, bias: Optional[ms.Tensor] = None, stride: int = 1,
-           padding: int = 0) -> ms.Tensor:
+           padding: int = 0, as_gemm: bool = False, pre_norm=None, residual: Optional[ms.Tensor] = None
+           ) -> ms.Tensor:
     """torch.nn.functional.conv2d on NCHW: weight (out, in, kh, kw), symmetric zero `padding`.
 
-    ops.conv2d (the Conv2D primitive) runs on the CPU in fp32 and fp16 and on Ascend;
-    mint.nn.functional.conv2d and mint.nn.Conv2d have no CPU kernel.
+    pre_norm: (statistics, norm weight, norm bias), see `group_statistics`: the convolution's input
+        is silu(normalize(x, ...)) rather than x (the VAE's GroupNorm -> SiLU -> conv).
+    residual: a tensor of the output's shape, added to it.
+
+    as_gemm=False: ops.conv2d (the Conv2D primitive, on every backend; mint's conv2d has no CPU
+    kernel). as_gemm=True (`use_cpu_spellings()`): a k x k convolution as ops.unfold (each output
+    position's (in, kh, kw) patch as a column, torch's order) and a batched GEMM with the weight
+    flattened to (out, in * kh * kw), over bands of output rows whose columns take at most
+    BAND_BYTES. Each band reads its own input rows (the pre_norm activation and the zero padding
+    are made per band, so they never exist whole) and waits for the previous band (ops.depend), so
+    that the graph executor reuses the bands' memory instead of holding them all. 1x1 convolutions
+    keep Conv2D, which is fast for them on the CPU too.
     """
-    if padding:
-        return ops.conv2d(x, weight, bias, stride=stride, pad_mode="pad", padding=padding)
-    return ops.conv2d(x, weight, bias, stride=stride, pad_mode="valid")
+    out_channels, in_channels, k, _ = weight.shape
+    if not as_gemm or k == 1:
+        if pre_norm is not None:
+            x = silu(normalize(x, *pre_norm))
+        if padding:
+            y = ops.conv2d(x, weight, bias, stride=stride, pad_mode="pad", padding=padding)
+        else:
+            y = ops.conv2d(x, weight, bias, stride=stride, pad_mode="valid")
+        return y if residual is None else y + residual
+    b, _, h, w = x.shape
+    out_h, out_w = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    depth = in_channels * k * k
+    kernel = broadcast_to_shape(weight.reshape(1, out_channels, depth), (b, out_channels, depth))
+    band_rows = max(1, BAND_BYTES // (b * depth * out_w * x.dtype.itemsize))
+    bands = []
+    for first in range(0, out_h, band_rows):
+        last = min(out_h, first + band_rows)
+        top, bottom = first * stride - padding, (last - 1) * stride + k - padding    # input rows read, unpadded
+        rows = x[:, :, max(top, 0):min(bottom, h)]                                   # (B, in, rows, W)
+        if bands:
+            rows = ops.depend(rows, bands[-1])
+        if pre_norm is not None:
+            rows = silu(normalize(rows, *pre_norm))
+        above, below = max(-top, 0), max(bottom - h, 0)                              # zero rows to add
+        if above == below == padding:                     # the whole height: unfold pads the rows too
+            columns = ops.unfold(rows, k, padding=padding, stride=stride)
+        else:
+            parts = [ops.zeros((b, in_channels, above, w), rows.dtype)] if above else []
+            parts += [rows] + ([ops.zeros((b, in_channels, below, w), rows.dtype)] if below else [])
+            rows = ops.concat(parts, 2) if len(parts) > 1 else rows
+            columns = ops.unfold(rows, k, padding=(0, padding), stride=stride)       # (B, in*k*k, rows*out_w)
+        band = _BATCH_MATMUL(kernel, columns)                                        # (B, out, rows*out_w)
+        if bias is not None:
+            band = _BIAS_ADD(band, bias)
+        if residual is not None:
+            band = band + residual[:, :, first:last].reshape(b, out_channels, -1)
+        bands.append(band)
+    y = bands[0] if len(bands) == 1 else ops.concat(bands, 2)                       # (B, out, out_h*out_w)
+    return y.reshape(b, out_channels, out_h, out_w)
 
 
 def pad(x: ms.Tensor, padding) -> ms.Tensor:
@@ -228,24 +300,40 @@ def pad(x: ms.Tensor, padding) -> ms.Tensor:
     return ops.pad(x, tuple(padding))
 
 
-def group_norm(x: ms.Tensor, groups: int, weight: ms.Tensor, bias: ms.Tensor, eps: float = 1e-6) -> ms.Tensor:
-    """torch.nn.GroupNorm(groups, C, eps, affine=True) on x (B, C, *spatial).
-
-    Statistics over each group's C/groups channels and all positions, in float32 (cast back to
-    x's dtype at the end, as torch's CPU kernel does for fp16/bf16): the mean, then the variance
-    of the centred values (two passes: no cancellation), both as mean_last GEMVs. Written out
-    because the fused GroupNorm kernels are not the same on every backend and this spelling
-    needs only matmul, rsqrt and elementwise ops.
-    """
-    shape = x.shape
-    b, c = shape[0], shape[1]
+def group_statistics(x: ms.Tensor, groups: int, eps: float = 1e-6):
+    """torch.nn.GroupNorm(groups, C, eps)'s statistics of x (B, C, *spatial), per channel: (mean,
+    1 / sqrt(var + eps)), each float32 (B, C, 1, ...). Over each group's C/groups channels and all
+    positions: the mean, then the variance of the centred values (two passes: no cancellation),
+    both as mean_last GEMVs."""
+    b, c = x.shape[0], x.shape[1]
     x32 = _float32(x).reshape(b, groups, -1)                            # (B, G, C/G * positions)
-    centred = x32 - expand(mean_last(x32), x32)
+    mean = mean_last(x32)
+    centred = x32 - expand(mean, x32)
     inv_std = mint.rsqrt(mean_last(centred * centred) + eps)             # (B, G, 1)
-    normed = (centred * expand(inv_std, centred)).reshape(b, c, -1)      # (B, C, positions)
-    scale = expand(_float32(weight).reshape(1, c, 1), normed)
-    shift = expand(_float32(bias).reshape(1, c, 1), normed)
-    return (normed * scale + shift).reshape(shape).astype(x.dtype)
+    per_channel, shape = (b, groups, c // groups), (b, c) + (1,) * (len(x.shape) - 2)
+    return (broadcast_to_shape(mean, per_channel).reshape(shape),
+            broadcast_to_shape(inv_std, per_channel).reshape(shape))
+
+
+def normalize(x: ms.Tensor, statistics, weight: ms.Tensor, bias: ms.Tensor) -> ms.Tensor:
+    """((x - mean) * inv_std) * weight + bias per channel, in float32 (cast back to x's dtype, as
+    torch's CPU GroupNorm does for fp16/bf16), with `group_statistics` of x or of a tensor that
+    x is a slice of (its rows)."""
+    mean, inv_std = statistics
+    x32 = _float32(x)
+    affine = (1, x.shape[1]) + (1,) * (len(x.shape) - 2)
+    normed = (x32 - expand(mean, x32)) * expand(inv_std, x32)
+    return (normed * expand(_float32(weight).reshape(affine), x32)
+            + expand(_float32(bias).reshape(affine), x32)).astype(x.dtype)
+
+
+def group_norm(x: ms.Tensor, groups: int, weight: ms.Tensor, bias: ms.Tensor, eps: float = 1e-6) -> ms.Tensor:
+    """torch.nn.GroupNorm(groups, C, eps, affine=True) on x (B, C, *spatial), in float32.
+
+    Written out (group_statistics, normalize) because the fused GroupNorm kernels are not the same
+    on every backend and this spelling needs only matmul, rsqrt and elementwise ops.
+    """
+    return normalize(x, group_statistics(x, groups, eps), weight, bias)
 
 
 # --- CLIP's helpers (ms_rm/rewards/clip) ----------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -35,6 +35,7 @@ from mindspore.common.initializer import initializer
 from mindspore.nn.utils import no_init_parameters
 
 from ..core import ops
+from ..core.compile_cache import jit
 from ..core.compiled import CompiledCell
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..core.inputs import as_float_tensor, check_finite, check_shape, noise_input
@@ -173,17 +174,19 @@ def read_vae_config(path: str) -> VAEConfig:
 # --- layers ------------------------------------------------------------------------------------
 
 class Conv2d(nn.Cell):
-    """torch.nn.Conv2d with a bias and square kernel: weight (out, in, k, k), bias (out,)."""
+    """torch.nn.Conv2d with a bias and square kernel: weight (out, in, k, k), bias (out,); spelt
+    for the device it is built on (ops.use_cpu_spellings). pre_norm and residual: see ops.conv2d."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
         super().__init__()
         self.stride, self.padding = stride, padding
+        self.as_gemm = ops.use_cpu_spellings()
         self.weight = Parameter(initializer("zeros", (out_channels, in_channels, kernel_size, kernel_size),
                                             ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (out_channels,), ms.float32), name="bias")
 
-    def construct(self, x: Tensor) -> Tensor:
-        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+    def construct(self, x: Tensor, pre_norm=None, residual: Optional[Tensor] = None) -> Tensor:
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.as_gemm, pre_norm, residual)
 
 
 class GroupNorm(nn.Cell):
@@ -197,6 +200,11 @@ class GroupNorm(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         return ops.group_norm(x, self.groups, self.weight, self.bias, self.eps)
+
+    def prepare(self, x: Tensor):
+        """x's statistics and this norm's affine: a following Conv2d's `pre_norm`, which then
+        convolves silu(self(x)) (on the CPU without ever holding it whole)."""
+        return ops.group_statistics(x, self.groups, self.eps), self.weight, self.bias
 
 
 class ResnetBlock2D(nn.Cell):
@@ -212,10 +220,9 @@ class ResnetBlock2D(nn.Cell):
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def construct(self, x: Tensor) -> Tensor:
-        h = self.conv1(ops.silu(self.norm1(x)))                              # (B, C_out, H, W)
-        h = self.conv2(ops.silu(self.norm2(h)))                              # dropout: identity in eval
+        h = self.conv1(x, pre_norm=self.norm1.prepare(x))                    # (B, C_out, H, W)
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        return skip + h
+        return self.conv2(h, pre_norm=self.norm2.prepare(h), residual=skip)  # dropout: identity in eval
 
 
 class Downsample2D(nn.Cell):
@@ -252,8 +259,9 @@ class SpatialSelfAttention(nn.Cell):
     H*W positions with head dim C (attention_head_dim = channels), output projection, residual
     (residual_connection=True, rescale_output_factor 1).
 
-    The scores are materialised: (B, 1, L, L) float32, 1 GiB per image at 1024 x 1024 pixels
-    (L = 128 * 128), where torch's fused kernel streams them."""
+    The scores (B, 1, L, L) float32 take 1 GiB per image at 1024 x 1024 pixels (L = 128 * 128),
+    where torch's fused kernel streams them: with the CPU spellings they are made a chunk of
+    queries at a time (ops.attention)."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -263,6 +271,7 @@ class SpatialSelfAttention(nn.Cell):
         self.to_v = Linear(channels, channels)
         # Index 1 is diffusers' dropout, kept so that the projection is named to_out.0.
         self.to_out = nn.CellList([Linear(channels, channels), nn.Identity()])
+        self.chunked = ops.use_cpu_spellings()
 
     def construct(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -271,7 +280,7 @@ class SpatialSelfAttention(nn.Cell):
         q = self.to_q(tokens).reshape(one_head)                                  # (B, 1, L, C): one head
         k = self.to_k(tokens).reshape(one_head)
         v = self.to_v(tokens).reshape(one_head)
-        out = self.to_out[0](ops.attention(q, k, v).reshape(b, h * w, c))        # (B, L, C)
+        out = self.to_out[0](ops.attention(q, k, v, chunked=self.chunked).reshape(b, h * w, c))   # (B, L, C)
         return mint.swapaxes(out, 1, 2).reshape(b, c, h, w) + x                  # (B, C, H, W)
 
 
@@ -306,12 +315,23 @@ class Encoder(nn.Cell):
         self.conv_norm_out = GroupNorm(groups, channels[-1])
         self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
-    def construct(self, pixels: Tensor) -> Tensor:
-        x = self.conv_in(pixels)                                             # (B, C0, H, W)
+    def stages(self) -> List[nn.Cell]:
+        """The cells the input runs through before `output`, in order: conv_in, each down block's
+        resnets and downsampler, the mid block's resnet, attention and resnet."""
+        stages = [self.conv_in]
         for block in self.down_blocks:
-            x = block(x)                                                     # ... -> (B, C_last, H/f, W/f)
-        x = self.mid_block(x)
-        return self.conv_out(ops.silu(self.conv_norm_out(x)))                # (B, 2 * latent, H/f, W/f)
+            stages += list(block.resnets) + (list(block.downsamplers) if block.downsamplers is not None else [])
+        mid = self.mid_block
+        return stages + [mid.resnets[0]] + list(mid.attentions) + [mid.resnets[1]]
+
+    def output(self, x: Tensor) -> Tensor:
+        return self.conv_out(x, pre_norm=self.conv_norm_out.prepare(x))     # (B, 2 * latent, H/f, W/f)
+
+    def construct(self, pixels: Tensor) -> Tensor:
+        x = pixels
+        for stage in self.stages():
+            x = stage(x)                                                     # ... -> (B, C_last, H/f, W/f)
+        return self.output(x)
 
 
 # --- the encoder object users call -------------------------------------------------------------
@@ -325,7 +345,8 @@ class VAEEncoder(CompiledCell):
     dtype: the compute dtype asked for. With the config's `force_upcast` (true for SD3) the
     encoder computes in float32 whatever is asked (diffusers' meaning of force_upcast);
     otherwise bf16 becomes fp32 on the CPU (ops.compute_dtype). Latents come out in float32.
-    mode: "graph" (compiled once per input shape) or "pynative" (eager), same numbers.
+    mode: "graph" (each stage compiled once per input shape, see `construct`) or "pynative"
+    (eager), same numbers.
     """
 
     def __init__(self, config: Any, dtype: ms.Type = ms.float32, mode: str = "graph"):
@@ -342,6 +363,7 @@ class VAEEncoder(CompiledCell):
         for param in self.get_parameters():
             param.set_dtype(self.compute_dtype)
         self._rng = np.random.default_rng()            # fresh noise when sampling without a seed
+        self._stage_calls: Dict[int, jit] = {}          # graph mode: stage index -> its compiled call
 
     def load_state_dict(self, tensors: Mapping[str, Any], source: str = "state dict") -> None:
         """Fill every parameter from a name -> array mapping (diffusers names), strictly
@@ -351,8 +373,23 @@ class VAEEncoder(CompiledCell):
 
     # --- the tensor program ------------------------------------------------------------------
     def construct(self, pixels: Tensor) -> Tensor:
-        """pixels (B, in, H, W) -> moments (B, 2 * latent, H/f, W/f) in float32: (mean, logvar)."""
-        moments = self.encoder(pixels.astype(self.compute_dtype))
+        """pixels (B, in, H, W) -> moments (B, 2 * latent, H/f, W/f) in float32: (mean, logvar).
+
+        Runs on the host, stage by stage (Encoder.stages, then `head`). In graph mode each stage
+        is compiled on its own rather than the whole encoder as one graph: the same numbers, and
+        the peak memory of the largest stage instead of the whole graph's (the CPU graph executor
+        does not reuse every intermediate: at 1024 x 1024 pixels 8.4 GiB instead of 11.5; README,
+        "Performance")."""
+        x = pixels.astype(self.compute_dtype)
+        for index, stage in enumerate(self.encoder.stages()):
+            if self.mode == "graph" and index not in self._stage_calls:
+                self._stage_calls[index] = jit(stage.construct, stage, name=f"stage {index}")
+            x = self._stage_calls[index](x) if self.mode == "graph" else stage(x)   # -> (B, C_last, H/f, W/f)
+        return self.run("head", x)
+
+    def head(self, x: Tensor) -> Tensor:
+        """The last stage's activations -> moments, float32: the encoder's output layers, quant_conv."""
+        moments = self.encoder.output(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return moments.astype(ms.float32)
@@ -361,14 +398,14 @@ class VAEEncoder(CompiledCell):
         """A posterior draw z -> the reward model's latents: (z - shift_factor) * scaling_factor."""
         return (z - self.config.shift_factor) * self.config.scaling_factor
 
-    def mode_latents(self, pixels: Tensor) -> Tensor:
+    def mode_latents(self, moments: Tensor) -> Tensor:
         """The posterior's mode (its mean), scaled: (B, latent, H/f, W/f)."""
-        mean, _ = mint.chunk(self.construct(pixels), 2, dim=1)
+        mean, _ = mint.chunk(moments, 2, dim=1)
         return self.to_latent_space(mean)
 
-    def sample_latents(self, pixels: Tensor, noise: Tensor) -> Tensor:
+    def sample_latents(self, moments: Tensor, noise: Tensor) -> Tensor:
         """A posterior sample mean + exp(logvar / 2) * noise (logvar clamped to [-30, 20]), scaled."""
-        mean, logvar = mint.chunk(self.construct(pixels), 2, dim=1)
+        mean, logvar = mint.chunk(moments, 2, dim=1)
         std = mint.exp(0.5 * mint.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX))
         return self.to_latent_space(mean + std * noise)
 
@@ -395,9 +432,9 @@ class VAEEncoder(CompiledCell):
             check_finite(tensor, "pixels")
         return tensor
 
-    def moments(self, pixels: Any) -> Tensor:
+    def moments(self, pixels: Any, check_values: bool = True) -> Tensor:
         """The encoder's raw output (B, 2 * latent, H/f, W/f): posterior mean and logvar, float32."""
-        return self.run("construct", self.check_pixels(pixels))
+        return self(self.check_pixels(pixels, check_values))
 
     def encode(self, pixels: Any, sample: bool = False, seed: Optional[int] = None, noise: Any = None,
                check_values: bool = True) -> Tensor:
@@ -413,16 +450,21 @@ class VAEEncoder(CompiledCell):
             if noise is not None:
                 raise InputError("noise was given with sample=False: pass sample=True to draw from the "
                                  "posterior, or drop noise to take its mode")
-            return self.run("mode_latents", pixels)
+            return self.run("mode_latents", self.moments(pixels, check_values=False))
         shape = self.latent_shape(tuple(pixels.shape))
         if noise is not None:
             if seed is not None:
                 raise InputError("pass either noise or seed, not both")
             eps = noise_input(noise, shape, check_values=check_values)
         else:
-            rng = np.random.default_rng(seed) if seed is not None else self._rng
-            eps = Tensor(rng.standard_normal(shape, dtype=np.float32))
-        return self.run("sample_latents", pixels, eps)
+            eps = Tensor(self.draw_noise(shape, seed))
+        return self.run("sample_latents", self.moments(pixels, check_values=False), eps)
+
+    def draw_noise(self, shape: Tuple[int, ...], seed: Optional[int] = None) -> np.ndarray:
+        """The posterior's standard normal noise for latents of `shape`, from np.random.default_rng(seed)
+        (this encoder's own stream when seed is None), float32."""
+        rng = np.random.default_rng(seed) if seed is not None else self._rng
+        return rng.standard_normal(shape, dtype=np.float32)
 
 
 # --- loading -----------------------------------------------------------------------------------

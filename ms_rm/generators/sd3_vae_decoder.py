@@ -88,7 +88,7 @@ class Decoder(nn.Cell):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(ops.silu(self.conv_norm_out(x)))
+        return self.conv_out(x, pre_norm=self.conv_norm_out.prepare(x))
 
 
 class VAEDecoder(CompiledCell):
