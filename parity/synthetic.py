@@ -289,8 +289,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"])
     parser.add_argument("--score-images", action="store_true",
                         help="write SD3.5-M's reward model, text encoders and VAE at full size (~20 GB), convert, "
-                             "and measure `ms-rm score-images` of one 1024x1024 image (peak RSS against 24 GiB; "
-                             "it does not fit a 24 GiB machine yet: see the README)")
+                             "and measure `ms-rm score-images` of one 1024x1024 image (peak RSS against 24 GiB)")
     args = parser.parse_args(argv)
     if args.score_images:
         return _score_images_report(args.out)

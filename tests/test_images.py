@@ -41,6 +41,20 @@ def test_resize_goes_to_the_nearest_multiple_and_keeps_a_flat_image_flat():
     np.testing.assert_allclose(pixels, -0.5, atol=1e-5)
 
 
+def test_bucket_resizes_to_the_64_pixel_grid_so_nearby_sizes_share_one_shape():
+    from ms_rm.scoring.images import fitted_size
+
+    shapes = {preprocess([np.full((h, w, 3), 0.25, np.float32)], policy="bucket")[0].shape
+              for h, w in ((1000, 750), (1010, 760), (1024, 768), (1020, 740))}
+    assert shapes == {(3, 1024, 768)}
+    assert fitted_size(1000, 750, "bucket") == (1024, 768) and fitted_size(20, 20, "bucket") == (64, 64)
+    assert fitted_size(1000, 750, "crop") == (992, 736) and fitted_size(1000, 750, "resize") == (992, 752)
+    assert fitted_size(1000, 750, "error") == (1000, 750)
+    (flat,) = preprocess([np.full((100, 130, 3), 0.25, np.float32)], policy="bucket")
+    assert flat.shape == (3, 128, 128)
+    np.testing.assert_allclose(flat, -0.5, atol=1e-5)
+
+
 @pytest.mark.parametrize("image, policy, message", [
     (np.zeros((20, 32, 3), np.float32), "error", "20x32 pixels; the reward model needs multiples of 16"),
     (np.zeros((8, 32, 3), np.float32), "crop", "smaller than 16 pixels"),
@@ -112,6 +126,22 @@ def test_image_call_groups_sizes_and_scores_like_score_latents(model):
     np.testing.assert_array_equal(scores, [first[0], second[0], first[1]])
     embedded = scorer(images, prompt_embeds=ehs, pooled_prompt_embeds=pooled)      # precomputed embeddings
     np.testing.assert_array_equal(embedded, scores)
+
+
+def test_an_image_object_given_twice_is_encoded_once(model):
+    """A batch's fillers (copies of its first image, as score runs pass them) are not encoded again:
+    their latents are the first one's, and the scores those of encoding every image."""
+    encoder = StandInEncoder()
+    scorer = DiffusionRMSD3Scorer(model=model, u=0.4, seed=3, noise="fixed", encoder=encoder)
+    rng = np.random.default_rng(5)
+    first, other = (rng.random((64, 64, 3), dtype=np.float32) for _ in range(2))
+    prompts = ["a", "b", "a", "a"]
+    scores = scorer([first, other, first, first], prompts, sample_ids=[0, 1, 0, 0])
+    assert encoder.pixel_batches == [(2, 3, 64, 64)]
+    every = scorer([first, other, first.copy(), first.copy()], prompts, sample_ids=[0, 1, 0, 0])
+    assert encoder.pixel_batches[1:] == [(4, 3, 64, 64)]
+    np.testing.assert_array_equal(scores, every)
+    assert scores[0] != scores[1]
 
 
 def test_image_call_errors(model):

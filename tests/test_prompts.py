@@ -80,6 +80,22 @@ def test_encode_matches_diffusers(encoder, pipeline_folder):
     assert np.all(embeds[:, :77, 80:] == 0)
 
 
+def test_eager_encoder_matches_diffusers_and_the_compiled_one(encoder, pipeline_folder):
+    """mode="pynative" (what ms-rm score-images uses, so that the text encoders are freed after the
+    prompts) gives diffusers' numbers too."""
+    root, (ref_embeds, ref_pooled), _ = pipeline_folder
+    eager = SD3PromptEncoder.from_pretrained(root, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                                            joint_attention_dim=T5_WIDTH, mode="pynative")
+    embeds, pooled = eager.encode(PROMPTS)
+    assert max_relative_error(embeds.asnumpy(), ref_embeds) <= TOLERANCE
+    assert max_relative_error(pooled.asnumpy(), ref_pooled) <= TOLERANCE
+    compiled = encoder.encode(PROMPTS)
+    assert max_relative_error(embeds.asnumpy(), compiled[0].asnumpy()) <= TOLERANCE
+    with pytest.raises(InputError, match="mode must be one of"):
+        SD3PromptEncoder(eager.clip_l, eager.clip_g, eager.t5, eager.tokenizer_l, eager.tokenizer_g,
+                         eager.tokenizer_t5, mode="eager")
+
+
 def test_encoder_built_from_components_matches(encoder, pipeline_folder):
     """The constructor takes already-built mindone models and tokenizers (a pipeline's); one
     prompt given as a str gives the first row of the batch encoding."""

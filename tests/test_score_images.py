@@ -12,8 +12,10 @@ import json
 import numpy as np
 import pytest
 import torch
+import mindspore as ms
 from PIL import Image
 
+from ms_rm.core.errors import InputError
 from ms_rm_parity.cases import CASES
 from ms_rm_parity.compare import FP32_BOUND, max_rel_error
 from ms_rm_parity.reference import as_torch, load_reference_model, lookup_u
@@ -131,7 +133,6 @@ def test_pairs_file_and_python_call_agree(world):
 
 
 def test_score_images_errors_name_the_problem(world):
-    from ms_rm.core.errors import InputError
     from ms_rm.cli import main
 
     base = ["score-images", world["model"], "--vae", str(world["pipeline"] / "vae")]
@@ -142,19 +143,22 @@ def test_score_images_errors_name_the_problem(world):
         main(["--debug"] + base + ["--image", str(world["root"] / "x.png"), "--prompt", "p", "--no-progress"])
 
 
+def _flat_image_pairs(folder, sizes):
+    """(path, prompt) pairs of flat PNGs of the given (width, height), image i of red value i."""
+    pairs = []
+    for i, size in enumerate(sizes):
+        path = folder / f"{i}.png"
+        Image.new("RGB", size, (i, 0, 0)).save(path)
+        pairs.append((str(path), f"prompt {i}"))
+    return pairs
+
+
 def test_score_runs_call_one_batch_size_per_image_size(tmp_path):
     """Batches hold one image size and are filled up to the batch size (so a model compiles one
     graph per size); the fillers' scores are dropped and every pair keeps its own score and index."""
-    from PIL import Image
-
     from ms_rm.scoring.runs import score_pairs
 
-    sizes = [(32, 32), (48, 32), (32, 32), (32, 32), (48, 32)]
-    pairs = []
-    for i, size in enumerate(sizes):
-        path = tmp_path / f"{i}.png"
-        Image.new("RGB", size, (i, 0, 0)).save(path)
-        pairs.append((str(path), f"prompt {i}"))
+    pairs = _flat_image_pairs(tmp_path, [(32, 32), (48, 32), (32, 32), (32, 32), (48, 32), (16, 64)])
 
     class Recorder:
         seed = 0
@@ -166,7 +170,55 @@ def test_score_runs_call_one_batch_size_per_image_size(tmp_path):
 
     scorer = Recorder()
     rows = score_pairs(scorer, pairs, batch_size=2, progress=False)
-    assert [r["score"] for r in rows] == [1001.0 * i for i in range(5)]
+    assert [r["score"] for r in rows] == [1001.0 * i for i in range(6)]
     assert [r["prompt"] for r in rows] == [p for _, p in pairs]
-    assert all(len(images) == 2 and len(set(images)) == 1 for images, _ in scorer.calls)
-    assert [ids for _, ids in scorer.calls] == [[0, 2], [3, 3], [1, 4]]
+    assert all(len(set(images)) == 1 for images, _ in scorer.calls)
+    assert [ids for _, ids in scorer.calls] == [[0, 2], [3, 3], [1, 4], [5]]     # a lone size: not filled
+
+
+def test_score_runs_batch_by_the_scorers_fitted_size(tmp_path):
+    """With a scorer that fits sizes (the "bucket" policy), images of different sizes that fit to one
+    size share batches: one compiled graph per bucket, not per size."""
+    from ms_rm.scoring.images import fitted_size
+    from ms_rm.scoring.runs import score_pairs
+
+    pairs = _flat_image_pairs(tmp_path, [(750, 1000), (760, 1010), (768, 1024), (512, 512)])
+
+    class Bucketing:
+        calls = []
+
+        def fitted_size(self, height, width):
+            return fitted_size(height, width, "bucket")
+
+        def __call__(self, images, prompts):
+            self.calls.append(sorted({im.size for im in images}))
+            return [float(im.getpixel((0, 0))[0]) for im in images]
+
+    scorer = Bucketing()
+    rows = score_pairs(scorer, pairs, batch_size=4, progress=False)
+    assert [r["score"] for r in rows] == [0.0, 1.0, 2.0, 3.0]
+    assert scorer.calls == [[(750, 1000), (760, 1010), (768, 1024)], [(512, 512)]]
+
+
+def test_prompt_table_keeps_each_distinct_prompt_once_and_returns_rows_in_order(tmp_path):
+    """score-images encodes the distinct prompts first (batches filled to the batch size) and reads
+    their rows back from disk in any order; the scores then equal encoding with the images."""
+    from ms_rm.scoring.runs import PromptTable
+
+    calls = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        codes = np.array([[ord(c) for c in (p * 8)[:8]] for p in prompts], np.float32)
+        return ms.Tensor(np.repeat(codes[:, None, :], 3, axis=1)), ms.Tensor(codes[:, :5] * 2)
+
+    prompts = ["a cat", "two dogs", "a cat", "a bird", "an owl"]
+    table = PromptTable.encode(encode, prompts, str(tmp_path), batch_size=3, progress=False)
+    assert calls == [["a cat", "two dogs", "a bird"], ["an owl", "an owl", "an owl"]]
+    embeds, pooled = table.rows(["an owl", "a cat", "a cat"])
+    reference = encode(["an owl", "a cat", "a cat"])
+    np.testing.assert_array_equal(embeds, reference[0].asnumpy())
+    np.testing.assert_array_equal(pooled, reference[1].asnumpy())
+    assert embeds.shape == (3, 3, 8) and pooled.shape == (3, 5)
+    with pytest.raises(InputError, match="not encoded beforehand"):
+        table.rows(["a fish"])

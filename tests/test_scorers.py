@@ -129,7 +129,7 @@ def test_default_u_is_one_per_kind_of_input(model, batch):
     explicit = {u: scorer(model, u=u, seed=5, noise="fixed") for u in (0.1, 0.4)}
     latents_args = (batch["latents"][:2], batch["ehs"][:2], batch["pooled"][:2])
     assert default.score_latents(*latents_args) == explicit[0.4].score_latents(*latents_args)
-    images = [np.full((16, 16, 3), 0.5, np.float32)] * 2
+    images = [np.full((16, 16, 3), 0.5, np.float32) for _ in range(2)]       # two images (the stand-in ignores pixels)
     assert default(images, ["a", "b"]) == explicit[0.1].score_latents(*latents_args)
     assert explicit[0.1].score_latents(*latents_args) != explicit[0.4].score_latents(*latents_args)
     index_model = DiffusionRM(model.config.replace(u_convention="index"))

@@ -110,6 +110,25 @@ def test_seeded_sample_is_host_numpy_noise(tiny):
     np.testing.assert_array_equal(vae.encode(x, seed=7).asnumpy(), vae.encode(x).asnumpy())   # mode ignores seed
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_scorer_encoder_encodes_a_batch_in_pieces_with_the_whole_batchs_numbers(tiny, sample):
+    """SD3Encoder encodes vae_batch_size images at a time (memory); the latents, a seeded posterior
+    draw included, are those of one call for the whole batch."""
+    from ms_rm.encoders import SD3Encoder
+
+    vae = load_vae_encoder(str(tiny[2]), mode="pynative")
+    x = pixels((3, 3, 24, 40))
+    whole = SD3Encoder(vae, None, sample=sample, seed=7, vae_batch_size=3).encode_pixels(x).asnumpy()
+    pieces = SD3Encoder(vae, None, sample=sample, seed=7, vae_batch_size=2).encode_pixels(x).asnumpy()
+    assert pieces.shape == (3, 16, 3, 5)
+    np.testing.assert_allclose(pieces, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+    assert np.abs(whole[0] - whole[1]).max() > 0.1 * np.abs(whole).max()
+    with pytest.raises(ConfigError, match="no text encoders"):
+        SD3Encoder(vae, None).encode_prompts(["a"])
+    with pytest.raises(ConfigError, match="vae_batch_size"):
+        SD3Encoder(vae, None, vae_batch_size=0)
+
+
 def test_quant_conv_no_attention_no_shift_and_shards(tmp_path):
     """The other AutoencoderKL settings the encoder supports, loaded from a sharded checkpoint."""
     config = tiny_vae_config(use_quant_conv=True, mid_block_add_attention=False, shift_factor=None,

@@ -5,14 +5,19 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import tempfile
+from typing import Optional
 
 from ..core.errors import InputError
 from ..encoders import SD3Encoder
+from ..encoders.sd3 import text_encoder_folder
+from ..encoders.sd3_vae import load_vae_encoder
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
 from ..scoring.clip import CLIPScorer
 from ..scoring.imagereward import ImageRewardScorer
-from ..scoring.runs import read_pairs, score_pairs, write_jsonl
+from ..scoring.runs import PromptTable, read_pairs, score_pairs, write_jsonl
 
 
 DISTRIBUTED = True                  # under msrun: each rank scores its shard; the main rank writes
@@ -32,11 +37,11 @@ def _pairs(args: argparse.Namespace):
     return pairs
 
 
-def _score(scorer, pairs, args: argparse.Namespace) -> int:
+def _score(scorer, pairs, args: argparse.Namespace, prompt_table: Optional[PromptTable] = None) -> int:
     """Score the pairs (each rank its shard under msrun); the main rank prints and writes them all."""
     world = args.world
     rows = score_pairs(scorer, pairs, batch_size=args.batch_size, progress=not args.no_progress and world.is_main,
-                       world=world)
+                       world=world, prompt_table=prompt_table)
     if world.is_main:
         for row in rows:
             print(f"{row['score']:.6f}\t{row['image']}")
@@ -46,17 +51,41 @@ def _score(scorer, pairs, args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Prompts first, then images: the distinct prompts of this rank's pairs are encoded with the
+    text encoders, which are then freed; only then are the VAE and the reward model loaded, so that
+    the peak memory is that of the larger stage, not of all the models together (README, "Memory at
+    the released size")."""
     pairs = _pairs(args)
     if args.world.size > 1 and args.sample_latents:
         raise InputError("--sample-latents draws the VAE posterior from one stream per process: not reproducible "
                          "across workers; take the posterior's mode (the default) under msrun")
-    model = DiffusionRM.from_pretrained(args.model, mode=args.mode, verify=args.verify)
-    encoder = SD3Encoder.from_pretrained(args.vae, args.text_encoders, max_sequence_length=args.max_sequence_length,
-                                         use_t5=not args.no_t5, joint_attention_dim=model.config.backbone.joint_attention_dim,
-                                         mode=args.mode, sample=args.sample_latents, seed=args.seed)
-    scorer = DiffusionRMScorer(model=model, u=args.u, seed=args.seed, normalize=args.normalize,
-                               size_policy=args.size_policy, encoder=encoder)
-    return _score(scorer, pairs, args)
+    config = DiffusionRM.read_config(args.model)          # a bad model folder fails now, not after the prompts
+    if len(pairs) < args.world.size:
+        raise InputError(f"{len(pairs)} pairs for {args.world.size} workers: run fewer workers than pairs")
+    prompts = [prompt for _, prompt in pairs[args.world.shard(len(pairs))]]
+    with tempfile.TemporaryDirectory(prefix="ms_rm_prompts_") as folder:
+        table = _encode_prompts(args, prompts, folder, config.backbone.joint_attention_dim)
+        model = DiffusionRM.from_pretrained(args.model, mode=args.mode, verify=args.verify)
+        encoder = SD3Encoder(load_vae_encoder(args.vae, mode=args.mode), None, sample=args.sample_latents,
+                             seed=args.seed)
+        scorer = DiffusionRMScorer(model=model, u=args.u, seed=args.seed, normalize=args.normalize,
+                                   size_policy=args.size_policy, encoder=encoder)
+        return _score(scorer, pairs, args, prompt_table=table)
+
+
+def _encode_prompts(args: argparse.Namespace, prompts, folder: str, joint_attention_dim: int) -> PromptTable:
+    """The prompts' embeddings in `folder`; the text encoders live only for this call (eager: a
+    compiled mindone CLIP would keep its weights after it)."""
+    from ..encoders.sd3_prompts import SD3PromptEncoder
+
+    encoder = SD3PromptEncoder.from_pretrained(text_encoder_folder(args.vae, args.text_encoders),
+                                               max_sequence_length=args.max_sequence_length, use_t5=not args.no_t5,
+                                               joint_attention_dim=joint_attention_dim, mode="pynative")
+    table = PromptTable.encode(encoder.encode, prompts, folder, batch_size=args.batch_size,
+                               progress=not args.no_progress and args.world.is_main)
+    del encoder
+    gc.collect()                                          # the text encoders' memory, before the VAE's
+    return table
 
 
 def run_clip(args: argparse.Namespace) -> int:
@@ -95,8 +124,9 @@ def add_parsers(sub) -> None:
                         help="noise level (default 0.1, the recommended level for clean images, sigma convention)")
     images.add_argument("--seed", type=int, default=None, help="seed of the noise, each pair's from (seed, its index) "
                                                                 "(default: fresh, as the reference)")
-    images.add_argument("--size-policy", choices=["crop", "resize", "error"], default="crop",
-                        help="fit sizes to multiples of 16 px by center crop (default), resize, or refuse")
+    images.add_argument("--size-policy", choices=["crop", "resize", "bucket", "error"], default="crop",
+                        help="fit sizes to multiples of 16 px by center crop (default) or resize, resize to the "
+                             "nearest multiple of 64 px (bucket: one compiled graph per bucket), or refuse")
     images.add_argument("--normalize", choices=["none", "reference", "flow-grpo-ms"], default="none",
                         help="score scale: raw (default), (raw + 10) / 10, or raw / 5")
     images.add_argument("--max-sequence-length", type=int, default=128, help="T5 tokens (128 as the release)")

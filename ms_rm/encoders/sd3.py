@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor
+from mindspore import Tensor, mint
 
 from ..core.errors import ConfigError
 
@@ -39,11 +39,18 @@ class SD3Encoder:
 
     sample: encode to the posterior's mode (False, the default: deterministic) or draw from it
         (True), with `seed` for reproducible draws. The reference samples (`latent_dist.sample()`).
+    prompt_encoder: an SD3PromptEncoder, or None for images only (prompts then come as embeddings,
+        as `ms-rm score-images` passes them: ms_rm.scoring.runs.PromptTable).
+    vae_batch_size: images encoded at a time (default 1: on the CPU the VAE's activations take
+        about 5 GiB per 1024 x 1024 image, and batching gains no speed there).
     """
 
-    def __init__(self, vae, prompt_encoder, sample: bool = False, seed: Optional[int] = None):
+    def __init__(self, vae, prompt_encoder, sample: bool = False, seed: Optional[int] = None,
+                 vae_batch_size: int = 1):
+        if isinstance(vae_batch_size, bool) or not isinstance(vae_batch_size, int) or vae_batch_size < 1:
+            raise ConfigError(f"vae_batch_size must be a positive integer, got {vae_batch_size!r}")
         self.vae, self.prompt_encoder = vae, prompt_encoder
-        self.sample, self.seed = sample, seed
+        self.sample, self.seed, self.vae_batch_size = sample, seed, vae_batch_size
 
     @classmethod
     def from_pretrained(cls, vae: str, text_encoders: Optional[str] = None,
@@ -56,26 +63,42 @@ class SD3Encoder:
         from .sd3_prompts import SD3PromptEncoder
         from .sd3_vae import load_vae_encoder
 
-        if text_encoders is None:
-            parent = os.path.dirname(os.path.abspath(vae))
-            if os.path.basename(os.path.abspath(vae)) == "vae":
-                text_encoders = parent
-            elif os.path.isdir(os.path.join(vae, "text_encoder")):
-                text_encoders = vae
-            else:
-                raise ConfigError(f"{vae}: pass text_encoders= (the SD3 pipeline folder holding text_encoder, "
-                                  "text_encoder_2, text_encoder_3 and the tokenizers)")
         return cls(load_vae_encoder(vae, dtype=dtype, mode=mode),
-                   SD3PromptEncoder.from_pretrained(text_encoders, max_sequence_length=max_sequence_length,
+                   SD3PromptEncoder.from_pretrained(text_encoder_folder(vae, text_encoders),
+                                                    max_sequence_length=max_sequence_length,
                                                     joint_attention_dim=joint_attention_dim, dtype=dtype,
                                                     use_t5=use_t5),
                    sample=sample, seed=seed)
 
     def encode_pixels(self, pixels: np.ndarray) -> Tensor:
-        return self.vae.encode(pixels, sample=self.sample, seed=self.seed)
+        """Latents of pixels (B, 3, H, W), vae_batch_size images at a time; a posterior draw uses
+        the noise one call for the whole batch would draw."""
+        count, step = pixels.shape[0], self.vae_batch_size
+        if count <= step:
+            return self.vae.encode(pixels, sample=self.sample, seed=self.seed)
+        noise = self.vae.draw_noise(self.vae.latent_shape(pixels.shape), self.seed) if self.sample else None
+        parts = [self.vae.encode(pixels[i:i + step], sample=self.sample, noise=None if noise is None else noise[i:i + step])
+                 for i in range(0, count, step)]
+        return mint.cat(parts, dim=0)                                        # (B, latent, H/8, W/8)
 
     def encode_prompts(self, prompts: Sequence[str]) -> Tuple[Tensor, Tensor]:
+        if self.prompt_encoder is None:
+            raise ConfigError("this SD3Encoder has no text encoders (prompt_encoder=None): pass prompt_embeds and "
+                              "pooled_prompt_embeds with the images, or build it with SD3Encoder.from_pretrained")
         return self.prompt_encoder.encode(list(prompts))
+
+
+def text_encoder_folder(vae: str, text_encoders: Optional[str] = None) -> str:
+    """The SD3 pipeline folder of the text encoders: `text_encoders` if given, else the parent of a
+    `vae/` folder, or `vae` itself when it is the pipeline folder."""
+    if text_encoders is not None:
+        return text_encoders
+    if os.path.basename(os.path.abspath(vae)) == "vae":
+        return os.path.dirname(os.path.abspath(vae))
+    if os.path.isdir(os.path.join(vae, "text_encoder")):
+        return vae
+    raise ConfigError(f"{vae}: pass text_encoders= (the SD3 pipeline folder holding text_encoder, "
+                      "text_encoder_2, text_encoder_3 and the tokenizers)")
 
 
 class MindOneSD3Encoder:

@@ -29,7 +29,10 @@ USE_TORCH=0 (or without torch installed) torch stays out of the process and enco
 same (checked).
 
 How the models run: every model is called through `ms.jit` (graph mode, compiled once per batch
-size; the global execution mode is left untouched). mindone's CLIP with `hidden_act="gelu"`
+size; the global execution mode is left untouched), or eagerly with mode="pynative" (what
+`ms-rm score-images` does, so that the text encoders' memory is freed once the prompts are
+encoded; ms_rm's T5 is freed in either mode, its weights being inputs of its compiled block).
+mindone's CLIP with `hidden_act="gelu"`
 (CLIP-G's) calls GeluExt, which has no CPU kernel in either mode: its GELU cells are replaced by
 ms_rm's portable exact GELU (`ms_rm.core.ops.gelu`, the same function, erf form). A mindone
 `T5EncoderModel` passed to the constructor (a pipeline's) is called like the CLIPs.
@@ -60,6 +63,7 @@ from mindspore import Tensor, mint, nn
 
 from ..core import ops
 from ..core.compile_cache import jit
+from ..core.compiled import check_mode
 from ..core.errors import CheckpointError, ConfigError, InputError, MissingDependencyError
 from ..io.files import find_weights
 from ..io.safetensors_file import open_safetensors
@@ -186,8 +190,9 @@ class SD3PromptEncoder:
 
     def __init__(self, clip_l: Any, clip_g: Any, t5: Optional[Any], tokenizer_l: Any, tokenizer_g: Any,
                  tokenizer_t5: Optional[Any], max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-                 joint_attention_dim: int = 4096):
+                 joint_attention_dim: int = 4096, mode: str = "graph"):
         _check_size("max_sequence_length", max_sequence_length, MAX_T5_SEQUENCE_LENGTH)
+        check_mode(mode)
         _check_size("joint_attention_dim", joint_attention_dim)
         if (t5 is None) != (tokenizer_t5 is None):
             raise ConfigError("t5 and tokenizer_t5 go together: pass both (T5 encoding) or neither "
@@ -228,12 +233,13 @@ class SD3PromptEncoder:
             if use_portable_gelu(model):
                 logger.info("%s: mindone's exact GELU replaced by ms_rm's portable one", name)
             call = _T5Call(model) if name == "t5" else _ClipCall(model)
-            self._calls[name] = (call, jit(call.construct, call, name="construct"))   # keep the cell alive with its compiled call
+            compiled = jit(call.construct, call, name="construct") if mode == "graph" else call
+            self._calls[name] = (call, compiled)   # keep the cell alive with its compiled call
 
     @classmethod
     def from_pretrained(cls, root: Union[str, os.PathLike], max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
                         joint_attention_dim: int = 4096, dtype: ms.Type = ms.float32,
-                        use_t5: bool = True) -> "SD3PromptEncoder":
+                        use_t5: bool = True, mode: str = "graph") -> "SD3PromptEncoder":
         """Load the text encoders and tokenizers of a diffusers SD3 / SD3.5 pipeline folder.
 
         root: holds text_encoder, text_encoder_2, tokenizer, tokenizer_2 and, for T5,
@@ -241,6 +247,9 @@ class SD3PromptEncoder:
             use_t5=False, the T5 part is zeros (B, max_sequence_length, joint_attention_dim).
         dtype: float32 (default), float16 or bfloat16; bf16 is loaded as float32 on the CPU, which
             has no bf16 compute.
+        mode: how the CLIPs (and a mindone T5) run: "graph" (compiled) or "pynative" (eager: the
+            same numbers, and their memory is freed with the encoder; a compiled mindone model keeps
+            its weights, and on the CPU a copy of them, for the life of the process).
         """
         root = os.fspath(root)
         if not os.path.isdir(root):
@@ -268,7 +277,7 @@ class SD3PromptEncoder:
             _load_tokenizer(clip_tokenizer, part("tokenizer")),
             _load_tokenizer(clip_tokenizer, part("tokenizer_2")),
             _load_tokenizer(t5_tokenizer, part("tokenizer_3")) if with_t5 else None,
-            max_sequence_length=max_sequence_length, joint_attention_dim=joint_attention_dim)
+            max_sequence_length=max_sequence_length, joint_attention_dim=joint_attention_dim, mode=mode)
 
     @property
     def uses_t5(self) -> bool:

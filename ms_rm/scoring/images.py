@@ -9,10 +9,14 @@ other size fails inside its patch embedding). Here the size is handled explicitl
   pixels lost per side pair; nothing is distorted);
 * "resize": resize to the nearest multiple of 16 in each direction (bicubic; the aspect ratio
   changes by at most 8 pixels' worth);
+* "bucket": resize to the nearest multiple of 64 in each direction (bicubic; at most 32 pixels'
+  worth of aspect change per side): images of nearby sizes share one size, so a run over many
+  sizes compiles one graph per bucket instead of one per size, at the price of a resize;
 * "error": refuse any other size.
 
 Images of different sizes are never squeezed into one shape: `group_by_size` batches them by
-size and the caller encodes each group on its own.
+size and the caller encodes each group on its own. `fitted_size` says, from a file's header,
+which size an image will have (what score runs batch by).
 
 Accepted images: PIL images (any mode, converted to RGB), uint8 arrays (H, W, 3), float arrays
 in [0, 1] as (H, W, 3) or (3, H, W), and batches of those as numpy (B, H, W, 3) or a
@@ -30,7 +34,8 @@ from ..core.errors import InputError, MissingDependencyError
 from ..core.resize import center_crop_start, shortest_edge_size
 
 MULTIPLE = 16                       # VAE downsampling 8 x transformer patch 2
-SIZE_POLICIES = ("crop", "resize", "error")
+BUCKET = 64                         # the grid of the "bucket" size policy
+SIZE_POLICIES = ("crop", "resize", "bucket", "error")
 
 
 def _pil():
@@ -106,23 +111,32 @@ def to_unit_rgb(image: Any, index: int = 0) -> np.ndarray:
     return np.clip(array, 0.0, 1.0)
 
 
-def fit_size(array: np.ndarray, policy: str = "crop", multiple: int = MULTIPLE, index: int = 0) -> np.ndarray:
-    """(3, H, W) -> (3, H', W') with H', W' multiples of `multiple`, by the size policy."""
+def fitted_size(height: int, width: int, policy: str = "crop", multiple: int = MULTIPLE) -> Tuple[int, int]:
+    """(H', W'): the size an image of height x width pixels takes under a size policy."""
     if policy not in SIZE_POLICIES:
         raise InputError(f"size policy must be one of {SIZE_POLICIES}, got {policy!r}")
+    if policy == "crop":
+        return height - height % multiple, width - width % multiple
+    if policy in ("resize", "bucket"):
+        grid = multiple if policy == "resize" else BUCKET
+        return tuple(max(grid, int(round(n / grid)) * grid) for n in (height, width))
+    return height, width
+
+
+def fit_size(array: np.ndarray, policy: str = "crop", multiple: int = MULTIPLE, index: int = 0) -> np.ndarray:
+    """(3, H, W) -> (3, H', W') with H', W' multiples of `multiple`, by the size policy."""
     _, height, width = array.shape
-    if height % multiple == 0 and width % multiple == 0:
+    new_h, new_w = fitted_size(height, width, policy, multiple)
+    if (new_h, new_w) == (height, width) and height % multiple == 0 and width % multiple == 0:
         return array
     if policy == "error":
         raise InputError(f"images[{index}] is {height}x{width} pixels; the reward model needs multiples of "
                          f"{multiple}: crop or resize it, or use size policy 'crop' / 'resize'")
     if policy == "crop":
-        new_h, new_w = height - height % multiple, width - width % multiple
         if not new_h or not new_w:
             raise InputError(f"images[{index}] is {height}x{width} pixels: smaller than {multiple} pixels")
         top, left = (height - new_h) // 2, (width - new_w) // 2
         return array[:, top:top + new_h, left:left + new_w]
-    new_h, new_w = (max(multiple, int(round(n / multiple)) * multiple) for n in (height, width))
     Image = _pil()
     channels = [np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize((new_w, new_h),
                                                                                           Image.BICUBIC))

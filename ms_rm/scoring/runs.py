@@ -29,7 +29,7 @@ import csv
 import json
 import os
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -139,16 +139,19 @@ def read_pairs(path: str) -> List[Pair]:
 
 
 def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bool = True,
-                world: World = World()) -> List[Dict]:
+                world: World = World(), prompt_table: Optional["PromptTable"] = None) -> List[Dict]:
     """Score the pairs `batch_size` at a time; {"image", "prompt", "score"} per pair, in order.
 
-    Batches hold images of one size, and a batch short of `batch_size` (the last of a size) is
-    filled up with copies of its first pair whose scores are dropped: every call has the same
-    batch size, so each model compiles one graph per image size in a run, not one per batch
-    size (the cost: at most batch_size - 1 extra samples per image size). With a seed, each pair's
+    Batches hold images of one size (the scorer's `fitted_size` of the file's, when it has one),
+    and a batch short of `batch_size` (the last of a size) is
+    filled up with copies of its first pair whose scores are dropped: every call for a size has
+    the same batch size, so each model compiles one graph per image size in a run, not one per
+    batch size (the cost: at most batch_size - 1 extra samples per image size; a size with fewer
+    pairs than batch_size is scored at its own count, unfilled). With a seed, each pair's
     noise comes from (seed, its index): scores do not depend on the batch size, the order or the
     number of workers. With a world of several ranks, each scores its shard and every rank
-    returns all rows."""
+    returns all rows. prompt_table: the prompts' embeddings, encoded beforehand (PromptTable),
+    passed to the scorer with the prompts."""
     if batch_size < 1:
         raise InputError(f"batch size must be positive, got {batch_size}")
     if len(pairs) < world.size:
@@ -157,24 +160,33 @@ def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bo
     keyed = getattr(scorer, "seed", None) is not None
     scores = np.zeros(len(pairs), np.float32)
     with tqdm(total=rows.stop - rows.start, unit="image", desc="scoring", disable=not progress) as bar:
-        for batch in size_batches(pairs, range(rows.start, rows.stop), batch_size):
-            filled = batch + [batch[0]] * (batch_size - len(batch))           # the fillers: the first pair
+        for batch, target in size_batches(pairs, range(rows.start, rows.stop), batch_size,
+                                          getattr(scorer, "fitted_size", None)):
+            filled = batch + [batch[0]] * (target - len(batch))               # the fillers: the first pair
             images = [load_image(pairs[i][0]) for i in batch]
-            ids = {"sample_ids": filled} if keyed else {}
-            values = scorer(images + images[:1] * (batch_size - len(batch)), [pairs[i][1] for i in filled], **ids)
+            prompts = [pairs[i][1] for i in filled]
+            extra = {"sample_ids": filled} if keyed else {}
+            if prompt_table is not None:
+                extra["prompt_embeds"], extra["pooled_prompt_embeds"] = prompt_table.rows(prompts)
+            values = scorer(images + images[:1] * (target - len(batch)), prompts, **extra)
             scores[batch] = values[:len(batch)]
             bar.update(len(batch))
     everyone = world.gather_rows(scores[rows][:, None], len(pairs))[:, 0]          # float32: lossless
     return [{"image": path, "prompt": prompt, "score": float(score)} for (path, prompt), score in zip(pairs, everyone)]
 
 
-def size_batches(pairs: Sequence[Pair], indices: Sequence[int], batch_size: int) -> List[List[int]]:
-    """The indices cut into batches of at most batch_size pairs whose images have one size (from the
-    file headers), sizes in order of first appearance."""
+def size_batches(pairs: Sequence[Pair], indices: Sequence[int], batch_size: int,
+                 fitted: Optional[Callable[[int, int], Tuple[int, int]]] = None) -> List[Tuple[List[int], int]]:
+    """The indices cut into batches of pairs whose images have one size (from the file headers;
+    with `fitted(height, width)`, the size the scorer will fit them to, e.g. a bucket), sizes in
+    order of first appearance, each with the batch size it is to be filled up to: the size's own
+    count of pairs when that is below batch_size, else batch_size."""
     by_size: Dict[Tuple[int, int], List[int]] = {}
     for i in indices:
-        by_size.setdefault(image_size(pairs[i][0]), []).append(i)
-    return [group[start:start + batch_size] for group in by_size.values() for start in range(0, len(group), batch_size)]
+        width, height = image_size(pairs[i][0])
+        by_size.setdefault(fitted(height, width) if fitted else (height, width), []).append(i)
+    return [(group[start:start + batch_size], min(batch_size, len(group)))
+            for group in by_size.values() for start in range(0, len(group), batch_size)]
 
 
 def write_jsonl(path: str, rows: Sequence[Dict]) -> None:
@@ -182,3 +194,70 @@ def write_jsonl(path: str, rows: Sequence[Dict]) -> None:
     with atomic_file(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --- prompts encoded before the images ---------------------------------------------------------------
+
+class PromptTable:
+    """Each distinct prompt's embeddings (prompt_embeds (T, D), pooled (P,), float32), encoded once,
+    before any image, and kept in two .npy files in `folder`, written and read a row at a time
+    (never mapped): the memory they take does not grow with the number of prompts.
+
+    `ms-rm score-images` encodes its prompts this way and frees the text encoders before it loads
+    the VAE and the reward model, so that they are never in memory together (README, "Memory at
+    the released size"). Build it with `PromptTable.encode`."""
+
+    FILES = ("prompt_embeds.npy", "pooled_prompt_embeds.npy")
+
+    def __init__(self, folder: str, prompts: Sequence[str]):
+        self.index = {prompt: i for i, prompt in enumerate(prompts)}
+        self.paths = [os.path.join(folder, name) for name in self.FILES]
+        self.layouts = [_npy_layout(path) for path in self.paths]              # (data offset, row shape)
+
+    @classmethod
+    def encode(cls, encode_prompts: Callable, prompts: Sequence[str], folder: str, batch_size: int = 8,
+               progress: bool = True) -> "PromptTable":
+        """Encode the distinct `prompts` batch_size at a time (a short last batch filled with copies
+        of its first prompt: one compiled graph) with encode_prompts(list) -> (embeds, pooled)."""
+        distinct = list(dict.fromkeys(prompts))
+        files = [open(path, "wb") for path in (os.path.join(folder, name) for name in cls.FILES)]
+        try:
+            with tqdm(total=len(distinct), unit="prompt", desc="encoding prompts", disable=not progress) as bar:
+                for start in range(0, len(distinct), batch_size):
+                    batch = distinct[start:start + batch_size]
+                    outputs = encode_prompts(batch + batch[:1] * (batch_size - len(batch)))
+                    for f, output in zip(files, outputs):
+                        rows = np.ascontiguousarray(output.astype("float32").asnumpy()[:len(batch)])
+                        if start == 0:                                      # the header, once the shape is known
+                            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                                      "shape": (len(distinct),) + rows.shape[1:]})
+                        f.write(rows.tobytes())
+                    bar.update(len(batch))
+        finally:
+            for f in files:
+                f.close()
+        return cls(folder, distinct)
+
+    def rows(self, prompts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+        """(prompt_embeds (B, T, D), pooled (B, P)) of the prompts, in their order."""
+        missing = [p for p in prompts if p not in self.index]
+        if missing:
+            raise InputError(f"prompts not encoded beforehand: {missing[:3]}")
+        result = []
+        for path, (offset, shape) in zip(self.paths, self.layouts):
+            size = int(np.prod(shape)) * 4
+            with open(path, "rb") as f:
+                parts = []
+                for prompt in prompts:
+                    f.seek(offset + self.index[prompt] * size)
+                    parts.append(np.frombuffer(f.read(size), dtype="<f4").reshape(shape))
+            result.append(np.stack(parts))
+        return result[0], result[1]
+
+
+def _npy_layout(path: str) -> Tuple[int, Tuple[int, ...]]:
+    """(offset of the data, shape of one row) of a float32 .npy file written by PromptTable.encode."""
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        shape, _, _ = np.lib.format.read_array_header_1_0(f)
+        return f.tell(), tuple(shape[1:])

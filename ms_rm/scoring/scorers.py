@@ -35,7 +35,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.inputs import as_float_tensor, variable_length_text
 from ..rewards.diffusion_rm import DiffusionRM, recommended_u
 from .clip import CLIPScorer, PickScoreScorer
-from .images import SIZE_POLICIES, group_by_size, preprocess
+from .images import SIZE_POLICIES, fitted_size, group_by_size, preprocess, split_batch
 from .imagereward import ImageRewardScorer
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ class DiffusionRMScorer:
        (prompt_embeds, pooled_prompt_embeds)` (see ms_rm.encoders); needed only for
        `__call__(images, prompts)`.
     size_policy: how `__call__` fits image sizes to multiples of 16 pixels: "crop" (center crop,
-       the default), "resize" or "error" (see ms_rm.scoring.images).
+       the default), "resize", "bucket" (resize to the 64-pixel grid: one compiled graph per
+       bucket) or "error" (see ms_rm.scoring.images).
     """
 
     name = "diffusion-rm"
@@ -125,6 +126,10 @@ class DiffusionRMScorer:
             raise ConfigError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
         self.size_policy = size_policy
         self._rng = np.random.default_rng(seed)
+
+    def fitted_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The size `__call__` fits an image of height x width pixels to (its size policy)."""
+        return fitted_size(height, width, self.size_policy)
 
     def default_u(self, inputs: str) -> float:
         """The u a call uses: the scorer's `u`, else the recommended u for `inputs` ("latents" from
@@ -228,14 +233,18 @@ class DiffusionRMScorer:
                  pooled_prompt_embeds=None, sample_ids: Optional[Sequence[int]] = None) -> List[float]:
         """Flow-GRPO-MS's scorer call: images (PIL list, arrays in [0, 1], see ms_rm.scoring.images) and
         prompts, one float per image. Images are fitted to multiples of 16 pixels by the scorer's
-        `size_policy` and encoded in groups of equal size; precomputed prompt embeddings may be
+        `size_policy` and encoded in groups of equal size (an image object given more than once, as
+        a batch's fillers are, is encoded once); precomputed prompt embeddings may be
         passed instead of prompts; sample_ids: per-sample noise (see draw_noise)."""
         if self.encoder is None:
             raise ConfigError(
                 f"{type(self).__name__} scores latents: pass encoder= (ms_rm.encoders.SD3Encoder, or "
                 "MindOneSD3Encoder(pipeline) for a mindone pipeline) to score images, or call "
                 "score_latents(latents, prompt_embeds, pooled_prompt_embeds) with what the trainer holds")
-        pixels = preprocess(images, self.size_policy)
+        items = split_batch(images)
+        first: Dict[int, int] = {}
+        source = [first.setdefault(id(item), i) for i, item in enumerate(items)]   # an object's first index
+        pixels = preprocess(items, self.size_policy)
         if prompt_embeds is None or pooled_prompt_embeds is None:
             if prompts is None:
                 raise InputError("prompts are required: Diffusion-RM scores an image against its prompt "
@@ -252,7 +261,11 @@ class DiffusionRMScorer:
         u = None if self.ensemble_u is not None else self.default_u("images")
         scores: List[float] = [0.0] * len(pixels)
         for indices in group_by_size(pixels).values():           # one encoder batch per image size
-            latents = self.encoder.encode_pixels(np.stack([pixels[i] for i in indices]))
+            distinct = [i for i in indices if source[i] == i]    # an image object given twice is encoded once
+            latents = self.encoder.encode_pixels(np.stack([pixels[i] for i in distinct]))
+            if len(distinct) < len(indices):
+                position = {i: n for n, i in enumerate(distinct)}
+                latents = _rows(as_float_tensor(latents, "latents"), [position[source[i]] for i in indices])
             values = self.score_latents(latents, _rows(ehs, indices), _rows(pooled, indices),
                                         groups=None if groups is None else [groups[i] for i in indices], u=u,
                                         sample_ids=None if sample_ids is None else [sample_ids[i] for i in indices])

@@ -91,16 +91,16 @@ class DiffusionRM(CompiledCell):
         manifest on every load), and each tensor's CRC32 is checked as it is read; verify=True
         also checks the weights file's sha256 first."""
         with ConvertedFolder(path, verify=verify) as folder:
-            folder.expect_format(FORMAT_NAME)
-            config = RewardModelConfig.from_dict(folder.config, folder.config_path)
-            recorded = folder.manifest.get("u_convention")
-            if recorded != config.u_convention:
-                raise CheckpointError(f"{folder.config_path}: u_convention '{config.u_convention}' differs from "
-                                      f"the manifest's {recorded!r}: the files come from different conversions; "
-                                      "convert again")
-            model = cls(config, dtype=dtype, mode=mode)
+            model = cls(_checked_config(folder), dtype=dtype, mode=mode)
             load_parameters(model, folder.read, folder.names, folder.weights_path)
         return model
+
+    @staticmethod
+    def read_config(path: str) -> RewardModelConfig:
+        """The config of a folder written by `ms-rm convert`, checked as `from_pretrained` checks
+        it, without reading the weights (to fail early, before long work that precedes loading)."""
+        with ConvertedFolder(path) as folder:
+            return _checked_config(folder)
 
     @classmethod
     def from_reference(cls, src: str, transformer: str, scheduler: str, config: Optional[str] = None,
@@ -265,3 +265,15 @@ class DiffusionRM(CompiledCell):
             visual_tokens.append(vis)
             text_tokens.append(txt)
         return self.run("pool_tokens", mint.cat(visual_tokens, dim=1), mint.cat(text_tokens, dim=1))[-1]
+
+
+def _checked_config(folder: ConvertedFolder) -> RewardModelConfig:
+    """A converted folder's config: its format, and the u convention it and the manifest record."""
+    folder.expect_format(FORMAT_NAME)
+    config = RewardModelConfig.from_dict(folder.config, folder.config_path)
+    recorded = folder.manifest.get("u_convention")
+    if recorded != config.u_convention:
+        raise CheckpointError(f"{folder.config_path}: u_convention '{config.u_convention}' differs from "
+                              f"the manifest's {recorded!r}: the files come from different conversions; "
+                              "convert again")
+    return config
