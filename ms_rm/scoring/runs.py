@@ -143,11 +143,11 @@ def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bo
     """Score the pairs `batch_size` at a time; {"image", "prompt", "score"} per pair, in order.
 
     Batches hold images of one size (the scorer's `fitted_size` of the file's, when it has one),
-    and a batch short of `batch_size` (the last of a size) is
-    filled up with copies of its first pair whose scores are dropped: every call for a size has
-    the same batch size, so each model compiles one graph per image size in a run, not one per
-    batch size (the cost: at most batch_size - 1 extra samples per image size; a size with fewer
-    pairs than batch_size is scored at its own count, unfilled). With a seed, each pair's
+    and a batch short of `batch_size` (the last of a size) is filled up with copies of its first
+    pair whose scores are dropped: every call for a size has the same batch size, so each model
+    compiles one graph per image size in a run, not one per batch size (the cost: at most
+    batch_size - 1 extra samples per image size; a size with fewer pairs than batch_size is scored
+    at its own count, unfilled). With a seed, each pair's
     noise comes from (seed, its index): scores do not depend on the batch size, the order or the
     number of workers. With a world of several ranks, each scores its shard and every rank
     returns all rows. prompt_table: the prompts' embeddings, encoded beforehand (PromptTable),
