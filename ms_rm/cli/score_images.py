@@ -5,11 +5,11 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import tempfile
 from typing import Optional
 
 from ..core.errors import InputError
+from ..core.memory import release_freed_memory
 from ..encoders import SD3Encoder
 from ..encoders.sd3 import text_encoder_folder
 from ..encoders.sd3_vae import load_vae_encoder
@@ -84,7 +84,7 @@ def _encode_prompts(args: argparse.Namespace, prompts, folder: str, joint_attent
     table = PromptTable.encode(encoder.encode, prompts, folder, batch_size=args.batch_size,
                                progress=not args.no_progress and args.world.is_main)
     del encoder
-    gc.collect()                                          # the text encoders' memory, before the VAE's
+    release_freed_memory()                                # the text encoders' memory, before the VAE's
     return table
 
 

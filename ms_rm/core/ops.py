@@ -19,10 +19,12 @@ to the commands that reproduce them, and the accuracy facts are pinned by tests/
   each such intermediate stays allocated until the graph ends. So broadcasts are explicit
   (`expand`), `linear` is MatMul + BiasAdd and heads move with mint.swapaxes, all of which are
   reused.
-* Speed: some spellings are chosen for the CPU's kernels (linear, mean_last, gelu). An Ascend
-  build would want the fused kernels (LayerNorm, RmsNorm, FlashAttentionScore) instead: that
-  choice belongs here, behind a device check made outside the compiled graph, and must be
-  measured on Ascend first (no Ascend machine was available for this work).
+* Speed: some spellings are chosen for the CPU's kernels (linear, mean_last, gelu). Two depend
+  on the device, through `use_cpu_spellings()`, checked when a model is built (outside the
+  compiled graph): conv2d as unfold + GEMM and attention in query chunks on the CPU, the plain
+  kernels elsewhere. An Ascend build would also want the fused kernels (LayerNorm, RmsNorm,
+  FlashAttentionScore): that choice belongs here too, and must be measured on Ascend first (no
+  Ascend machine was available for this work).
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def compute_dtype(requested: ms.Type = ms.float32) -> ms.Type:
         logger.info("bf16 compute is not available on the CPU backend: computing in fp32")
         return ms.float32
     return requested
+
+
+BAND_BYTES = 256 * 2 ** 20     # with the CPU spellings: a convolution band's columns, an attention chunk's scores
+
+
+def use_cpu_spellings() -> bool:
+    """Whether a model built now should use the CPU spellings of `conv2d` (unfold + GEMM, in bands)
+    and `attention` (queries in chunks); decided when the model is built, outside any compiled
+    graph. On the CPU, yes: MindSpore's CPU Conv2D kernel runs 3x3 convolutions at under 1 GFLOP/s,
+    and the graph executor keeps more of a large graph's intermediates than torch (README,
+    "Op spellings"). On Ascend the device's own Conv2D and whole attention are kept."""
+    return device_target() == "CPU"
 
 
 _MATMUL_T = ops.MatMul(transpose_b=True)
@@ -189,7 +203,7 @@ def attention(q: ms.Tensor, k: ms.Tensor, v: ms.Tensor, bias: Optional[ms.Tensor
     # Scaling q rather than the (Lq, Lk) scores is cheaper, and exact for power-of-two d.
     q = q if scale == 1.0 else q * scale
     b, heads, length = q.shape[0], q.shape[1], q.shape[2]
-    per_row = b * heads * k.shape[2] * 4
+    per_row = b * heads * k.shape[2] * 4                                  # float32 scores of one query
     rows = max(1, BAND_BYTES // per_row) if chunked and (bias is None or bias.shape[2] == 1) else length
     chunks = []
     for first in range(0, length, rows):
@@ -222,18 +236,6 @@ def patchify(x: ms.Tensor, patch: int, channels_last: bool = False) -> ms.Tensor
 
 
 # --- convolutional helpers (the SD3 VAE, ms_rm/encoders/sd3_vae.py) --------------------
-
-BAND_BYTES = 256 * 2 ** 20     # with the CPU spellings: a convolution band's columns, an attention chunk's scores
-
-
-def use_cpu_spellings() -> bool:
-    """Whether a model built now should use the CPU spellings of `conv2d` (unfold + GEMM, in bands)
-    and `attention` (queries in chunks); decided when the model is built, outside any compiled
-    graph. On the CPU, yes: MindSpore's CPU Conv2D kernel runs 3x3 convolutions at under 1 GFLOP/s,
-    and the graph executor keeps more of a large graph's intermediates than torch (README,
-    "Op spellings"). On Ascend the device's own Conv2D and whole attention are kept."""
-    return device_target() == "CPU"
-
 
 def conv2d(x: ms.Tensor, weight: ms.Tensor, bias: Optional[ms.Tensor] = None, stride: int = 1,
            padding: int = 0, as_gemm: bool = False, pre_norm=None, residual: Optional[ms.Tensor] = None
