@@ -4,7 +4,7 @@
   when a LoRA is active), so every number on this side comes from diffusers' code. FLUX and
   Z-Image run diffusers' modules the way the upstream reward models call them (FluxCut,
   ZImageCut: written by us from the reference's model files, whose conventions they state).
-* The reward head is ours, written in torch from the spec (../shared/spec/diffusion-rm.md,
+* The reward head is ours, written in torch from the spec (the Diffusion-RM spec,
   section 3) with the module names of the released `rm_head.pt`, so reference checkpoints
   load into it unchanged.
 * The u -> sigma lookup reads diffusers' FlowMatchEulerDiscreteScheduler table.

@@ -14,7 +14,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ms_rm"
-SHARED_CYCLES = ROOT.parent / "shared" / "tools" / "import_cycles.py"
 
 # What each part of ms_rm may import (besides itself and ms_rm.version):
 # cli -> scoring / generators -> rewards -> backbones / encoders -> core / io.
@@ -34,14 +33,14 @@ MAY_IMPORT = {
 }
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path):
+def _imports(path: Path, root: Path = ROOT):
     """Every ms_rm module that `path` imports, at module level or inside functions."""
-    name = _module_name(path)
+    name = _module_name(path, root)
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -71,10 +70,112 @@ def test_imports_point_one_way():
     assert not wrong, wrong
 
 
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """module -> the modules of `package` it imports (anywhere in the file, functions included).
+
+    `from x import name` counts as an import of x.name when that is a module, else of x; a name
+    outside the package is dropped, and so is a module's import of itself."""
+    root = package.parent
+    modules = {_module_name(p, root): p for p in package.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for target in _imports(path, root):
+            if target not in modules:                     # `from x import name`, name not a module: x
+                target = target.rsplit(".", 1)[0] if "." in target else target
+            if target in modules and target != name:
+                edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def import_cycles(package: Path) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    graph = import_graph(package)
+    index, low, on_stack, stack, cycles = {}, {}, set(), [], []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]      # an explicit stack: no recursion limit
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return cycles
+
+
 def test_no_import_cycle_among_modules():
-    assert SHARED_CYCLES.is_file(), f"{SHARED_CYCLES} is missing (CI runs with ../shared beside the repository)"
-    result = subprocess.run([sys.executable, str(SHARED_CYCLES), str(PACKAGE)], capture_output=True, text=True)
-    assert result.returncode == 0 and not result.stdout.strip(), result.stdout
+    cycles = import_cycles(PACKAGE)
+    assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path):
+    """The check above can fail: a fake package where a imports b (inside a function, by a
+    relative `from`) and b imports a, beside a module c that imports a without closing a cycle."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "a.py").write_text("def f():\n    from .b import g\n    return g\n")
+    (fake / "b.py").write_text("import fake.a\n\ndef g():\n    return fake.a\n")
+    (fake / "c.py").write_text("from fake import a\nfrom fake.c import nothing\n")
+    assert import_graph(fake)["fake.c"] == {"fake.a"}
+    assert import_cycles(fake) == [["fake.a", "fake.b"]]
+
+
+def _module_level_imports(tree: ast.Module):
+    """The imports that run when a module is imported: not those inside a function."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def test_ms_rm_imports_ms_rm_parity_only_inside_functions():
+    """ms_rm_parity imports torch; `import ms_rm` must not, so no module of ms_rm imports it at
+    module level (ms_rm/cli/parity.py does, inside the functions that run its commands)."""
+    at_module_level, inside = [], []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in _module_level_imports(tree)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] == "ms_rm_parity" for n in names):
+                (at_module_level if id(node) in top else inside).append(f"{_module_name(path)}:{node.lineno}")
+    assert not at_module_level, at_module_level
+    assert inside, "ms_rm/cli/parity.py no longer imports ms_rm_parity: update this test"
 
 
 def test_top_level_is_short_and_every_package_is_installed():

@@ -2,7 +2,7 @@
 
 The models call these helpers, plus plain elementwise `mint` calls that run on every backend.
 Each spelling here runs on the CPU and on Ascend: MindSpore's CPU backend lacks many `mint` kernels (`mint.nn.functional.layer_norm`, `gelu`, `scaled_dot_product_attention`,
-`conv2d`, ...) and all bf16 arithmetic (see ../shared/platform/mindspore-cpu.md). Any choice
+`conv2d`, ...) and all bf16 arithmetic (see the README's op spellings). Any choice
 that depends on the device belongs in this module and nowhere else.
 
 Why each spelling was chosen is written beside it; the measured figures behind the choices (op

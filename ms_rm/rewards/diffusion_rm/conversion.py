@@ -1,6 +1,6 @@
 """Reference-format Diffusion-RM checkpoints -> MindSpore, in memory or on disk.
 
-The reference files (../shared/spec/diffusion-rm.md, section 4): a model or run directory with
+The reference files (the Diffusion-RM spec, section 4: checkpoint layout): a model or run directory with
 `config.json` and a checkpoint folder in one of three modes, the base SD3 transformer as a
 diffusers folder (safetensors, maybe sharded), and the scheduler config.
 
