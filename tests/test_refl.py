@@ -155,7 +155,7 @@ def test_the_pretraining_term_matches_torch(tmp_path):
     from ms_rm import SD3Generator
     from ms_rm.training.refl import pretrain_loss_and_grads, save_lora
 
-    from ms_rm_parity.compare import FP32_BOUND, max_rel_error
+    from ms_rm_parity.compare import FP32_BOUND, max_rel_error, policy_bound
 
     pipeline, _, pool, _ = _tiny_run(tmp_path)
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -172,19 +172,30 @@ def test_the_pretraining_term_matches_torch(tmp_path):
 
     base = SD3Transformer2DModel.from_pretrained(pipeline + "/transformer")
     model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"), is_trainable=True)
-    x0_t, eps_t, s = torch.from_numpy(x0), torch.from_numpy(eps), torch.from_numpy(sigma)
-    x_s = (1 - s[:, None, None, None]) * x0_t + s[:, None, None, None] * eps_t
-    v = model(hidden_states=x_s, encoder_hidden_states=torch.from_numpy(pool[0][:2]),
-              pooled_projections=torch.from_numpy(pool[1][:2]), timestep=s * 1000).sample
-    torch_loss = ((v - (eps_t - x0_t)) ** 2).mean()
-    torch_loss.backward()
-    torch_grads = {n.replace("base_model.model.", "").replace(".default", ""): p.grad.numpy()
-                   for n, p in model.named_parameters() if "lora_" in n}
-    assert abs(float(loss) - float(torch_loss)) <= FP32_BOUND * abs(float(torch_loss))
+    def torch_run(dtype):
+        """(loss, {LoRA factor: gradient}) of the torch model at `dtype`."""
+        net = model.to(dtype)
+        net.zero_grad()
+        x0_t, eps_t, s = (torch.from_numpy(a).to(dtype) for a in (x0, eps, sigma))
+        x_s = (1 - s[:, None, None, None]) * x0_t + s[:, None, None, None] * eps_t
+        v = net(hidden_states=x_s, encoder_hidden_states=torch.from_numpy(pool[0][:2]).to(dtype),
+                pooled_projections=torch.from_numpy(pool[1][:2]).to(dtype), timestep=s * 1000).sample
+        torch_loss = ((v - (eps_t - x0_t)) ** 2).mean()
+        torch_loss.backward()
+        return float(torch_loss), {n.replace("base_model.model.", "").replace(".default", ""):
+                                   p.grad.double().numpy().copy() for n, p in net.named_parameters() if "lora_" in n}
+
+    torch_loss, torch_grads = torch_run(torch.float32)
+    _, grads64 = torch_run(torch.float64)
+    assert abs(float(loss) - torch_loss) <= FP32_BOUND * abs(torch_loss)
     names = [p.name.split("transformer.", 1)[1] + ".weight" for p in generator.lora_parameters()]
     assert sorted(names) == sorted(torch_grads) and len(names) == 56
-    worst = max(max_rel_error(g.asnumpy(), torch_grads[n]) for n, g in zip(names, grads))
-    assert worst <= 1e-5, worst
+    # The tolerance policy: each gradient within policy_bound of torch fp32's own error against float64
+    # (the gradients sum over every token, so their rounding grows with the model's size and the CPU).
+    worst = {n: (max_rel_error(g.asnumpy(), torch_grads[n]), policy_bound(max_rel_error(torch_grads[n], grads64[n])))
+             for n, g in zip(names, grads)}
+    failed = {n: v for n, v in worst.items() if v[0] > v[1]}
+    assert not failed, failed
 
 
 def test_the_refl_command_trains_resumes_and_refuses_to_overwrite(tmp_path, capsys):
