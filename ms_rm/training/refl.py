@@ -37,7 +37,8 @@ from ..core.distributed import World
 from ..core.errors import InputError
 from ..core.flow_match import training_table
 from ..io.files import atomic_folder, read_config_file, write_json
-from ..io.safetensors_file import SafetensorsFile, SafetensorsWriter
+from ..io.lora import save_lora, write_adapter, write_arrays  # noqa: F401  (save_lora: ms_rm.training.refl's name too)
+from ..io.safetensors_file import SafetensorsFile
 
 logger = logging.getLogger(__name__)
 
@@ -231,33 +232,6 @@ STATE_FILE = "state.json"                    # step, history, settings of a ReFL
 OPTIMIZER_FILE = "optimizer.safetensors"     # Adam's moments, beta powers and step
 
 
-def _write_adapter(folder: str, generator: Any, rank: int, alpha: float, targets) -> None:
-    """adapter_config.json + adapter_model.safetensors (peft's format) into an open folder."""
-    write_json(os.path.join(folder, "adapter_config.json"), {
-        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)),
-        "exclude_modules": None, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "task_type": None,
-        "inference_mode": True, "base_model_name_or_path": None, "revision": None})
-    _write_arrays(os.path.join(folder, "adapter_model.safetensors"),
-                  {k: v.astype(np.float32) for k, v in generator.lora_state().items()})
-
-
-def _write_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    writer = SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in arrays.items()])
-    for key, value in arrays.items():
-        writer.write(key, value)
-    writer.close()
-
-
-def save_lora(generator: Any, folder: str, rank: int, alpha: float, targets, force: bool = True) -> str:
-    """The generator's LoRA factors as a peft adapter folder (adapter_config.json +
-    adapter_model.safetensors), which peft's PeftModel.from_pretrained loads; atomically."""
-    with atomic_folder(folder, force=force) as out:
-        _write_adapter(out, generator, rank, alpha, targets)
-    return folder
-
-
 def _optimizer_state(optimizer: nn.Optimizer, trained: Sequence[ms.Parameter]) -> Dict[str, ms.Parameter]:
     """The optimizer's own parameters (moments, beta powers, step), by name; not the trained ones."""
     names = {p.name for p in trained}
@@ -269,8 +243,8 @@ def save_checkpoint(folder: str, generator: Any, optimizer: nn.Optimizer, lora: 
     """A resumable ReFL run folder, written atomically as a whole: the peft adapter, the optimizer's
     state (optimizer.safetensors) and state.json (step, history, settings)."""
     with atomic_folder(folder, force=True) as out:
-        _write_adapter(out, generator, *lora)
-        _write_arrays(os.path.join(out, OPTIMIZER_FILE),
+        write_adapter(out, generator.lora_state(), *lora)
+        write_arrays(os.path.join(out, OPTIMIZER_FILE),
                       {k: p.asnumpy() for k, p in _optimizer_state(optimizer, generator.lora_parameters()).items()})
         write_json(os.path.join(out, STATE_FILE), state)
     return folder
