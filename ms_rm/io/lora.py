@@ -1,4 +1,4 @@
-"""peft LoRA adapters, merged into base weights in MindSpore.
+"""peft LoRA adapters, merged into base weights in MindSpore; and written (save_lora, write_adapter).
 
 An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` with keys
 `base_model.model.{module}.lora_A.weight` (r, in) and `...lora_B.weight` (out, r). The merged
@@ -18,14 +18,14 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, Mapping, Tuple, Union
+from typing import Any, Dict, Mapping, Tuple, Union
 
 import numpy as np
 from mindspore import Tensor, mint
 
 from ..core.errors import CheckpointError, ConfigError
-from .files import read_config_file
-from .safetensors_file import SafetensorsFile
+from .files import atomic_folder, read_config_file, write_json
+from .safetensors_file import SafetensorsFile, SafetensorsWriter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -178,3 +178,32 @@ class LoraAdapter:
 
     def close(self) -> None:
         self.file.close()
+
+
+# --- writing adapters ----------------------------------------------------------------------------
+def write_adapter(folder: str, factors: Mapping[str, np.ndarray], rank: int, alpha: float, targets) -> None:
+    """adapter_config.json + adapter_model.safetensors (peft's format) into an open folder; factors:
+    {base_model.model.{module}.lora_A/B.weight: array} (a generator's lora_state())."""
+    write_json(os.path.join(folder, ADAPTER_CONFIG), {
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)),
+        "exclude_modules": None, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "task_type": None,
+        "inference_mode": True, "base_model_name_or_path": None, "revision": None})
+    write_arrays(os.path.join(folder, ADAPTER_WEIGHTS), {k: np.asarray(v).astype(np.float32) for k, v in factors.items()})
+
+
+def write_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    """Arrays by name as one safetensors file."""
+    writer = SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in arrays.items()])
+    for key, value in arrays.items():
+        writer.write(key, value)
+    writer.close()
+
+
+def save_lora(generator: Any, folder: str, rank: int, alpha: float, targets, force: bool = True) -> str:
+    """The generator's LoRA factors as a peft adapter folder (adapter_config.json +
+    adapter_model.safetensors), which peft's PeftModel.from_pretrained loads; atomically."""
+    with atomic_folder(folder, force=force) as out:
+        write_adapter(out, generator.lora_state(), rank, alpha, targets)
+    return folder

@@ -15,7 +15,8 @@ image-reward package, in our words), on the same x0_hat:
     reward = ImageReward(Normalize(CenterCrop(Resize(images, 224, bicubic))), prompt tokens)
     loss = mean(relu(2 - reward)) x grad_scale                     (the package's grad_scale: 1e-3)
 
-Both objectives go through one step (refl_loss_and_grads) and one loop (train_refl).
+Both objectives go through one step (ReFLStep; refl_loss_and_grads for one call) and one loop (train_refl),
+which builds its step functions once, so each graph compiles once per run and shape.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from ..core.distributed import World
 from ..core.errors import InputError
 from ..core.flow_match import training_table
 from ..io.files import atomic_folder, read_config_file, write_json
-from ..io.safetensors_file import SafetensorsFile, SafetensorsWriter
+from ..io.lora import save_lora, write_adapter, write_arrays  # noqa: F401  (save_lora: ms_rm.training.refl's name too)
+from ..io.safetensors_file import SafetensorsFile
 
 logger = logging.getLogger(__name__)
 
@@ -139,17 +141,61 @@ class PretrainObjective:
         return ((v - (eps - x0)) ** 2).mean()
 
 
+def _lora_parameters(generator: Any) -> List[ms.Parameter]:
+    params = generator.lora_parameters()
+    if not params:
+        raise InputError("the generator has no LoRA factors to train: add_lora or load an adapter with "
+                         "lora_mode='train'")
+    return params
+
+
+class PretrainStep:
+    """(loss, LoRA gradients) of PretrainObjective, its gradient function (and in graph mode its
+    ms.jit) built once: every call of the same shapes runs the graph compiled at the first one.
+    The LoRA factors are those the generator holds now."""
+
+    def __init__(self, generator: Any, graph: bool = True):
+        self.generator = generator
+        grad_fn = ms.value_and_grad(PretrainObjective(generator).__call__, None, _lora_parameters(generator))
+        self.function = jit(grad_fn, generator, name="pretrain_loss_and_grads") if graph else grad_fn
+
+    def __call__(self, x0, eps, sigma, prompt_embeds, pooled_prompt_embeds) -> Tuple[Tensor, Tuple]:
+        x0 = Tensor(np.asarray(x0, np.float32))
+        sigma = np.asarray(sigma, np.float32)
+        return self.function(x0, Tensor(np.asarray(eps, np.float32)), Tensor(sigma.reshape(-1, 1, 1, 1)),
+                             Tensor(sigma * 1000.0), Tensor(np.asarray(prompt_embeds, np.float32)),
+                             Tensor(np.asarray(pooled_prompt_embeds, np.float32)),
+                             Tensor(self.generator.transformer.positions(x0.shape[2], x0.shape[3])))
+
+
 def pretrain_loss_and_grads(generator: Any, x0, eps, sigma, prompt_embeds, pooled_prompt_embeds,
                             graph: bool = True) -> Tuple[Tensor, Tuple]:
     """(loss, LoRA gradients) of PretrainObjective at clean latents x0 (B, C, H, W), noise eps and
-    per-sample sigmas (B,) from the training table (timestep = 1000 sigma, as the table's)."""
-    x0 = Tensor(np.asarray(x0, np.float32))
-    sigma = np.asarray(sigma, np.float32)
-    args = (x0, Tensor(np.asarray(eps, np.float32)), Tensor(sigma.reshape(-1, 1, 1, 1)), Tensor(sigma * 1000.0),
-            Tensor(np.asarray(prompt_embeds, np.float32)), Tensor(np.asarray(pooled_prompt_embeds, np.float32)),
-            Tensor(generator.transformer.positions(x0.shape[2], x0.shape[3])))
-    grad_fn = ms.value_and_grad(PretrainObjective(generator).__call__, None, generator.lora_parameters())
-    return (jit(grad_fn, generator, name="pretrain_loss_and_grads") if graph else grad_fn)(*args)
+    per-sample sigmas (B,) from the training table (timestep = 1000 sigma, as the table's).
+    One call, one compile in graph mode: a loop builds one PretrainStep and calls it."""
+    return PretrainStep(generator, graph)(x0, eps, sigma, prompt_embeds, pooled_prompt_embeds)
+
+
+class ReFLStep:
+    """(loss, LoRA gradients) of one ReFL step of `objective` (refl_loss_and_grads), its gradient
+    function (and in graph mode its ms.jit) built once: every call of the same shapes runs the graph
+    compiled at the first one. The LoRA factors are those objective.generator holds now."""
+
+    def __init__(self, objective: Any, graph: bool = True):
+        self.objective = objective
+        grad_fn = ms.value_and_grad(objective.__call__, None, _lora_parameters(objective.generator))
+        self.function = jit(grad_fn, objective, name="refl_loss_and_grads") if graph else grad_fn
+
+    def __call__(self, x_t, timestep: float, sigma: float, prompt_embeds, pooled_prompt_embeds, *reward_inputs,
+                 **named_reward_inputs) -> Tuple[Tensor, Tuple]:
+        x = Tensor(np.asarray(x_t, np.float32))
+        batch = x.shape[0]
+        args = (x, Tensor(np.full(batch, timestep, np.float32)), Tensor(np.float32(sigma)),
+                Tensor(np.asarray(prompt_embeds, np.float32)), Tensor(np.asarray(pooled_prompt_embeds, np.float32)),
+                Tensor(self.objective.generator.transformer.positions(x.shape[2], x.shape[3])))
+        args += tuple(self.objective.reward_inputs(x, prompt_embeds, pooled_prompt_embeds, *reward_inputs,
+                                                   **named_reward_inputs))
+        return self.function(*args)
 
 
 def refl_loss_and_grads(objective: Any, x_t, timestep: float, sigma: float, prompt_embeds, pooled_prompt_embeds,
@@ -158,21 +204,10 @@ def refl_loss_and_grads(objective: Any, x_t, timestep: float, sigma: float, prom
     (B, C, H, W) of sampler step (timestep, sigma). `reward_inputs`: the objective's own
     (objective.reward_inputs), by position or name: ReFLObjective: u and rm_noise, the reward
     model's noise at u (B, C, H, W); PixelReFLObjective: the prompts' ImageReward input_ids and
-    attention_mask (B, L)."""
-    generator = objective.generator
-    params = generator.lora_parameters()
-    if not params:
-        raise InputError("the generator has no LoRA factors to train: add_lora or load an adapter with "
-                         "lora_mode='train'")
-    x = Tensor(np.asarray(x_t, np.float32))
-    batch = x.shape[0]
-    args = (x, Tensor(np.full(batch, timestep, np.float32)), Tensor(np.float32(sigma)),
-            Tensor(np.asarray(prompt_embeds, np.float32)), Tensor(np.asarray(pooled_prompt_embeds, np.float32)),
-            Tensor(generator.transformer.positions(x.shape[2], x.shape[3])))
-    args += tuple(objective.reward_inputs(x, prompt_embeds, pooled_prompt_embeds, *reward_inputs,
-                                          **named_reward_inputs))
-    grad_fn = ms.value_and_grad(objective.__call__, None, params)
-    return (jit(grad_fn, objective, name="refl_loss_and_grads") if graph else grad_fn)(*args)
+    attention_mask (B, L). One call, one compile in graph mode: a loop builds one ReFLStep and
+    calls it (train_refl does)."""
+    return ReFLStep(objective, graph)(x_t, timestep, sigma, prompt_embeds, pooled_prompt_embeds, *reward_inputs,
+                                      **named_reward_inputs)
 
 
 # --- the training loop -------------------------------------------------------------------------------
@@ -197,33 +232,6 @@ STATE_FILE = "state.json"                    # step, history, settings of a ReFL
 OPTIMIZER_FILE = "optimizer.safetensors"     # Adam's moments, beta powers and step
 
 
-def _write_adapter(folder: str, generator: Any, rank: int, alpha: float, targets) -> None:
-    """adapter_config.json + adapter_model.safetensors (peft's format) into an open folder."""
-    write_json(os.path.join(folder, "adapter_config.json"), {
-        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)),
-        "exclude_modules": None, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "task_type": None,
-        "inference_mode": True, "base_model_name_or_path": None, "revision": None})
-    _write_arrays(os.path.join(folder, "adapter_model.safetensors"),
-                  {k: v.astype(np.float32) for k, v in generator.lora_state().items()})
-
-
-def _write_arrays(path: str, arrays: Dict[str, np.ndarray]) -> None:
-    writer = SafetensorsWriter(path, [(k, v.dtype, v.shape) for k, v in arrays.items()])
-    for key, value in arrays.items():
-        writer.write(key, value)
-    writer.close()
-
-
-def save_lora(generator: Any, folder: str, rank: int, alpha: float, targets, force: bool = True) -> str:
-    """The generator's LoRA factors as a peft adapter folder (adapter_config.json +
-    adapter_model.safetensors), which peft's PeftModel.from_pretrained loads; atomically."""
-    with atomic_folder(folder, force=force) as out:
-        _write_adapter(out, generator, rank, alpha, targets)
-    return folder
-
-
 def _optimizer_state(optimizer: nn.Optimizer, trained: Sequence[ms.Parameter]) -> Dict[str, ms.Parameter]:
     """The optimizer's own parameters (moments, beta powers, step), by name; not the trained ones."""
     names = {p.name for p in trained}
@@ -235,8 +243,8 @@ def save_checkpoint(folder: str, generator: Any, optimizer: nn.Optimizer, lora: 
     """A resumable ReFL run folder, written atomically as a whole: the peft adapter, the optimizer's
     state (optimizer.safetensors) and state.json (step, history, settings)."""
     with atomic_folder(folder, force=True) as out:
-        _write_adapter(out, generator, *lora)
-        _write_arrays(os.path.join(out, OPTIMIZER_FILE),
+        write_adapter(out, generator.lora_state(), *lora)
+        write_arrays(os.path.join(out, OPTIMIZER_FILE),
                       {k: p.asnumpy() for k, p in _optimizer_state(optimizer, generator.lora_parameters()).items()})
         write_json(os.path.join(out, STATE_FILE), state)
     return folder
@@ -298,7 +306,8 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
     on `generator`: ReFLObjective, or PixelReFLObjective(generator, vae, imagereward, input_ids=,
     attention_mask=) with the pool's ImageReward tokens (N, L) for ImageReward's pixel ReFL.
     Each step: `batch_size` prompts drawn from the pool, initial noise, the sampler run without
-    gradient to a step k drawn in `step_range`, one ReFL loss and gradient (refl_loss_and_grads),
+    gradient to a step k drawn in `step_range`, one ReFL loss and gradient (one ReFLStep for the
+    whole run: each graph compiles once per shape),
     accumulated over `grad_accumulation` steps, then Adam. Logs the mean reward (objective.mean_reward)
     per step; saves a resumable run folder `out` (save_checkpoint) every `checkpoint_every` steps and at
     the end. `lora`: (rank, alpha, target modules) for the adapter config.
@@ -351,6 +360,8 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
     table = training_table(generator.scheduler)[0]                # the sigmas the pretraining term draws from
     channels = generator.config.in_channels
     graph = generator.mode == "graph"
+    refl_step = ReFLStep(objective, graph)                       # compiled once per shape for the whole run
+    pretrain_step = None if pretrain is None else PretrainStep(generator, graph)
     accumulated = None
     mine = world.shard(settings.batch_size)                      # this rank's share of each step's batch
     bar = tqdm(range(start, settings.steps), desc="ReFL", initial=start, total=settings.steps,
@@ -363,15 +374,15 @@ def train_refl(generator: Any, reward_model: Any, prompt_embeds, pooled_prompt_e
         k = int(rng.integers(low, high + 1))
         x_t = generator.generate(ehs, pooled, noise, settings.num_inference_steps, settings.guidance_scale, neg,
                                  neg_pooled, stop_after=k).asnumpy()             # the latents after k steps
-        loss, grads = refl_loss_and_grads(objective, x_t, float(timesteps[k]), float(sigmas[k]), ehs, pooled,
-                                          *objective.draw(rng, rows, x_t, settings, mine), graph=graph)
+        loss, grads = refl_step(x_t, float(timesteps[k]), float(sigmas[k]), ehs, pooled,
+                                *objective.draw(rng, rows, x_t, settings, mine))
         if pretrain is not None:
             picked = rng.integers(0, pretrain[0].shape[0], settings.batch_size)
             eps = rng.standard_normal((settings.batch_size,) + pretrain[0].shape[1:], dtype=np.float32)[mine]
             level = table[rng.integers(0, len(table), settings.batch_size)][mine]
             picked = picked[mine]
-            pre_loss, pre_grads = pretrain_loss_and_grads(generator, pretrain[0][picked], eps, level,
-                                                          pretrain[1][picked], pretrain[2][picked], graph=graph)
+            pre_loss, pre_grads = pretrain_step(pretrain[0][picked], eps, level, pretrain[1][picked],
+                                                pretrain[2][picked])
             grads = tuple(g + settings.pretrain_weight * p for g, p in zip(grads, pre_grads))
         grads = world.mean(grads)                                # = the gradient of the whole batch
         loss = world.mean([loss])[0]
