@@ -143,7 +143,8 @@ def test_imagereward_convert_and_score_are_the_old_commands(imagereward_pt, tmp_
     from test_imagereward import _vocab_folder
 
     src, config = imagereward_pt
-    old = _run(capsys, ["convert-imagereward", src, "--config", config, "--out", str(tmp_path / "old"), "--no-progress"])
+    old = _run(capsys, ["convert-imagereward", src, "--config", config, "--out", str(tmp_path / "old"),
+                        "--no-progress"])
     new = _run(capsys, ["convert", "--reward", "imagereward", src, "--config", config, "--out", str(tmp_path / "new"),
                         "--no-progress"])
     assert old[0] == new[0] == 0 and [o.strip() for o in (old[1], new[1])] == [str(tmp_path / "old"),

@@ -8,9 +8,11 @@ scores; the rest of the command line is that model's. Each model's commands come
   says (Diffusion-RM's latents .npz and its VAE + text-encoder image path, CLIP's processor,
   ImageReward's tokenizer, their converters' documented options);
 * otherwise, the protocol alone, so a newly registered model has both commands without a
-  change here: a "latents" model scores an .npz (ms_rm.cli.score), a "pixels" model image files
-  against prompts through its `score(images, prompts)` (ms_rm.cli.score_images.pixels_command),
-  and its converter takes the arguments of its `convert` classmethod (ms_rm.cli.convert.signature_command).
+  change here: a "pixels" model scores image files against prompts through its
+  `score(images, prompts)` (ms_rm.cli.score_images.pixels_command), a "latents" model an .npz of
+  Diffusion-RM's inputs through its `reward_stages` (ms_rm.cli.score: a latents model with
+  other inputs needs its own entry), and its converter takes the arguments of its `convert`
+  classmethod (ms_rm.cli.convert.signature_command).
 
 Without --reward both commands are what they were before the registry: `ms-rm score` scores
 latents with the model its folder's manifest names, `ms-rm convert` converts a Diffusion-RM.
@@ -142,8 +144,9 @@ class CommandParser(argparse.ArgumentParser):
                              help=f"the reward model (default: {DEFAULT}); registered: "
                                   f"{describe_kinds(self.registry)}")
         if self.registry == "score":
-            display.add_argument("--input-kind", choices=list(commands), default=next(iter(commands)),
-                                 help=f"what {cls.name} scores: {' or '.join(commands)} (default: {next(iter(commands))})")
+            first = next(iter(commands))
+            display.add_argument("--input-kind", choices=list(commands), default=first,
+                                 help=f"what {cls.name} scores: {' or '.join(commands)} (default: {first})")
         command.add_arguments(display)
         return parser
 

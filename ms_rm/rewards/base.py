@@ -6,10 +6,11 @@ it and adding itself to the registry in ms_rm/rewards/__init__.py.
 
 The command line follows the registry: `ms-rm convert --reward NAME` takes its arguments from
 the signature of the class's `convert` (the sources before `out` as positional arguments, each
-keyword option as --option), and `ms-rm score --reward NAME` scores a "latents" model's .npz
-inputs, or, for a "pixels" model, image files against prompts through `score(images, prompts)`.
-A model whose scoring needs more (a tokenizer, a VAE) gets a small spec in ms_rm.cli.rewards;
-nothing here imports the command line.
+keyword option as --option), and `ms-rm score --reward NAME` scores, for a "pixels" model,
+image files against prompts through `score(images, prompts)`, and for a "latents" model an .npz
+of Diffusion-RM's inputs (through `reward_stages`, as Diffusion-RM). A model whose commands need
+more (a tokenizer, a VAE, other inputs) gets a small spec in ms_rm.cli.rewards; nothing here
+imports the command line.
 
 Optional: a classmethod `recognizes(path) -> bool`, for a model that reads a folder without a
 manifest as it is (CLIP: a Hugging Face CLIPModel folder), so `load_reward_model` finds it.
