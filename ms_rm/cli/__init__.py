@@ -2,7 +2,11 @@
 
 Errors that ms_rm raises on purpose print as one line on stderr with exit status 2; --debug
 shows the traceback instead. Under msrun every subcommand joins the job first (ms_rm.core.distributed);
-`score`, `score-images` and `score-clip` shard their samples, `refl` trains data-parallel.
+`score`, `score-images`, `score-clip` and `score-imagereward` shard their samples, `refl` trains
+data-parallel.
+
+`score` and `convert` take `--reward NAME`, any model of the registry (ms_rm.rewards.REWARD_MODELS;
+ms_rm.cli.rewards): a newly registered model gets both commands without a change here.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import os
 import sys
 from typing import List, Optional
 
-from . import convert, demo, flow, generate, parity, refl, score, score_images, search
+from . import convert, demo, flow, generate, parity, refl, rewards, score_images, search
+from .rewards import CommandParser
 
-SUBCOMMANDS = (demo, convert, score, score_images, generate, refl, search, flow, parity)    # each: add_parsers(subparsers)
+# each: add_parsers(subparsers); rewards: `score` and `convert` over the reward-model registry
+SUBCOMMANDS = (demo, rewards, convert, score_images, generate, refl, search, flow, parity)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-cache", metavar="DIR", default=os.environ.get("MS_RM_COMPILE_CACHE") or None,
                         help="keep compiled graphs in DIR for later runs of the same shapes (default: "
                              "$MS_RM_COMPILE_CACHE; none)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for module in SUBCOMMANDS:
         module.add_parsers(sub)
     return parser

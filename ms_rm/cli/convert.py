@@ -1,11 +1,21 @@
-"""`ms-rm convert`: a reference (torch) checkpoint -> a converted folder."""
+"""`ms-rm convert`: a reference (torch) checkpoint -> a converted folder.
+
+The command itself is the registry's (`ms-rm convert --reward NAME`, ms_rm.cli.rewards); these
+are its per-model forms: Diffusion-RM's (the default), ImageReward's (also `ms-rm
+convert-imagereward`), and `signature_command(cls)`, which derives the arguments of any other
+registered model from its `convert` classmethod's signature.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+from typing import List
 
+from ..rewards import REWARD_MODELS
 from ..rewards.diffusion_rm import DiffusionRM
 from ..rewards.imagereward import ImageReward
+from .command import Command
 
 
 def run(args: argparse.Namespace) -> int:
@@ -16,12 +26,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    conv = sub.add_parser(
-        "convert", help="convert a reference (torch) Diffusion-RM checkpoint to MindSpore",
-        description="Convert a reference-format Diffusion-RM checkpoint (config.json + checkpoint/ with "
-                    "backbone_lora/ + rm_head.pt, full_model.pt, or rm_head.pt) and its base transformer "
-                    "into a MindSpore checkpoint folder (ms_rm_config.json, model.safetensors, manifest.json).")
+def _add_diffusion_rm_arguments(conv: argparse.ArgumentParser) -> None:
     conv.add_argument("src", help="model directory (config.json + checkpoint/), or a checkpoints/step_N "
                                   "folder together with --config")
     conv.add_argument("--transformer", required=True,
@@ -41,19 +46,6 @@ def add_parsers(sub) -> None:
                            "model (default: sigma and guidance as they are) or as diffusers' forward (x 1000)")
     conv.add_argument("--force", action="store_true", help="replace an existing output folder")
     conv.add_argument("--no-progress", action="store_true", help="no progress bars")
-    conv.set_defaults(func=run)
-    ir = sub.add_parser(
-        "convert-imagereward", help="convert the released ImageReward.pt (THUDM ImageReward) to MindSpore",
-        description="Convert ImageReward.pt (the image-reward package's state dict) into a MindSpore checkpoint "
-                    "folder (ms_rm_config.json, model.safetensors, manifest.json).")
-    ir.add_argument("src", help="ImageReward.pt")
-    ir.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
-    ir.add_argument("--config", help="an ms_rm ImageReward config JSON (default: the released model's)")
-    ir.add_argument("--dtype", choices=["keep", "fp32", "bf16", "fp16"], default="keep",
-                    help="stored dtype: keep each tensor's source dtype (default), or cast all")
-    ir.add_argument("--force", action="store_true", help="replace an existing output folder")
-    ir.add_argument("--no-progress", action="store_true", help="no progress bars")
-    ir.set_defaults(func=run_imagereward)
 
 
 def run_imagereward(args: argparse.Namespace) -> int:
@@ -61,3 +53,86 @@ def run_imagereward(args: argparse.Namespace) -> int:
                               config=args.config)
     print(out)
     return 0
+
+
+def _add_imagereward_arguments(ir: argparse.ArgumentParser) -> None:
+    ir.add_argument("src", help="ImageReward.pt")
+    ir.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
+    ir.add_argument("--config", help="an ms_rm ImageReward config JSON (default: the released model's)")
+    ir.add_argument("--dtype", choices=["keep", "fp32", "bf16", "fp16"], default="keep",
+                    help="stored dtype: keep each tensor's source dtype (default), or cast all")
+    ir.add_argument("--force", action="store_true", help="replace an existing output folder")
+    ir.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+DIFFUSION_RM = Command(
+    help="convert a reference (torch) Diffusion-RM checkpoint to MindSpore",
+    description="Convert a reference-format Diffusion-RM checkpoint (config.json + checkpoint/ with backbone_lora/ + "
+                "rm_head.pt, full_model.pt, or rm_head.pt) and its base transformer into a MindSpore checkpoint folder "
+                "(ms_rm_config.json, model.safetensors, manifest.json).",
+    add_arguments=_add_diffusion_rm_arguments, run=run)
+IMAGEREWARD = Command(
+    help="convert the released ImageReward.pt (THUDM ImageReward) to MindSpore",
+    description="Convert ImageReward.pt (the image-reward package's state dict) into a MindSpore checkpoint folder "
+                "(ms_rm_config.json, model.safetensors, manifest.json).",
+    add_arguments=_add_imagereward_arguments, run=run_imagereward)
+
+
+# --- any other registered model: the arguments of its convert(...) ---------------------------------
+
+def _signature(cls) -> List[inspect.Parameter]:
+    return list(inspect.signature(cls.convert).parameters.values())         # classmethod: cls is bound
+
+
+def _add_signature_arguments(cls, parser: argparse.ArgumentParser) -> None:
+    """Parameters before `out` (or *sources): positional sources; `out`: --out; every other
+    keyword: --name (a bool default True: --no-name; False: --name; otherwise typed by its default)."""
+    params = _signature(cls)
+    forced = any(p.name == "force" for p in params)
+    for p in params:
+        flag = "--" + p.name.replace("_", "-")
+        if p.kind is p.VAR_POSITIONAL:
+            parser.add_argument(p.name, nargs="*", help="source files or folders")
+        elif p.kind is p.VAR_KEYWORD:
+            continue
+        elif p.name == "out":
+            required = p.default is p.empty
+            parser.add_argument("--out", required=required, default=None if required else p.default,
+                                help="output folder" + (" (must not exist, unless --force)" if forced else ""))
+        elif p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD:
+            parser.add_argument(p.name, help=f"{cls.__name__}.convert's {p.name}")
+        elif p.default is p.empty:
+            parser.add_argument(flag, dest=p.name, required=True, help=f"{cls.__name__}.convert's {p.name}")
+        elif p.default is True:
+            parser.add_argument("--no-" + p.name.replace("_", "-"), dest=p.name, action="store_false",
+                                help=f"{p.name}=False")
+        elif p.default is False:
+            parser.add_argument(flag, dest=p.name, action="store_true", help=f"{p.name}=True")
+        else:
+            kind = type(p.default) if isinstance(p.default, (int, float, str)) else str
+            parser.add_argument(flag, dest=p.name, type=kind, default=p.default,
+                                help=f"default: {p.default!r}")
+
+
+def run_signature(args: argparse.Namespace) -> int:
+    cls = REWARD_MODELS[args.reward]
+    params = _signature(cls)
+    star = next((i for i, p in enumerate(params) if p.kind is p.VAR_POSITIONAL), None)
+    positional = [getattr(args, p.name) for p in params[:star]] + list(getattr(args, params[star].name)) \
+        if star is not None else []
+    keywords = {p.name: getattr(args, p.name) for p in params[0 if star is None else star + 1:]
+                if p.kind is not p.VAR_KEYWORD}
+    print(cls.convert(*positional, **keywords))
+    return 0
+
+
+def signature_command(cls) -> Command:
+    """The converting command of a registered model, from its `convert` classmethod's signature."""
+    doc = inspect.getdoc(cls.convert) or f"Convert with {cls.__name__}.convert."
+    return Command(help=f"convert a {cls.__name__} checkpoint to MindSpore", description=doc.split("\n\n")[0],
+                   add_arguments=lambda parser: _add_signature_arguments(cls, parser), run=run_signature)
+
+
+def add_parsers(sub) -> None:
+    """The per-model name of `ms-rm convert --reward imagereward` (ms_rm.cli.rewards)."""
+    IMAGEREWARD.add_to(sub, "convert-imagereward")

@@ -1,6 +1,9 @@
 """`ms-rm score-images`: score image files against prompts (VAE + text encoders + reward model);
 `ms-rm score-clip`: the same with a CLIP scorer (PickScore, CLIP score) from a Hugging Face folder;
-`ms-rm score-imagereward`: the same with ImageReward (a folder written by ms-rm convert-imagereward)."""
+`ms-rm score-imagereward`: the same with ImageReward (a folder written by ms-rm convert-imagereward).
+
+Each is also `ms-rm score --reward NAME` (diffusion-rm with --input-kind pixels, clip,
+imagereward; ms_rm.cli.rewards), built from the same Command."""
 
 from __future__ import annotations
 
@@ -13,11 +16,13 @@ from ..core.memory import release_freed_memory
 from ..encoders import SD3Encoder
 from ..encoders.sd3 import text_encoder_folder
 from ..encoders.sd3_vae import load_vae_encoder
+from ..rewards import REWARD_MODELS
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
 from ..scoring.clip import CLIPScorer
 from ..scoring.imagereward import ImageRewardScorer
 from ..scoring.runs import PromptTable, read_pairs, score_pairs, write_jsonl
+from .command import Command
 
 
 DISTRIBUTED = True                  # under msrun: each rank scores its shard; the main rank writes
@@ -100,6 +105,14 @@ def run_imagereward(args: argparse.Namespace) -> int:
     return _score(scorer, pairs, args)
 
 
+def run_model(args: argparse.Namespace) -> int:
+    """A pixels reward model that scores (images, prompts) itself: `score(images, prompts)` of the
+    model --reward names, loaded from its folder."""
+    pairs = _pairs(args)
+    model = REWARD_MODELS[args.reward].from_pretrained(args.model, mode=args.mode, verify=args.verify)
+    return _score(model.score, pairs, args)
+
+
 def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", action="append", help="an image file (repeat, with one --prompt each)")
     parser.add_argument("--prompt", action="append", help="the prompt of the --image at the same position")
@@ -110,11 +123,7 @@ def _add_pair_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def add_parsers(sub) -> None:
-    images = sub.add_parser(
-        "score-images", help="score image files against prompts (VAE + text encoders + reward model)",
-        description="Encode images with the SD3 VAE and prompts with SD3's text encoders, in MindSpore, and "
-                    "score them with a converted Diffusion-RM. One score per pair on stdout (score, image).")
+def _add_images_arguments(images: argparse.ArgumentParser) -> None:
     images.add_argument("model", help="a folder written by ms-rm convert")
     images.add_argument("--vae", required=True, help="diffusers vae/ folder (or the SD3 pipeline folder)")
     images.add_argument("--text-encoders", help="SD3 pipeline folder with text_encoder, text_encoder_2, "
@@ -134,26 +143,58 @@ def add_parsers(sub) -> None:
     images.add_argument("--sample-latents", action="store_true",
                         help="sample the VAE posterior (with --seed) instead of taking its mode")
     images.add_argument("--verify", action="store_true", help="check the model files' sha256 first")
-    images.set_defaults(func=run)
 
-    clip = sub.add_parser(
-        "score-clip", help="score image files against prompts with PickScore / CLIP score",
-        description="Score image files against prompts with a Hugging Face CLIPModel folder (PickScore, CLIP) in "
-                    "MindSpore. One score per pair on stdout (score, image).")
+
+def _add_clip_arguments(clip: argparse.ArgumentParser) -> None:
     clip.add_argument("model", help="a Hugging Face CLIPModel folder (config.json + model.safetensors)")
     clip.add_argument("--processor", help="folder with vocab.json, merges.txt [, preprocessor_config.json] "
                                           "(default: the model folder)")
     clip.add_argument("--scale", choices=["cosine", "logit"], default="cosine",
                       help="cosine of the embeddings (default) or exp(logit_scale) x cosine (original PickScore)")
     _add_pair_arguments(clip)
-    clip.set_defaults(func=run_clip)
 
-    ir = sub.add_parser(
-        "score-imagereward", help="score image files against prompts with ImageReward",
-        description="Score image files against prompts with ImageReward in MindSpore (the package's preprocessing "
-                    "and BLIP tokenizer). One score per pair on stdout (score, image).")
+
+def _add_imagereward_arguments(ir: argparse.ArgumentParser) -> None:
     ir.add_argument("model", help="a folder written by ms-rm convert-imagereward")
     ir.add_argument("--tokenizer", required=True,
                     help="folder with bert-base-uncased's vocab.txt (ImageReward's tokenizer; nothing is downloaded)")
     _add_pair_arguments(ir)
-    ir.set_defaults(func=run_imagereward)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the model's folder (as ms-rm convert --reward NAME writes it)")
+    _add_pair_arguments(parser)
+    parser.add_argument("--verify", action="store_true", help="check the model files' sha256 first")
+
+
+IMAGES = Command(
+    help="score image files against prompts (VAE + text encoders + reward model)",
+    description="Encode images with the SD3 VAE and prompts with SD3's text encoders, in MindSpore, and score them "
+                "with a converted Diffusion-RM. One score per pair on stdout (score, image).",
+    add_arguments=_add_images_arguments, run=run)
+CLIP = Command(
+    help="score image files against prompts with PickScore / CLIP score",
+    description="Score image files against prompts with a Hugging Face CLIPModel folder (PickScore, CLIP) in "
+                "MindSpore. One score per pair on stdout (score, image).",
+    add_arguments=_add_clip_arguments, run=run_clip)
+IMAGEREWARD = Command(
+    help="score image files against prompts with ImageReward",
+    description="Score image files against prompts with ImageReward in MindSpore (the package's preprocessing and "
+                "BLIP tokenizer). One score per pair on stdout (score, image).",
+    add_arguments=_add_imagereward_arguments, run=run_imagereward)
+
+
+def pixels_command(cls) -> Command:
+    """The image-scoring command of a registered pixels model that scores (images, prompts) itself."""
+    return Command(
+        help=f"score image files against prompts with {cls.__name__}",
+        description=f"Score image files against prompts with the registered reward model '{cls.name}' "
+                    f"({cls.__name__}.score(images, prompts)). One score per pair on stdout (score, image).",
+        add_arguments=_add_model_arguments, run=run_model)
+
+
+def add_parsers(sub) -> None:
+    """The per-model names of `ms-rm score --reward NAME --input-kind pixels` (ms_rm.cli.rewards)."""
+    IMAGES.add_to(sub, "score-images")
+    CLIP.add_to(sub, "score-clip")
+    IMAGEREWARD.add_to(sub, "score-imagereward")

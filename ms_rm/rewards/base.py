@@ -3,6 +3,17 @@
 Scorers, MultiScorer, the command line and the parity harness work over any reward model
 through this surface, so a new model (a package under ms_rm/rewards/) plugs in by implementing
 it and adding itself to the registry in ms_rm/rewards/__init__.py.
+
+The command line follows the registry: `ms-rm convert --reward NAME` takes its arguments from
+the signature of the class's `convert` (the sources before `out` as positional arguments, each
+keyword option as --option), and `ms-rm score --reward NAME` scores, for a "pixels" model,
+image files against prompts through `score(images, prompts)`, and for a "latents" model an .npz
+of Diffusion-RM's inputs (through `reward_stages`, as Diffusion-RM). A model whose commands need
+more (a tokenizer, a VAE, other inputs) gets a small spec in ms_rm.cli.rewards; nothing here
+imports the command line.
+
+Optional: a classmethod `recognizes(path) -> bool`, for a model that reads a folder without a
+manifest as it is (CLIP: a Hugging Face CLIPModel folder), so `load_reward_model` finds it.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ class RewardModel(Protocol):
         model must have some (tests/test_parity.py).
     input_kind: what it scores: "latents" (a generator's latent space: no VAE decode) or
         "pixels" (images).
-    format_name: the "format" its converted folders record (ms_rm.io.converted).
+    format_name: the "format" its converted folders record (ms_rm.io.converted); for a model
+        that reads its publisher's folder as it is (CLIP), the name ms_rm gives that format.
     """
 
     name: ClassVar[str]

@@ -19,7 +19,8 @@ Shapes: B batch, L tokens (77), N = 1 + patches, D tower width, P projection_dim
 
 from __future__ import annotations
 
-from typing import Tuple
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -28,9 +29,12 @@ from mindspore.common.initializer import initializer
 
 from ...core import ops
 from ...core.compiled import CompiledCell
-from ...core.errors import InputError
+from ...core.errors import ConfigError, InputError
 from ...core.layers import LayerNorm, Linear
-from .config import LEGACY_EOS_TOKEN_ID, CLIPConfig, TowerConfig
+from ...io.files import read_json
+from .config import CONFIG_FILE, LEGACY_EOS_TOKEN_ID, CLIPConfig, TowerConfig
+
+FORMAT_NAME = "ms_rm.clip"
 
 
 class Weight(nn.Cell):
@@ -183,6 +187,11 @@ class CLIPModel(CompiledCell):
     "pynative"). Gradients flow to the pixel inputs of `image_embeds` / `pair_scores`.
     """
 
+    name = "clip"                     # the RewardModel protocol (ms_rm.rewards.base): CLIP score, PickScore
+    input_kind = "pixels"
+    format_name = FORMAT_NAME         # no converted folder records it: ms_rm reads Hugging Face folders as they are
+    # from_pretrained(path, ...): load_clip_model's, attached in ms_rm.rewards.clip (beside the loader)
+
     def __init__(self, config: CLIPConfig, mode: str = "graph"):
         super().__init__(mode)
         self.config = config
@@ -191,6 +200,37 @@ class CLIPModel(CompiledCell):
         self.visual_projection = Linear(config.vision.tower.hidden_size, config.projection_dim, bias=False)
         self.text_projection = Linear(config.text.tower.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = Parameter(Tensor(np.float32(config.logit_scale_init_value)), name="logit_scale")
+
+    # --- the RewardModel protocol (registry) ---------------------------------------------------
+    @classmethod
+    def recognizes(cls, path: str) -> bool:
+        """Whether `path` is a Hugging Face CLIPModel folder (its config.json's model_type is "clip"),
+        the folder this model loads instead of a converted one."""
+        config = os.path.join(os.fspath(path), CONFIG_FILE)
+        try:
+            return os.path.isfile(config) and read_json(config, "CLIPModel config").get("model_type") == "clip"
+        except ConfigError:                   # unreadable: not recognised (the caller's error says what it wanted)
+            return False
+
+    @classmethod
+    def parameter_shapes(cls, config: CLIPConfig) -> Dict[str, Tuple[int, ...]]:
+        """{parameter name: shape} of the model `config` describes."""
+        return {p.name: tuple(p.shape) for p in cls(config).get_parameters()}
+
+    @classmethod
+    def convert(cls, *sources: str, out: Optional[str] = None, **options: Any) -> str:
+        """Nothing to convert: ms_rm reads a Hugging Face CLIPModel folder as transformers saves it."""
+        raise ConfigError("a CLIP model needs no conversion: ms_rm reads the Hugging Face CLIPModel folder "
+                          "(config.json + model.safetensors) as it is; score with it directly")
+
+    def reward(self, pixel_values, input_ids) -> Tensor:
+        """(B, 1) cosine of each image's and its text's embeddings (preprocessed pixel values
+        (B, 3, S, S), token ids (B, L)); CLIPScorer adds the image preprocessing and tokenizer."""
+        return mint.sum(self.encode_images(pixel_values) * self.encode_text(input_ids), dim=-1, keepdim=True)
+
+    def score(self, pixel_values, input_ids) -> List[float]:
+        """One cosine per (image, text), as floats."""
+        return [float(v) for v in self.reward(pixel_values, input_ids).asnumpy()[:, 0]]
 
     # --- compiled tensor programs ----------------------------------------------------------------
     def image_embeds(self, pixel_values: Tensor) -> Tensor:
