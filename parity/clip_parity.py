@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .harness import Report, environment, measured_stages
 from .text_reference import CLIP_EOS, build_clip_tokenizer, perturb_
 
+REWARD_MODEL = "clip"                 # the registry name (ms_rm.REWARD_MODELS) these cases cover
 CLIP_CASES = {"clip-tiny": "CLIP scorers (PickScore / CLIP score) vs transformers CLIPModel + CLIPImageProcessor: "
                            "pixel values, embeddings, logits, cosine and logit scores, score gradient w.r.t. pixels"}
 PROMPTS = ["a red cube on a table", "two cats", "a photo of a dog on the blue sky " * 12]

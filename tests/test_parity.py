@@ -137,9 +137,11 @@ def test_encoder_cases_in_the_harness_match_torch(tmp_path):
 def test_every_registered_reward_model_has_parity_cases():
     from ms_rm import REWARD_MODELS
 
-    from ms_rm_parity.imagereward import IMAGEREWARD_CASES, REWARD_MODEL
+    from ms_rm_parity import clip_parity, imagereward
 
-    covered = {case.reward_model for case in CASES.values()} | ({REWARD_MODEL} if IMAGEREWARD_CASES else set())
+    covered = {case.reward_model for case in CASES.values()}
+    for module, cases in ((imagereward, imagereward.IMAGEREWARD_CASES), (clip_parity, clip_parity.CLIP_CASES)):
+        covered |= {module.REWARD_MODEL} if cases else set()
     assert set(REWARD_MODELS) <= covered, sorted(set(REWARD_MODELS) - covered)
 
 
