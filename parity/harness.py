@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .cases import Case
+from .exact64 import float64_sinusoids
 from .compare import FACTOR, FP32_BOUND, StageResult, compare_stages, first_failure, policy_bound, stages_as_numpy
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -200,7 +201,8 @@ def policy_bounds(torch_model, rm_config, scheduler_config, inputs: Inputs, u_co
     if dtype == "fp32":
         model64 = copy.deepcopy(torch_model)
         _fp32_epsilon_norms_(model64)
-        return bounds_for(dtype, run(model64, "fp64"), torch32)
+        with float64_sinusoids():                    # float64 all through (ms_rm_parity.exact64)
+            return bounds_for(dtype, run(model64, "fp64"), torch32)
     return bounds_for(dtype, torch32, run(copy.deepcopy(torch_model), dtype))
 
 

@@ -42,10 +42,11 @@ def assert_fp32_parity(report, name):
     assert [r.stage for r in report.stages] == expected_stages(name), table
     for r in report.stages:
         assert r.max_rel <= r.bound, f"{name} [{report.mode}] stage {r.stage}: {r.max_rel:.2e}\n{table}"
-        # Embeddings and taps are well-conditioned: their bound is the flat 1e-5. Only the scalar
-        # outputs may get a raised bound, from torch's own measured fp32 noise, and then it is noted.
-        if r.stage in ("sigma", "timestep", "temb") or "_tap_" in r.stage:
-            assert r.bound == FP32_BOUND, table
+        # The schedule is exact. Every other stage's bound is the flat 1e-5 or, where torch's own
+        # fp32 run is noisier than that against float64 (the timestep phases at t ~ 1000 show in the
+        # embedding and every later stage), 5x that noise, and then the report says so.
+        if r.stage in ("sigma", "timestep"):
+            assert r.bound == FP32_BOUND and r.max_rel == 0, table
         elif r.bound > FP32_BOUND:
             assert any(r.stage in note for note in report.notes), report.notes
     assert report.passed and report.first_failure is None

@@ -1,5 +1,6 @@
 """One ReFL step against the same recipe in torch (diffusers + peft + the torch reward model)."""
 
+from ms_rm_parity.exact64 import float64_sinusoids
 from ms_rm_parity.refl_parity import run_refl_case
 
 
@@ -186,7 +187,8 @@ def test_the_pretraining_term_matches_torch(tmp_path):
                                    p.grad.double().numpy().copy() for n, p in net.named_parameters() if "lora_" in n}
 
     torch_loss, torch_grads = torch_run(torch.float32)
-    _, grads64 = torch_run(torch.float64)
+    with float64_sinusoids():                            # float64 all through (ms_rm_parity.exact64)
+        _, grads64 = torch_run(torch.float64)
     assert abs(float(loss) - torch_loss) <= FP32_BOUND * abs(torch_loss)
     names = [p.name.split("transformer.", 1)[1] + ".weight" for p in generator.lora_parameters()]
     assert sorted(names) == sorted(torch_grads) and len(names) == 56
