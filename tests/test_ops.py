@@ -167,3 +167,61 @@ def test_position_table_refuses_grids_beyond_the_table():
 
     with pytest.raises(InputError, match="at most 24x24"):
         sd3_position_table(25, 8, 64, 24, 16)
+
+
+# --- op accuracy over the whole float32 range (ms_rm_parity.op_accuracy; README "Op accuracy") ---
+
+@pytest.fixture(scope="module")
+def op_accuracy():
+    from ms_rm_parity import op_accuracy
+
+    return {sweep.name: sweep for sweep in op_accuracy._sweeps()}
+
+
+@pytest.mark.parametrize("name", ["exp", "expm1", "log", "log1p", "tanh", "softplus (beta 1)", "elu (alpha 1)",
+                                  "swish (beta 1)", "leakyrelu (0.01)", "sqrt", "rsqrt", "sin", "cos", "pow(2, k)",
+                                  "erf", "sigmoid", "SiLU", "GELU (erf)", "GELU (tanh)", "QuickGELU",
+                                  "softmax (rows of 64)"])
+def test_op_is_accurate_over_its_whole_range(op_accuracy, name):
+    from ms_rm_parity.op_accuracy import markdown, measure
+
+    row = measure(op_accuracy[name])
+    assert row.passed, markdown([row])
+
+
+def test_the_sweep_fails_mindspores_own_tanh_exp_and_log1p(op_accuracy):
+    """The kernels ops.tanh / exp / log1p replace: the same sweep and bound refuse them."""
+    import dataclasses
+
+    from mindspore import mint
+
+    from ms_rm_parity.op_accuracy import measure
+
+    for name, kernel in [("tanh", mint.tanh), ("exp", mint.exp), ("log1p", mint.log1p), ("log", mint.log)]:
+        assert not measure(dataclasses.replace(op_accuracy[name], ours=kernel)).passed, name
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_written_out_ops_have_their_exact_derivative(mode):
+    """tanh' = 1 - tanh^2 stays nonzero where tanh rounds near 1 (MindSpore's kernel: exactly 0
+    from x = 6), exp' = exp, expm1' = exp, log' = 1/x, log1p' = 1/(1+x), within a few ulp, in
+    graph mode too; and fp16 inputs come back fp16."""
+    from ms_rm_parity.op_accuracy import ulp_errors
+
+    x = np.concatenate([np.linspace(-12, 12, 4001), np.geomspace(1e-30, 1, 200)]).astype(np.float32)
+    cases = [(ops.tanh, x, lambda v: 1 / np.cosh(v) ** 2), (ops.exp, x, np.exp), (ops.expm1, x, np.exp),
+             (ops.log, np.abs(x) + 1e-20, lambda v: 1 / v), (ops.log1p, np.abs(x), lambda v: 1 / (1 + v))]
+    def total(fn):
+        def summed(t):
+            return fn(t).sum()
+        return summed
+
+    for fn, points, derivative in cases:
+        grad = ms.grad(total(fn))
+        grad = ms.jit(grad) if mode == "graph" else grad
+        got = grad(ms.Tensor(points)).asnumpy()
+        assert ulp_errors(got, derivative(points.astype(np.float64))).max() <= 8, fn.__name__
+    slope_at_6 = ms.grad(lambda t: ops.tanh(t).sum())(ms.Tensor(np.float32([6.0]))).asnumpy()[0]
+    assert abs(slope_at_6 - 1 / np.cosh(6.0) ** 2) <= 1e-6 * slope_at_6
+    assert ops.tanh(ms.Tensor(np.float16([0.5, -7.0]))).dtype == ms.float16
+    assert ops.exp(ms.Tensor(np.float32([100.0, -200.0]))).asnumpy().tolist() == [np.inf, 0.0]

@@ -139,9 +139,9 @@ class ZImageBlock(nn.Cell):
         scale_msa, gate_msa, scale_mlp, gate_mlp = mint.chunk(self.adaLN_modulation(adaln), 4, dim=1)  # (B, D)
         scaled = self.attention_norm1(x) * ops.expand((1.0 + scale_msa)[:, None], x)
         attn = self.attention_norm2(self.attention(scaled, None, rotary, key_bias))
-        x = x + ops.expand(mint.tanh(gate_msa)[:, None], x) * attn
+        x = x + ops.expand(ops.tanh(gate_msa)[:, None], x) * attn
         ff = self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * ops.expand((1.0 + scale_mlp)[:, None], x)))
-        return x + ops.expand(mint.tanh(gate_mlp)[:, None], x) * ff
+        return x + ops.expand(ops.tanh(gate_mlp)[:, None], x) * ff
 
 
 class TimestepEmbedder(nn.Cell):

@@ -9,9 +9,11 @@ Why each spelling was chosen is written beside it; the measured figures behind t
 accuracy against float64, kernel times, memory) live in the README's "Op spellings" table, next
 to the commands that reproduce them, and the accuracy facts are pinned by tests/test_ops.py.
 
-* Accuracy: MindSpore's CPU `exp` is much less accurate than torch's (so are softmax, SiLU and
-  sigmoid, which use it): anything that can be computed once on the host in float64 (timestep
-  frequencies, position tables) is computed there instead. For fp16/bf16 inputs torch's CPU
+* Accuracy: MindSpore's CPU `exp`, `log`, `tanh`, `expm1` and `log1p` are much less accurate than
+  torch's: ms_rm calls the written-out spellings at the end of this module instead (README, "Op
+  accuracy"), except inside the hot fused kernels (softmax, SiLU, sigmoid), kept for speed.
+  Anything that can be computed once on the host in float64 (timestep frequencies, position
+  tables) is computed there. For fp16/bf16 inputs torch's CPU
   kernels compute norms, softmax and activations in float32 internally; the helpers here do the
   same explicitly (a no-op in fp32).
 * Memory: MindSpore's CPU graph executor does not reuse the memory of a binary op that
@@ -344,3 +346,126 @@ def quick_gelu(x: ms.Tensor) -> ms.Tensor:
     """x * sigmoid(1.702 x): transformers' QuickGELU (OpenAI CLIP's activation), in float32."""
     x32 = _float32(x)
     return (x32 * mint.sigmoid(1.702 * x32)).astype(x.dtype)
+
+
+# --- transcendentals written out (MindSpore's CPU kernels are not accurate enough) ----------------
+#
+# MindSpore's CPU `exp` is tens to hundreds of ulp off float64, `tanh` up to ~1700 ulp (above 1 near
+# x = 5, exactly 1 from x = 6 so its slope vanishes), and `expm1` / `log1p` are exp(x) - 1 and
+# log(1 + x), which lose every digit near 0 (README, "Op accuracy"). The spellings below are
+# float32 arithmetic, rounding and `pow(2, k)` (exact), the same on every backend, within a few ulp
+# over the whole float32 range. Each returns its value with its exact derivative attached
+# (`_with_slope`), so autodiff never differentiates the polynomials or the branches.
+# The hot kernels (softmax in attention, sigmoid in SiLU and GELU) keep MindSpore's: an elementwise
+# spelling of exp costs ~15 passes over the (B, H, L, L) scores.
+
+_FLOAT32_MAX = 3.4028234663852886e38
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4       # ln 2 = hi + lo, hi with few bits: k * hi is exact
+_EXP_MAX, _EXP_MIN = 88.72283935546875, -103.97208404541016   # exp overflows / underflows past these
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+             5.0000001201e-1)                         # e^r = 1 + r + r^2 p(r) on |r| <= ln 2 / 2 (Cephes' expf)
+_EXPM1_SMALL = 0.5                                    # below it expm1 by its Taylor series
+_ATANH_RANGE = 0.42                                   # |f| below it: log(1 + f) = 2 atanh(f / (2 + f)) by its series
+
+
+def _with_slope(value: ms.Tensor, x: ms.Tensor, slope: ms.Tensor) -> ms.Tensor:
+    """`value` (a function of x), whose derivative autodiff takes to be `slope` (exactly):
+    value + (x - x) x slope, the last two held constant; both clamped finite so that the added
+    term is 0 (an infinite slope, of an overflowed value, reads as the largest float32)."""
+    finite_x, finite_slope = mint.clamp(x, -_FLOAT32_MAX, _FLOAT32_MAX), mint.clamp(slope, -_FLOAT32_MAX, _FLOAT32_MAX)
+    return ops.stop_gradient(value) + (finite_x - ops.stop_gradient(finite_x)) * ops.stop_gradient(finite_slope)
+
+
+def _exp_value(x: ms.Tensor) -> ms.Tensor:
+    """e^x in float32 to ~1 ulp: x = k ln 2 + r with |r| <= ln 2 / 2, e^r by its minimax polynomial,
+    times 2^k as two exact powers of two (so that e^88 and the subnormals do not overflow)."""
+    x = mint.clamp(x, _EXP_MIN, _EXP_MAX)
+    k = mint.floor(x * _LOG2E + 0.5)
+    r = (x - k * _LN2_HI) - k * _LN2_LO
+    p = _EXP_POLY[0] * r + _EXP_POLY[1]
+    for c in _EXP_POLY[2:]:
+        p = p * r + c
+    er = p * (r * r) + r + 1.0
+    half = mint.floor(k * 0.5)
+    two = ms.Tensor(2.0, ms.float32)
+    return er * mint.pow(two, half) * mint.pow(two, k - half)
+
+
+def exp(x: ms.Tensor) -> ms.Tensor:
+    """e^x, float32, within ~1 ulp over the whole float32 range (module notes); derivative e^x."""
+    x32 = _float32(x)
+    value = _exp_value(x32)
+    return _with_slope(value, x32, value).astype(x.dtype)
+
+
+def _expm1_value(x: ms.Tensor, exp_x: ms.Tensor) -> ms.Tensor:
+    """e^x - 1 without cancellation: its Taylor series (to x^10 / 10!) for |x| < 1/2, else exp_x - 1."""
+    series = x / 10.0 + 1.0
+    for n in (9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0):
+        series = series * (x / n) + 1.0
+    return mint.where(mint.abs(x) < _EXPM1_SMALL, x * series, exp_x - 1.0)
+
+
+def expm1(x: ms.Tensor) -> ms.Tensor:
+    """e^x - 1, float32, within a few ulp also near 0 (torch.expm1); derivative e^x."""
+    x32 = _float32(x)
+    exp_x = _exp_value(x32)
+    return _with_slope(_expm1_value(x32, exp_x), x32, exp_x).astype(x.dtype)
+
+
+def _log1p_series(f: ms.Tensor) -> ms.Tensor:
+    """log(1 + f) for |f| < 0.42, to ~1 ulp: 2 atanh(s), s = f / (2 + f), |s| < 0.18, by its series."""
+    two_over = 2.0 / (2.0 + f)
+    s = f * (0.5 * two_over)
+    s2 = s * s
+    series = s2 * (1.0 / 13.0) + 1.0 / 11.0
+    for c in (1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0):
+        series = series * s2 + c
+    return f * two_over * series                              # 2 s series, with no subnormal s
+
+
+def _log_value(u: ms.Tensor, correction) -> ms.Tensor:
+    """log(u) + correction / u for u > 0, to ~1 ulp: u = m 2^k with m in [0.7, 1.42] (k from
+    MindSpore's log, which is close enough for that), log u = k ln 2 + log(1 + (m - 1)), m - 1 exact.
+    0, negative and infinite u give MindSpore's log (-inf, nan, inf)."""
+    plain = mint.log(u)
+    regular = (u > 0) & (u < _FLOAT32_MAX * 2)
+    safe = mint.where(regular, u, u * 0 + 1.0)
+    k = mint.round(mint.where(regular, plain, plain * 0) * _LOG2E)
+    half = mint.floor(k * 0.5)
+    two = ms.Tensor(0.5, ms.float32)
+    m = safe * mint.pow(two, half) * mint.pow(two, k - half)                # exact: powers of two
+    value = k * _LN2_HI + (k * _LN2_LO + (_log1p_series(m - 1.0) + correction / safe))
+    return mint.where(regular, value, plain)
+
+
+def log(x: ms.Tensor) -> ms.Tensor:
+    """Natural log, float32, within ~1 ulp also near 1 (MindSpore's CPU kernel is ~1000 ulp off
+    there: module notes); derivative 1 / x."""
+    x32 = _float32(x)
+    return _with_slope(_log_value(x32, 0.0), x32, 1.0 / x32).astype(x.dtype)
+
+
+def log1p(x: ms.Tensor) -> ms.Tensor:
+    """log(1 + x), float32, within ~1 ulp also near 0 (torch.log1p); derivative 1 / (1 + x).
+    Near 0 by the atanh series of x itself; elsewhere log(u), u = 1 + x rounded, plus the rounding
+    error x - (u - 1) over u (Goldberg's correction)."""
+    x32 = _float32(x)
+    u = 1.0 + x32
+    value = mint.where(mint.abs(x32) < _ATANH_RANGE, _log1p_series(x32), _log_value(u, x32 - (u - 1.0)))
+    return _with_slope(value, x32, 1.0 / u).astype(x.dtype)
+
+
+def tanh(x: ms.Tensor) -> ms.Tensor:
+    """tanh, float32, within a few ulp over the whole range (MindSpore's CPU kernel is ~1700 ulp off:
+    module notes): -expm1(-2|x|) / (2 + expm1(-2|x|)) with x's sign; derivative 1 - tanh^2, as
+    4 e^(-2|x|) / (2 + expm1(-2|x|))^2, accurate where 1 - t^2 would cancel."""
+    x32 = _float32(x)
+    minus_2a = -2.0 * mint.abs(x32)
+    exp_m2a = _exp_value(minus_2a)
+    e = _expm1_value(minus_2a, exp_m2a)                       # in (-1, 0]
+    t = -e / (2.0 + e)
+    value = mint.where(x32 < 0, -t, t)
+    slope = 4.0 * exp_m2a / ((2.0 + e) * (2.0 + e))
+    return _with_slope(value, x32, slope).astype(x.dtype)

@@ -406,7 +406,7 @@ class VAEEncoder(CompiledCell):
     def sample_latents(self, moments: Tensor, noise: Tensor) -> Tensor:
         """A posterior sample mean + exp(logvar / 2) * noise (logvar clamped to [-30, 20]), scaled."""
         mean, logvar = mint.chunk(moments, 2, dim=1)
-        std = mint.exp(0.5 * mint.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX))
+        std = ops.exp(0.5 * mint.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX))
         return self.to_latent_space(mean + std * noise)
 
     # --- public calls ------------------------------------------------------------------------

@@ -101,18 +101,20 @@ def activation_and_slope(name: str, param: float, z: Tensor) -> Tuple[Tensor, Te
         beta = param
         bz = z * beta
         linear = (bz > SOFTPLUS_THRESHOLD).astype(z.dtype)
-        soft = mint.log1p(mint.exp(mint.minimum(bz, Tensor(SOFTPLUS_THRESHOLD, z.dtype)))) / beta
-        return linear * z + (1 - linear) * soft, linear + (1 - linear) * mint.sigmoid(bz)
+        exp_bz = ops.exp(mint.minimum(bz, Tensor(SOFTPLUS_THRESHOLD, z.dtype)))
+        soft = ops.log1p(exp_bz) / beta
+        return linear * z + (1 - linear) * soft, linear + (1 - linear) * (exp_bz / (1 + exp_bz))
     if name == "elu":
         alpha = param
         positive_part = (z > 0).astype(z.dtype)
-        exp = mint.exp(mint.minimum(z, z * 0))
-        return positive_part * z + (1 - positive_part) * alpha * (exp - 1), positive_part + (1 - positive_part) * alpha * exp
+        negative = mint.minimum(z, z * 0)
+        return (positive_part * z + (1 - positive_part) * alpha * ops.expm1(negative),
+                positive_part + (1 - positive_part) * alpha * ops.exp(negative))
     if name == "tanh":
-        t = mint.tanh(z)
+        t = ops.tanh(z)
         return t, 1 - t * t
     beta = param                                                # swish
-    s = mint.sigmoid(z * beta)
+    s = 1 / (1 + ops.exp(-(z * beta)))                        # accurate, unlike the CPU sigmoid kernel
     return z * s, s + beta * z * s * (1 - s)
 
 
@@ -129,7 +131,7 @@ class FlowLayer(nn.Cell):
         self.eye = Tensor(np.eye(dim, dtype=np.float32))
 
     def matrix(self) -> Tensor:
-        return self.lower_triangular * self.mask + self.eye * mint.exp(self.log_diagonal)
+        return self.lower_triangular * self.mask + self.eye * ops.exp(self.log_diagonal)
 
 
 class NormalizingFlow(nn.Cell):

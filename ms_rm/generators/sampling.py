@@ -20,7 +20,9 @@ import math
 from typing import Optional, Tuple
 
 import mindspore as ms
-from mindspore import Tensor, mint, ops
+from mindspore import Tensor, mint
+
+from ..core import ops
 
 FLOW_GRPO_NOISE_LEVEL = 0.7
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
@@ -47,6 +49,6 @@ def sde_step(sample: Tensor, velocity: Tensor, sigma: Tensor, sigma_next: Tensor
     if prev_sample is None:
         prev_sample = mean + spread * noise
     diff = ops.stop_gradient(prev_sample.astype(ms.float32)) - mean
-    log_prob = -(diff ** 2) / (2 * spread ** 2) - mint.log(spread) - _LOG_SQRT_2PI
+    log_prob = -(diff ** 2) / (2 * spread ** 2) - ops.log(spread) - _LOG_SQRT_2PI
     log_prob = log_prob.reshape(log_prob.shape[0], -1).mean(axis=1)
     return prev_sample, log_prob, mean, spread

@@ -257,11 +257,11 @@ class CLIPModel(CompiledCell):
 
     def scale(self) -> Tensor:
         """exp(logit_scale), a scalar."""
-        return mint.exp(self.logit_scale)
+        return ops.exp(self.logit_scale)
 
     def logits_per_image(self, image_embeds: Tensor, text_embeds: Tensor) -> Tensor:
         """(B_img, B_txt): exp(logit_scale) x the cosine of every image with every text."""
-        return mint.matmul(image_embeds, text_embeds.swapaxes(0, 1)) * mint.exp(self.logit_scale)
+        return mint.matmul(image_embeds, text_embeds.swapaxes(0, 1)) * ops.exp(self.logit_scale)
 
     # --- host-side entry points ---------------------------------------------------------------
     def text_inputs(self, input_ids: np.ndarray) -> Tuple[Tensor, Tensor, Tensor]:

@@ -145,7 +145,7 @@ class DiffusionRM(CompiledCell):
         if not self.config.use_logistic:
             return raw
         z = -(raw - self.eta3) / (mint.abs(self.eta4) + 1e-6)
-        return (ETA1 - ETA2) / (1 + mint.exp(z)) + ETA2
+        return (ETA1 - ETA2) / (1 + ops.exp(z)) + ETA2
 
     def construct(self, latents, noise, sigma, timestep, *conditioning):
         """All stages of one reward call: temb, visual taps, text taps, raw (B, out), reward (B, out)."""
