@@ -18,12 +18,17 @@ from ms_rm.core.weights import random_parameter
 
 from .reference import RewardHead, TorchRewardModel, cut_backbone, transformer_class, widths
 
-def randomize_(module: torch.nn.Module, seed: int, prefix: str = "") -> None:
+def randomize_(module: torch.nn.Module, seed: int, prefix: str = "", matrix_scale: float = 1.0) -> None:
     """Overwrite every parameter of `module` with ms_rm's random_parameter values, named as the
-    reward model names them (`prefix` + name), so ms_rm's `randomize(seed)` draws the same."""
+    reward model names them (`prefix` + name), so ms_rm's `randomize(seed)` draws the same.
+    `matrix_scale` multiplies the matrices (not the norm weights and biases): a model at a larger
+    scale than the initialisers', whose activations reach the large inputs of every op."""
     with torch.no_grad():
         for name, param in module.named_parameters():
-            param.copy_(torch.from_numpy(random_parameter(prefix + name, param.shape, seed)).to(param.dtype))
+            values = random_parameter(prefix + name, param.shape, seed)
+            if matrix_scale != 1.0 and values.ndim >= 2:
+                values = values * np.float32(matrix_scale)
+            param.copy_(torch.from_numpy(values).to(param.dtype))
 
 
 @dataclass
@@ -60,13 +65,15 @@ def lora_kwargs(rm_config: dict, transformer_config: Optional[dict] = None, **ov
 
 
 def build_reference(rm_config: dict, transformer_config: dict, scheduler_config: dict, seed: int = 0,
-                    lora: Optional[dict] = None, time_convention: str = "reference") -> Reference:
-    """A random reference model. `lora`: LoraConfig kwargs (see lora_kwargs) to wrap the backbone."""
+                    lora: Optional[dict] = None, time_convention: str = "reference",
+                    matrix_scale: float = 1.0) -> Reference:
+    """A random reference model. `lora`: LoraConfig kwargs (see lora_kwargs) to wrap the backbone;
+    `matrix_scale`: the backbone's matrices that much larger (randomize_)."""
     torch.manual_seed(seed)
     cls, _ = transformer_class(transformer_config)
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     transformer = cls(**config).eval()
-    randomize_(transformer, seed, prefix="backbone.")
+    randomize_(transformer, seed, prefix="backbone.", matrix_scale=matrix_scale)
     model_cfg = rm_config["model"]
     # peft swaps the Linears it adapts in place: keep `transformer` plain by cutting a copy.
     backbone = cut_backbone(copy.deepcopy(transformer) if lora is not None else transformer, model_cfg,

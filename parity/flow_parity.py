@@ -18,6 +18,9 @@ FLOW_CASES = {
     **{f"flow-{act}": f"NFSD score network, {act} activation, data_dim 16 and 48, 2 flows: score, x0_hat, loss, "
                       "every parameter gradient vs torch autograd (create_graph)"
        for act in ("trivial", "leakyrelu", "softplus", "elu", "tanh", "swish")},
+    **{f"flow-{act}-large": f"NFSD score network, {act} activation, weights and inputs at a large scale (pre-activations "
+                            "beyond |z| = 5, where a tanh or exp kernel that is wrong for large inputs shows): as flow-{act}"
+       for act in ("tanh", "softplus", "elu", "swish")},
     "flow-mnist": "NFSD's MNIST network (data_dim 784, 3 softplus flows, sigma 256, class 128): score, x0_hat, loss, "
                   "every parameter gradient vs torch",
 }
@@ -27,26 +30,28 @@ def configs(name: str) -> List[dict]:
     if name == "flow-mnist":
         return [{"data_dim": 784, "n_flows": 3, "activation": "softplus", "activation_params": {"beta": 1.0},
                  "sigma_embed_dim": 256, "cond_embed_dim": 128}]
-    act = name[len("flow-"):]
+    act = name[len("flow-"):].removesuffix("-large")
     params = {"leakyrelu": {"negative_slope": 0.05}, "softplus": {"beta": 1.5}, "elu": {"alpha": 0.8},
               "swish": {"beta": 1.2}}.get(act, {})
     return [{"data_dim": d, "n_flows": 2, "activation": act, "activation_params": params, "sigma_embed_dim": 8,
              "cond_embed_dim": 6} for d in (16, 48)]
 
 
-def reference_values(name: str, shape, seed: int) -> np.ndarray:
-    """Random parameter values; the flow matrices scaled so the layers stay well-conditioned."""
+def reference_values(name: str, shape, seed: int, large: bool = False) -> np.ndarray:
+    """Random parameter values; the flow matrices scaled so the layers stay well-conditioned, or
+    (`large`) 4x random_parameter's 1/sqrt(fan_in) scale and diagonals up to e^1.5, so that the
+    pre-activations reach |z| of 5 to 20."""
     from ms_rm.core.weights import random_parameter
 
     values = random_parameter(name, shape, seed).astype(np.float64)
     if name.endswith("lower_triangular"):
-        values *= 0.5 / np.sqrt(shape[0])
+        values *= 4.0 if large else 0.5 / np.sqrt(shape[0])
     elif name.endswith("log_diagonal"):
-        values *= 0.1
+        values *= 5.0 if large else 0.1
     return values
 
 
-def stages(config_dict: dict, mode: str, seed: int = 0, batch: int = 3):
+def stages(config_dict: dict, mode: str, seed: int = 0, batch: int = 3, large: bool = False):
     """(ours, torch fp32, torch float64) stage dicts for one configuration."""
     import mindspore as ms
     from mindspore import Tensor
@@ -56,9 +61,9 @@ def stages(config_dict: dict, mode: str, seed: int = 0, batch: int = 3):
     from .flow_reference import TorchScoreFlowNetwork
 
     config = FlowScoreConfig.from_dict(config_dict)
-    values = {n: reference_values(n, p.shape, seed) for n, p in TorchScoreFlowNetwork(config).named_parameters()}
+    values = {n: reference_values(n, p.shape, seed, large) for n, p in TorchScoreFlowNetwork(config).named_parameters()}
     rng = np.random.default_rng(seed + 1)
-    x = rng.standard_normal((batch, config.data_dim)).astype(np.float32)
+    x = ((3.0 if large else 1.0) * rng.standard_normal((batch, config.data_dim))).astype(np.float32)
     target = rng.standard_normal((batch, config.data_dim)).astype(np.float32)
     sigma = np.exp(rng.normal(-1.2, 1.2, batch)).astype(np.float32)
     cond = rng.standard_normal((batch, config.cond_embed_dim)).astype(np.float32)
@@ -102,7 +107,8 @@ def run_flow_case(name: str, modes: List[str], dtype: str, seed: int, ms_device:
         results = []
         for config in configs(name):
             tag = f"d{config['data_dim']}:"
-            results += measured_stages(*({tag + k: v for k, v in side.items()} for side in stages(config, mode, seed)))
+            sides = stages(config, mode, seed, large=name.endswith("-large"))
+            results += measured_stages(*({tag + k: v for k, v in side.items()} for side in sides))
         reports.append(Report(name, FLOW_CASES[name], mode, dtype, seed, results,
                               environment=environment(ms_device, torch_device)))
     return reports

@@ -32,6 +32,18 @@ def test_a_wrong_activation_derivative_fails_at_the_raw_score(monkeypatch):
     assert report.first_failure == "d16:score_raw"
 
 
+def test_the_large_scale_case_catches_a_tanh_wrong_for_large_inputs(monkeypatch):
+    """MindSpore's CPU tanh kernel (1700 ulp off beyond |x| ~ 3, slope 0 from x = 6) passes the
+    well-conditioned case and fails the large-scale one, at the raw score: the case reaches it."""
+    from mindspore import mint
+
+    import ms_rm.core.ops as ops
+
+    monkeypatch.setattr(ops, "tanh", mint.tanh)
+    assert run_flow_case("flow-tanh", ["pynative"], "fp32", 0, "CPU", "cpu")[0].passed
+    assert run_flow_case("flow-tanh-large", ["pynative"], "fp32", 0, "CPU", "cpu")[0].first_failure == "d16:score_raw"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"activation": "relu"}, "activation 'relu' is not one of"),
     ({"activation": "tanh", "activation_params": {"beta": 2.0}}, r"activation_params \['beta'\] do not apply to 'tanh'"),

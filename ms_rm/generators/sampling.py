@@ -48,7 +48,7 @@ def sde_step(sample: Tensor, velocity: Tensor, sigma: Tensor, sigma_next: Tensor
     spread = std * mint.sqrt(-dt)
     if prev_sample is None:
         prev_sample = mean + spread * noise
-    diff = ops.stop_gradient(prev_sample.astype(ms.float32)) - mean
+    diff = ms.ops.stop_gradient(prev_sample.astype(ms.float32)) - mean
     log_prob = -(diff ** 2) / (2 * spread ** 2) - ops.log(spread) - _LOG_SQRT_2PI
     log_prob = log_prob.reshape(log_prob.shape[0], -1).mean(axis=1)
     return prev_sample, log_prob, mean, spread
