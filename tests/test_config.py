@@ -131,3 +131,12 @@ def test_flux_time_convention_and_guidance_follow_the_reference_by_default():
         RewardModelConfig.from_reference(*_release(), time_convention="diffusers")
     with pytest.raises(ConfigError, match=r"time_convention 'x1000' must be one of \('reference', 'diffusers'\)"):
         RewardModelConfig.from_reference(*_flux_release(), time_convention="x1000")
+
+
+def test_a_class_name_that_is_not_a_string_is_a_config_error():
+    """Found by the conversion fuzz test: a list as _class_name raised TypeError (unhashable)."""
+    from ms_rm import ConfigError
+    from ms_rm.backbones.config import backbone_from_diffusers
+
+    with pytest.raises(ConfigError, match="_class_name"):
+        backbone_from_diffusers({"_class_name": []}, "transformer/config.json")

@@ -290,7 +290,7 @@ _BY_CLASS_NAME = {cls.CLASS_NAME: cls for cls in BACKBONE_CONFIGS.values()}
 def backbone_from_diffusers(d: Mapping, source: str) -> BackboneConfig:
     """The backbone config of a diffusers transformer config, by its _class_name."""
     name = d.get("_class_name", SD3BackboneConfig.CLASS_NAME)
-    if name not in _BY_CLASS_NAME:
+    if not isinstance(name, str) or name not in _BY_CLASS_NAME:
         raise ConfigError(f"{source}: _class_name '{name}' is not a supported backbone; expected one of "
                           f"{sorted(_BY_CLASS_NAME)}")
     return _BY_CLASS_NAME[name].from_diffusers(d, source)
