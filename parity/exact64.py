@@ -8,7 +8,7 @@ exp, whose rounding differs between CPUs. Measured against such a "float64" run,
 none of that noise, so the tolerance policy's bound (torch's own fp32 error) leaves it out while
 any other correct float32 implementation carries it.
 
-`float64_sinusoids()` replaces both functions, around the float64 run only, by the same formulas
+`float64_sinusoids()` replaces both functions, around the float64 run only (`run_float64`), by the same formulas
 (written from the two functions above) computed in float64 throughout; outside it the original
 code runs, so the torch fp32 side is still the reference's own code, bit for bit.
 """
@@ -66,3 +66,9 @@ def float64_sinusoids():
     finally:
         for owner, name, old, _ in patches:
             setattr(owner, name, old)
+
+
+def run_float64(torch_run):
+    """torch_run(torch.float64) with its timestep sinusoids in float64 too."""
+    with float64_sinusoids():
+        return torch_run(torch.float64)

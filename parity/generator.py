@@ -29,6 +29,7 @@ import torch
 
 from .cases import SCHEDULER, TINY_SD35
 from .compare import compare_stages
+from .exact64 import run_float64
 from .harness import FP32_BOUND, Report, environment, measured_stages
 from .reference import as_torch
 
@@ -209,7 +210,7 @@ def _lora_stages(transformer, folder: str, mode: str, seed: int, a) -> Dict[str,
                  for p, g in zip(separate.lora_parameters(), grads)})
     # The gradients sum over every token: their bound is the tolerance policy's, from torch's own
     # fp32 error against float64 (ms_rm_parity.harness.measured_stages).
-    return {"ours": ours, "ref": torch_run(torch.float32), "ref64": _float64(torch_run)}
+    return {"ours": ours, "ref": torch_run(torch.float32), "ref64": run_float64(torch_run)}
 
 
 def _decode_stages(seed: int, mode: str, folder: str) -> Dict[str, Dict[str, np.ndarray]]:
@@ -266,11 +267,3 @@ def run_generator_case(name: str, modes: List[str], dtype: str, seed: int, ms_de
             reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed, results,
                                   environment=environment(ms_device, torch_device)))
     return reports
-
-
-def _float64(torch_run):
-    """torch_run(torch.float64), its timestep sinusoids in float64 too (ms_rm_parity.exact64)."""
-    from .exact64 import float64_sinusoids
-
-    with float64_sinusoids():
-        return torch_run(torch.float64)

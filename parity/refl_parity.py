@@ -22,6 +22,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from .exact64 import run_float64
+
 REFL_CASES = {"sd3-refl": "one ReFL step: loss 2 - mean(Diffusion-RM reward of x_t - sigma v) and its gradient w.r.t. "
                           "every LoRA factor of the generator, vs diffusers + peft + the torch reward model",
               "sd3-pixel-refl": "one pixel ReFL step: loss relu(2 - ImageReward(decode(x_t - sigma v))).mean() x "
@@ -97,7 +99,7 @@ def _stages(folder: str, mode: str, seed: int):
     model = DiffusionRM.from_pretrained(case.converted["fp32"], mode=mode)
     loss, grads = refl_loss_and_grads(ReFLObjective(generator, model), x_t, timestep, sigma, a["ehs"], a["pooled"], u,
                                       rm_noise, graph=mode == "graph")
-    return _ours(generator, loss, grads), torch_run(torch.float32), _float64(torch_run)
+    return _ours(generator, loss, grads), torch_run(torch.float32), run_float64(torch_run)
 
 
 def _pixel_stages(folder: str, mode: str, seed: int):
@@ -142,7 +144,7 @@ def _pixel_stages(folder: str, mode: str, seed: int):
                                    ImageReward.from_pretrained(converted, mode=mode), grad_scale=GRAD_SCALE)
     loss, grads = refl_loss_and_grads(objective, x_t, timestep, sigma, a["ehs"], a["pooled"], ids, mask,
                                       graph=mode == "graph")
-    return _ours(generator, loss, grads), torch_run(torch.float32), _float64(torch_run)
+    return _ours(generator, loss, grads), torch_run(torch.float32), run_float64(torch_run)
 
 
 def run_refl_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str, torch_device: str):
@@ -150,11 +152,3 @@ def run_refl_case(name: str, modes: List[str], dtype: str, seed: int, ms_device:
 
     stages = _pixel_stages if name == "sd3-pixel-refl" else _stages
     return measured_reports(name, REFL_CASES[name], modes, dtype, seed, ms_device, torch_device, stages)
-
-
-def _float64(torch_run):
-    """torch_run(torch.float64), its timestep sinusoids in float64 too (ms_rm_parity.exact64)."""
-    from .exact64 import float64_sinusoids
-
-    with float64_sinusoids():
-        return torch_run(torch.float64)

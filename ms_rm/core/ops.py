@@ -386,10 +386,14 @@ def _exp_value(x: ms.Tensor) -> ms.Tensor:
     p = _EXP_POLY[0] * r + _EXP_POLY[1]
     for c in _EXP_POLY[2:]:
         p = p * r + c
-    er = p * (r * r) + r + 1.0
+    return _times_power_of_two(p * (r * r) + r + 1.0, k)
+
+
+def _times_power_of_two(x: ms.Tensor, k: ms.Tensor) -> ms.Tensor:
+    """x 2^k for integer-valued k, exactly: as two powers of two, each a normal float32 (2^128 is not)."""
     half = mint.floor(k * 0.5)
     two = ms.Tensor(2.0, ms.float32)
-    return er * mint.pow(two, half) * mint.pow(two, k - half)
+    return x * mint.pow(two, half) * mint.pow(two, k - half)
 
 
 def exp(x: ms.Tensor) -> ms.Tensor:
@@ -433,9 +437,7 @@ def _log_value(u: ms.Tensor, correction) -> ms.Tensor:
     regular = (u > 0) & (u < _FLOAT32_MAX * 2)
     safe = mint.where(regular, u, u * 0 + 1.0)
     k = mint.round(mint.where(regular, plain, plain * 0) * _LOG2E)
-    half = mint.floor(k * 0.5)
-    two = ms.Tensor(0.5, ms.float32)
-    m = safe * mint.pow(two, half) * mint.pow(two, k - half)                # exact: powers of two
+    m = _times_power_of_two(safe, -k)
     value = k * _LN2_HI + (k * _LN2_LO + (_log1p_series(m - 1.0) + correction / safe))
     return mint.where(regular, value, plain)
 
