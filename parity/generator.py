@@ -4,8 +4,9 @@ Harness cases, fp32, on a tiny random SD3.5-style transformer (the parity cases'
 attention, RMS qk-norm, the last block context_pre_only) saved with diffusers' `save_pretrained`
 and loaded by `SD3Generator.from_pretrained`:
 
-* sd3-transformer: temb, the image stream after every block and the velocity, vs diffusers'
-  SD3Transformer2DModel (block outputs through forward hooks);
+* sd3-transformer: temb, the image and the text stream after every block and the velocity of
+  `SD3Generator.predict_velocity`, vs diffusers' SD3Transformer2DModel (block outputs through
+  forward hooks);
 * sd3-sampling: latents after step 1, 2 and all 4 of `StableDiffusion3Pipeline(latents=noise,
   output_type="latent")` without and with classifier-free guidance (4.5), plus a 3-step SDE
   trajectory and the log-probability of every step against Flow-GRPO's `sde_step_with_logprob`
@@ -35,7 +36,7 @@ from .reference import as_torch
 
 GENERATOR_CASES = {
     "sd3-transformer": "full SD3.5-style transformer (last block context_pre_only, norm_out, proj_out) vs diffusers: "
-                       "temb, every block, velocity",
+                       "temb, every block's image and text stream, velocity",
     "sd3-sampling": "StableDiffusion3Pipeline latents after steps 1, 2, 4 (guidance 1 and 4.5) and a Flow-GRPO SDE "
                     "trajectory with its log-probabilities",
     "sd3-lora": "peft LoRA on the transformer: velocity merged and separate, and the gradient of one step's output "
@@ -77,29 +78,50 @@ def _inputs(seed: int, batch: int = 2):
             "sde_noise": draw(SDE_STEPS, batch, cfg["in_channels"], *LATENT_HW)}
 
 
-def _transformer_stages(transformer, generator, a) -> Dict[str, Dict[str, np.ndarray]]:
-    from mindspore import Tensor
-
-    timestep = np.array([1000.0, 437.5], np.float32)
+def diffusers_block_states(transformer, latents, timestep, ehs, pooled) -> Dict[str, np.ndarray]:
+    """diffusers' forward, called as Flow-GRPO calls it, with temb, the image stream ("block_k") and
+    the text stream ("block_k_text"; none from the last, context_pre_only block) captured by
+    forward hooks, in data-flow order, and the velocity."""
     captured: Dict[str, torch.Tensor] = {}
     hooks = [transformer.time_text_embed.register_forward_hook(lambda m, i, o: captured.__setitem__("temb", o))]
+
+    def keep(k, outputs):
+        text, image = outputs
+        captured[f"block_{k}"] = image
+        if text is not None:
+            captured[f"block_{k}_text"] = text
+
     for k, block in enumerate(transformer.transformer_blocks):
-        hooks.append(block.register_forward_hook(
-            lambda m, i, o, k=k: captured.__setitem__(f"block_{k + 1}", o[1])))
-    with torch.no_grad():
-        velocity = transformer(hidden_states=as_torch(a["noise"]), encoder_hidden_states=as_torch(a["ehs"]),
-                               pooled_projections=as_torch(a["pooled"]), timestep=as_torch(timestep)).sample
-    for hook in hooks:
-        hook.remove()
+        hooks.append(block.register_forward_hook(lambda m, i, o, k=k: keep(k + 1, o)))
+    try:
+        with torch.no_grad():
+            velocity = transformer(hidden_states=as_torch(latents), timestep=as_torch(timestep),
+                                   encoder_hidden_states=as_torch(ehs), pooled_projections=as_torch(pooled)).sample
+    finally:
+        for hook in hooks:
+            hook.remove()
     ref = {k: v.numpy() for k, v in captured.items()}
     ref["velocity"] = velocity.numpy()
-    positions = Tensor(generator.transformer.positions(*LATENT_HW))
-    temb, streams, v = generator.run("block_outputs", Tensor(a["noise"]), Tensor(timestep), Tensor(a["ehs"]),
-                                     Tensor(a["pooled"]), positions)
-    ours = {"temb": temb.asnumpy()}
-    ours.update({f"block_{k + 1}": s.asnumpy() for k, s in enumerate(streams)})
-    ours["velocity"] = v.asnumpy()
-    return {"ours": ours, "ref": ref}
+    return ref
+
+
+def block_state_stages(out) -> Dict[str, np.ndarray]:
+    """SD3Generator.predict_velocity(..., output_block_states=True) under diffusers_block_states' names."""
+    ours = {"temb": out["temb"].asnumpy()}
+    for k, image in enumerate(out["image_states"]):
+        ours[f"block_{k + 1}"] = image.asnumpy()
+        if k < len(out["text_states"]):
+            ours[f"block_{k + 1}_text"] = out["text_states"][k].asnumpy()
+    ours["velocity"] = out["velocity"].asnumpy()
+    return ours
+
+
+def _transformer_stages(transformer, generator, a) -> Dict[str, Dict[str, np.ndarray]]:
+    timestep = np.array([1000.0, 437.5], np.float32)
+    ref = diffusers_block_states(transformer, a["noise"], timestep, a["ehs"], a["pooled"])
+    out = generator.predict_velocity(hidden_states=a["noise"], timestep=timestep, encoder_hidden_states=a["ehs"],
+                                     pooled_projections=a["pooled"], output_block_states=True)
+    return {"ours": block_state_stages(out), "ref": ref}
 
 
 def torch_sde_step(scheduler_sigmas: torch.Tensor, model_output, sample, sigma, sigma_prev, noise):

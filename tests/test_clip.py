@@ -61,16 +61,21 @@ def test_parity_case_clip_tiny(tmp_path):
     assert pixels["max_abs"] == 0.0                   # CLIPImageProcessor's pixel values, bit for bit
 
 
-def test_scores_match_transformers_and_logit_is_scaled_cosine(tiny_clip, scorer):
-    folder, model, tokenizer, processor = tiny_clip
-    images, prompts = _images(), ["a red cube", "two cats on a table"]
+def _transformers_logits(model, tokenizer, processor, images, prompts):
+    """PickScore's own recipe in transformers (padding to the longest): exp(logit_scale) x cosine."""
     inputs = processor(images=images, return_tensors="pt")
     tokens = tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-    with torch.no_grad():                             # PickScore's own recipe (padding to the longest)
+    with torch.no_grad():
         img = model.get_image_features(**inputs)
         txt = model.get_text_features(**tokens)
         img, txt = img / img.norm(dim=-1, keepdim=True), txt / txt.norm(dim=-1, keepdim=True)
-        reference = (model.logit_scale.exp() * (txt @ img.T)).diag().numpy()
+        return (model.logit_scale.exp() * (txt @ img.T)).diag().numpy()
+
+
+def test_scores_match_transformers_and_logit_is_scaled_cosine(tiny_clip, scorer):
+    folder, model, tokenizer, processor = tiny_clip
+    images, prompts = _images(), ["a red cube", "two cats on a table"]
+    reference = _transformers_logits(model, tokenizer, processor, images, prompts)
     logit = CLIPScorer(model=scorer.model, processor_path=folder, scale="logit")(images, prompts)
     cosine = scorer(images, prompts)
     np.testing.assert_allclose(logit, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
@@ -225,6 +230,63 @@ def test_folder_problems_get_one_line_errors(tiny_clip, tmp_path):
     (no_rgb / "preprocessor_config.json").write_text(json.dumps(processor))
     with pytest.raises(InputError, match="do_convert_rgb=false"):
         PickScoreScorer(str(no_rgb))([_images()[0].convert("L")], ["a"])
+
+
+def _split_folders(tiny_clip, root):
+    """The tiny model, its tokenizer and an image processor of other statistics, each in a folder of
+    its own as save_pretrained writes them; ((model, tokenizer, image processor folders), processor)."""
+    folder, model, tokenizer, _ = tiny_clip
+    paths = [str(root / name) for name in ("model", "tokenizer", "image_processor")]
+    os.makedirs(paths[0])
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(folder, name), paths[0])
+    tokenizer.save_pretrained(paths[1])
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size=28, image_mean=[0.5, 0.4, 0.3],
+                                                image_std=[0.2, 0.25, 0.3])
+    processor.save_pretrained(paths[2])
+    assert sorted(os.listdir(paths[2])) == ["preprocessor_config.json"]
+    return paths, processor
+
+
+def test_separate_tokenizer_and_image_processor_folders(tiny_clip, scorer, tmp_path):
+    """CLIPTokenizer and CLIPImageProcessor saved to folders of their own: the scores are transformers'
+    with that processor (not the defaults, not the model folder's), from the scorer and `score-clip`."""
+    from ms_rm.cli import main
+
+    (model_dir, tokenizer_dir, processor_dir), processor = _split_folders(tiny_clip, tmp_path)
+    images, prompts = _images(), ["a red cube", "two cats on a table"]
+    reference = _transformers_logits(tiny_clip[1], tiny_clip[2], processor, images, prompts)
+    split = CLIPScorer(model_dir, tokenizer_path=tokenizer_dir, image_processor_path=processor_dir, scale="logit")
+    np.testing.assert_allclose(split(images, prompts), reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    with_model = CLIPScorer(model=scorer.model, tokenizer_path=tokenizer_dir, image_processor_path=processor_dir,
+                            scale="logit")
+    np.testing.assert_allclose(with_model(images, prompts), split(images, prompts), rtol=1e-6)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    out = tmp_path / "scores.jsonl"
+    args = ["score-clip", model_dir, "--tokenizer", tokenizer_dir, "--image-processor", processor_dir, "--scale",
+            "logit", "--out", str(out), "--no-progress", "--mode", "pynative"]
+    for path, prompt in zip(paths, prompts):
+        args += ["--image", path, "--prompt", prompt]
+    assert main(args) == 0
+    scores = [json.loads(line)["score"] for line in out.read_text().splitlines()]
+    np.testing.assert_allclose(scores, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+
+
+def test_a_missing_preprocessor_config_is_an_error_not_the_defaults(tiny_clip, tmp_path):
+    (model_dir, tokenizer_dir, processor_dir), _ = _split_folders(tiny_clip, tmp_path)
+    for kwargs in (dict(processor_path=tokenizer_dir), dict(tokenizer_path=tokenizer_dir),
+                   dict(tokenizer_path=tokenizer_dir, image_processor_path=tokenizer_dir)):
+        with pytest.raises(ConfigError) as info:
+            CLIPScorer(model_dir, mode="pynative", **kwargs)
+        message = str(info.value)
+        assert "no preprocessor_config.json" in message and "image_processor_path" in message, message
+        assert "\n" not in message
+    with pytest.raises(ConfigError, match="with model=, pass processor_path .* or tokenizer_path and "
+                                          "image_processor_path"):
+        CLIPScorer(model=object(), tokenizer_path=tokenizer_dir)
 
 
 def test_cli_score_clip_scores_image_files(tiny_clip, scorer, tmp_path, capsys):

@@ -14,7 +14,9 @@ import torch
 
 from ms_rm import CheckpointError, ConfigError, InputError, SD3Generator
 from ms_rm.cli import main as cli
-from ms_rm_parity.generator import GENERATOR_CASES, LATENT_HW, _inputs, _reference, run_generator_case
+from ms_rm_parity.compare import FP32_BOUND, compare_stages
+from ms_rm_parity.generator import (GENERATOR_CASES, LATENT_HW, _inputs, _reference, block_state_stages,
+                                    diffusers_block_states, run_generator_case)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -47,6 +49,34 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def generator(folder):
     return SD3Generator.from_pretrained(folder, mode="pynative")
+
+
+def test_predict_velocity_is_diffusers_forward_with_both_streams(folder):
+    """Flow-GRPO's call, `transformer(hidden_states=, timestep=, encoder_hidden_states=,
+    pooled_projections=)`, one timestep for the batch: the velocity and, with output_block_states,
+    temb and both streams after every block against diffusers' SD3Transformer2DModel, within the
+    fp32 bound the generator cases use; compiled in graph mode, once per method."""
+    from diffusers import SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel.from_pretrained(os.path.join(folder, "transformer")).eval()
+    gen = SD3Generator.from_pretrained(folder, mode="graph")
+    a = _inputs(1)
+    call = dict(hidden_states=a["noise"], timestep=612.5, encoder_hidden_states=a["ehs"],
+                pooled_projections=a["pooled"])
+    ref = diffusers_block_states(transformer, a["noise"], np.full(2, 612.5, np.float32), a["ehs"], a["pooled"])
+    out = gen.predict_velocity(**call, output_block_states=True)
+    results = compare_stages(block_state_stages(out), ref, {"default": FP32_BOUND})
+    assert all(r.passed for r in results), [(r.stage, r.max_rel, r.bound) for r in results if not r.passed]
+    layers = gen.config.num_layers
+    assert len(out["image_states"]) == layers and len(out["text_states"]) == layers - 1
+    assert sum(r.stage.endswith("_text") for r in results) == layers - 1
+    velocity = gen.predict_velocity(**call)
+    np.testing.assert_array_equal(velocity.asnumpy(), out["velocity"].asnumpy())
+    assert {"velocity", "block_outputs"} <= set(gen._compiled)
+    with pytest.raises(InputError, match=r"timestep must have shape \(2\)"):
+        gen.predict_velocity(**dict(call, timestep=np.zeros(3, np.float32)))
+    with pytest.raises(InputError, match=r"hidden_states must have shape \(\*, 16, \*, \*\)"):
+        gen.predict_velocity(**dict(call, hidden_states=a["noise"][:, :4]))
 
 
 @pytest.mark.parametrize("change, message", [

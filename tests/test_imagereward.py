@@ -76,8 +76,8 @@ def test_conversion_accounts_for_every_key(converted, tmp_path):
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match=r"1 missing keys: mlp\.layers\.7\.bias"):
         ImageReward.convert(str(tmp_path / "missing.pt"), str(tmp_path / "o2"), config=tiny_config(), progress=False)
-    with pytest.raises(CheckpointError, match="missing keys"):           # the released config on a tiny file
-        ImageReward.convert(path, str(tmp_path / "o3"), progress=False)
+    with pytest.raises(CheckpointError, match=r"missing keys: blip\.text_encoder\."):   # released config, tiny file
+        ImageReward.convert(path, str(tmp_path / "o3"), config=ImageRewardConfig(), progress=False)
     shuffled = dict(state)
     key = "blip.text_encoder.embeddings.position_ids"
     shuffled[key] = state[key].flip(-1)
@@ -85,6 +85,97 @@ def test_conversion_accounts_for_every_key(converted, tmp_path):
     with pytest.raises(CheckpointError, match="position_ids' is not 0.."):
         ImageReward.convert(str(tmp_path / "positions.pt"), str(tmp_path / "o4"), config=tiny_config(), progress=False)
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3, 4))
+
+
+def test_missing_key_errors_name_the_checkpoints_blip_key(converted, tmp_path):
+    state = torch.load(converted[1], weights_only=True)
+    key = "blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"
+    torch.save({k: v for k, v in state.items() if k != key}, tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match=r"1 missing keys: blip\.text_encoder\.encoder\.layer\.1\."
+                                              r"crossattention\.self\.key\.weight") as e:
+        ImageReward.convert(str(tmp_path / "missing.pt"), str(tmp_path / "out"), config=tiny_config(), progress=False)
+    assert "\n" not in str(e.value)
+
+
+def _head_width_64_config(text=None):
+    """A small model whose heads are BLIP's 64 wide (what the shapes cannot tell, taken as BLIP's)."""
+    from ms_rm.rewards.imagereward.config import TextConfig, VisionConfig
+
+    text = text or TextConfig(vocab_size=50, width=768, layers=2, heads=12, intermediate=96, max_positions=36)
+    return ImageRewardConfig(vision=VisionConfig(image_size=24, patch_size=6, width=128, layers=3, heads=2,
+                                                 mlp_ratio=2.0), text=text)
+
+
+def test_convert_without_config_reads_the_sizes_off_the_checkpoint(tmp_path):
+    """No --config: image size, patch, widths, depths, vocabulary, positions and MLP ratio from the
+    tensors' shapes; the converted model's reward is the package model's."""
+    _need_package()
+    from ms_rm.cli import main
+    from ms_rm_parity.imagereward import tiny_inputs
+    from ms_rm_parity.imagereward_reference import build_reference, reference_stages, save_checkpoint
+
+    config = _head_width_64_config()
+    reference = build_reference(config, seed=4)
+    path = save_checkpoint(reference, str(tmp_path / "ImageReward.pt"))
+    assert main(["convert-imagereward", path, "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    model = ImageReward.from_pretrained(str(tmp_path / "out"), mode="pynative")
+    assert model.config == config
+    pixels, _, ids, mask = tiny_inputs(config, seed=5)
+    expected = reference_stages(reference, pixels, ids, mask)["reward"]
+    np.testing.assert_allclose(model.reward(pixels, ids, mask).asnumpy(), expected.reshape(-1, 1), rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_convert_with_the_packages_med_config_json(tmp_path):
+    """`convert-imagereward --config med_config.json` (BLIP's file, as the package loads it; the
+    wheel ships none, so ms_rm_parity writes its published content): the text encoder's settings
+    from it, the rest from the shapes; a med_config.json whose sizes the checkpoint contradicts is
+    refused, naming the key and the tensor."""
+    import json
+
+    _need_package()
+    from ms_rm.cli import main
+    from ms_rm.core.errors import ConfigError
+    from ms_rm.rewards.imagereward.config import TextConfig
+    from ms_rm_parity.imagereward_reference import MED_CONFIG, build_reference, save_checkpoint
+
+    med = tmp_path / "med_config.json"
+    med.write_text(json.dumps(MED_CONFIG, indent=2))
+    config = _head_width_64_config(TextConfig())                 # BERT-base: the sizes med_config.json gives
+    path = save_checkpoint(build_reference(config, seed=6), str(tmp_path / "ImageReward.pt"))
+    assert main(["convert-imagereward", path, "--config", str(med), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    assert ImageReward.from_pretrained(str(tmp_path / "out"), mode="pynative").config == config
+    small = save_checkpoint(build_reference(_head_width_64_config(), seed=6), str(tmp_path / "small.pt"))
+    with pytest.raises(ConfigError, match=r"med_config.json: vocab_size is 30524, but the checkpoint .* has 50 "
+                                          r"\('blip\.text_encoder\.embeddings\.word_embeddings\.weight'\)"):
+        ImageReward.convert(small, str(tmp_path / "o"), config=str(med), progress=False)
+
+
+def test_the_released_shapes_give_the_released_config_with_or_without_med_config():
+    """The package's full-size ImageReward (on the meta device): its keys and shapes, read as
+    ImageReward.pt's, give ms_rm's released config, alone and with BLIP's med_config.json."""
+    _need_package()
+    from ms_rm.rewards.imagereward.conversion import infer_config
+    from ms_rm_parity.imagereward_reference import MED_CONFIG, package_model
+
+    class Shapes:                     # the checkpoint's keys and shapes without its 1.8 GB
+        path = "ImageReward.pt (shapes)"
+
+        def __init__(self, state):
+            self.shapes = {k: tuple(v.shape) for k, v in state.items()}
+
+        def keys(self):
+            return list(self.shapes)
+
+        def __contains__(self, key):
+            return key in self.shapes
+
+        def shape(self, key):
+            return self.shapes[key]
+
+    source = Shapes(package_model().state_dict())
+    assert infer_config(source) == infer_config(source, MED_CONFIG) == ImageRewardConfig()
 
 
 def test_bad_inputs_get_one_line_errors(converted):

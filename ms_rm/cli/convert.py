@@ -58,7 +58,9 @@ def run_imagereward(args: argparse.Namespace) -> int:
 def _add_imagereward_arguments(ir: argparse.ArgumentParser) -> None:
     ir.add_argument("src", help="ImageReward.pt")
     ir.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
-    ir.add_argument("--config", help="an ms_rm ImageReward config JSON (default: the released model's)")
+    ir.add_argument("--config", help="BLIP's med_config.json (the text encoder's BertConfig; the other sizes are read "
+                                     "off the checkpoint) or an ms_rm ImageReward config JSON (default: every size "
+                                     "read off the checkpoint, the rest BLIP's)")
     ir.add_argument("--dtype", choices=["keep", "fp32", "bf16", "fp16"], default="keep",
                     help="stored dtype: keep each tensor's source dtype (default), or cast all")
     ir.add_argument("--force", action="store_true", help="replace an existing output folder")

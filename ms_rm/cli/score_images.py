@@ -95,7 +95,8 @@ def _encode_prompts(args: argparse.Namespace, prompts, folder: str, joint_attent
 
 def run_clip(args: argparse.Namespace) -> int:
     pairs = _pairs(args)
-    scorer = CLIPScorer(args.model, processor_path=args.processor, scale=args.scale, mode=args.mode)
+    scorer = CLIPScorer(args.model, processor_path=args.processor, tokenizer_path=args.tokenizer,
+                        image_processor_path=args.image_processor, scale=args.scale, mode=args.mode)
     return _score(scorer, pairs, args)
 
 
@@ -147,8 +148,12 @@ def _add_images_arguments(images: argparse.ArgumentParser) -> None:
 
 def _add_clip_arguments(clip: argparse.ArgumentParser) -> None:
     clip.add_argument("model", help="a Hugging Face CLIPModel folder (config.json + model.safetensors)")
-    clip.add_argument("--processor", help="folder with vocab.json, merges.txt [, preprocessor_config.json] "
+    clip.add_argument("--processor", help="folder with vocab.json, merges.txt and preprocessor_config.json "
                                           "(default: the model folder)")
+    clip.add_argument("--tokenizer", help="folder with vocab.json and merges.txt, when the tokenizer has a folder "
+                                          "of its own (CLIPTokenizer.save_pretrained)")
+    clip.add_argument("--image-processor", help="folder with preprocessor_config.json, when the image processor has "
+                                                "a folder of its own (CLIPImageProcessor.save_pretrained)")
     clip.add_argument("--scale", choices=["cosine", "logit"], default="cosine",
                       help="cosine of the embeddings (default) or exp(logit_scale) x cosine (original PickScore)")
     _add_pair_arguments(clip)

@@ -50,10 +50,11 @@ def check_shape(tensor: Tensor, name: str, expected: Tuple[Optional[int], ...], 
 
 
 def reward_inputs(latents: Any, encoder_hidden_states: Any, pooled_projections: Any,
-                  in_channels: int, joint_dim: int, pooled_dim: int, check_values: bool = True
-                  ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The three conditioning inputs of a reward call, checked against the model's sizes."""
-    latents = latent_input(latents, in_channels, check_values)
+                  in_channels: int, joint_dim: int, pooled_dim: int, check_values: bool = True,
+                  latents_name: str = "latents") -> Tuple[Tensor, Tensor, Tensor]:
+    """The three conditioning inputs of a reward call, checked against the model's sizes
+    (latents_name: the latents' argument name, for errors)."""
+    latents = latent_input(latents, in_channels, check_values, latents_name)
     if encoder_hidden_states is None or pooled_projections is None:
         raise InputError("encoder_hidden_states and pooled_projections are required by this model")
     ehs = as_float_tensor(encoder_hidden_states, "encoder_hidden_states")
@@ -80,6 +81,18 @@ def latent_input(latents: Any, in_channels: int, check_values: bool = True, name
     if check_values:
         check_finite(latents, name)
     return latents
+
+
+def timestep_input(timestep: Any, batch: int, name: str = "timestep") -> Tensor:
+    """A diffusion timestep, one number or one per sample (batch,), as a float32 (batch,) tensor."""
+    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        timestep = np.float32(timestep)
+    tensor = as_float_tensor(timestep, name)
+    if tensor.ndim == 0 or tuple(tensor.shape) == (1,):
+        tensor = ops.broadcast_to(tensor.reshape(1), (batch,))
+    check_shape(tensor, name, (batch,), "= a number or one per sample (B,)")
+    check_finite(tensor, name)
+    return tensor.astype(ms.float32)
 
 
 def noise_input(noise: Any, shape: Tuple[int, ...], name: str = "noise", check_values: bool = True) -> Tensor:

@@ -33,7 +33,7 @@ from ..core.compile_cache import jit
 from ..core.compiled import CompiledCell
 from ..core.errors import CheckpointError, ConfigError, InputError
 from ..core.flow_match import SchedulerConfig, inference_schedule
-from ..core.inputs import latent_input, noise_input, reward_inputs
+from ..core.inputs import latent_input, noise_input, reward_inputs, timestep_input
 from ..core.weights import check_key_sets, load_parameters
 from ..io.files import find_weights, read_config_file
 from ..io.lora import LoraAdapter
@@ -187,6 +187,29 @@ class SD3Generator(CompiledCell):
         load_parameters(self, lambda name: np.asarray(tensors[name[len("transformer."):]]),
                         [f"transformer.{k}" for k in tensors if k != POSITION_TABLE_KEY], source)
 
+    # --- the transformer as diffusers calls it ---------------------------------------------------
+    def predict_velocity(self, hidden_states, timestep, encoder_hidden_states, pooled_projections,
+                         output_block_states: bool = False):
+        """diffusers' `transformer(hidden_states=, timestep=, encoder_hidden_states=,
+        pooled_projections=)`, as Flow-GRPO calls it: latents (B, C, H, W), timestep (a number or
+        (B,), in 0..1000: sigma x 1000, as the pipeline passes it), prompt embeddings (B, T, J),
+        pooled (B, P) -> the velocity (B, C', H, W), a Tensor that gradients flow through. Compiled
+        in graph mode (once per input shape); the position table is built here.
+
+        output_block_states: a dict instead, {"velocity", "temb" (B, D), "image_states" (the image
+        stream (B, N, D) after every block), "text_states" (the text stream (B, T, D) after every
+        block but the last, which is context_pre_only)}."""
+        bb = self.config
+        latents, ehs, pooled = reward_inputs(hidden_states, encoder_hidden_states, pooled_projections, bb.in_channels,
+                                             bb.joint_attention_dim, bb.pooled_projection_dim,
+                                             latents_name="hidden_states")
+        t = timestep_input(timestep, latents.shape[0])
+        positions = self._positions_for(latents.shape[2], latents.shape[3])
+        if not output_block_states:
+            return self.run("velocity", latents, t, ehs, pooled, positions)
+        temb, image, text, velocity = self.run("block_outputs", latents, t, ehs, pooled, positions)
+        return {"velocity": velocity, "temb": temb, "image_states": list(image), "text_states": list(text)}
+
     # --- compiled calls ------------------------------------------------------------------------
     def velocity(self, latents, timestep, encoder_hidden_states, pooled, positions):
         """The transformer's output (B, C, H, W)."""
@@ -194,10 +217,11 @@ class SD3Generator(CompiledCell):
                                 positions)
 
     def block_outputs(self, latents, timestep, encoder_hidden_states, pooled, positions):
-        """temb, the image stream after every block, and the velocity: for parity checks."""
+        """temb, the image and the text stream after every block (see SD3Transformer.blocks), and
+        the velocity."""
         x = latents.astype(self.compute_dtype)
-        temb, streams = self.transformer.blocks(x, timestep, encoder_hidden_states, pooled, positions)
-        return temb, streams, self.transformer.output(streams[-1], temb, x.shape[2], x.shape[3])
+        temb, image, text = self.transformer.blocks(x, timestep, encoder_hidden_states, pooled, positions)
+        return temb, image, text, self.transformer.output(image[-1], temb, x.shape[2], x.shape[3])
 
     def weighted_step(self, latents, timestep, encoder_hidden_states, pooled, positions, sigma, sigma_next, weight):
         """sum(weight * Euler step of latents): a scalar of one step's output, differentiable with

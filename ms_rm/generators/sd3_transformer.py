@@ -55,24 +55,28 @@ class SD3Transformer(nn.Cell):
         return sd3_positions(self.config, height, width)
 
     def blocks(self, latents: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, pooled: Tensor,
-               positions: Tensor) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-        """-> temb (B, D) and the image stream after every block ((B, N, D), ...)."""
+               positions: Tensor) -> Tuple[Tensor, Tuple[Tensor, ...], Tuple[Tensor, ...]]:
+        """-> temb (B, D), the image stream after every block ((B, N, D), ...) and the text stream
+        after every block but the last ((B, T, D), ...; the last, context_pre_only, returns none,
+        as diffusers' returns None)."""
         dtype = latents.dtype
         hidden = self.pos_embed(latents, positions)                                     # (B, N, D)
         temb = self.time_text_embed(timestep, pooled.astype(dtype))                      # (B, D)
         context = self.context_embedder(encoder_hidden_states.astype(dtype))            # (B, T, D)
-        streams = ()
+        image, text = (), ()
         for block in self.transformer_blocks:
             hidden, context = block(hidden, context, temb)
-            streams = streams + (hidden,)
-        return temb, streams
+            image = image + (hidden,)
+            if not block.context_pre_only:
+                text = text + (context,)
+        return temb, image, text
 
     def construct(self, latents: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, pooled: Tensor,
                   positions: Tensor) -> Tensor:
         """latents (B, C, H, W), timestep (B,) in 0..1000, encoder_hidden_states (B, T, J), pooled (B, P),
         positions (1, N, D) -> velocity (B, C', H, W)."""
-        temb, streams = self.blocks(latents, timestep, encoder_hidden_states, pooled, positions)
-        return self.output(streams[-1], temb, latents.shape[2], latents.shape[3])
+        temb, image, _ = self.blocks(latents, timestep, encoder_hidden_states, pooled, positions)
+        return self.output(image[-1], temb, latents.shape[2], latents.shape[3])
 
     def output(self, hidden: Tensor, temb: Tensor, height: int, width: int) -> Tensor:
         """norm_out, proj_out, unpatchify: the last image stream (B, N, D) -> (B, C', H, W)."""

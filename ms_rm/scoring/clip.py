@@ -32,6 +32,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.inputs import as_float_tensor, check_finite
 from ..rewards.clip import (CLIPModel, load_clip_model, load_image_processing, load_tokenizer, pixel_values,
                             resize_matrices, tokenize)
+from ..rewards.clip.config import PREPROCESSOR_FILE
 from .images import split_batch, to_unit_rgb
 
 logger = logging.getLogger(__name__)
@@ -40,14 +41,27 @@ SCALES = ("cosine", "logit")
 CLIP_SIZE_POLICIES = ("resize-crop", "error")
 
 
+def _preprocessor_folder(processor_path: Optional[str], model_path: Optional[str]) -> str:
+    """The first of the folders given that holds preprocessor_config.json; else the first given
+    (load_image_processing then names it in its error)."""
+    folders = [f for f in (processor_path, model_path) if f is not None]
+    return next((f for f in folders if os.path.isfile(os.path.join(f, PREPROCESSOR_FILE))), folders[0])
+
+
 class CLIPScorer:
     """A CLIPModel folder as a scorer of (image, prompt) pairs.
 
     model_path: a Hugging Face CLIPModel folder (config.json + model.safetensors), or pass
-        `model=` (a loaded ms_rm.rewards.clip.CLIPModel) with `processor_path`.
-    processor_path: the folder with the tokenizer (vocab.json, merges.txt) and, optionally,
-        preprocessor_config.json (default: model_path). PickScore's weights and its processor
-        come from two Hugging Face repositories: pass both folders.
+        `model=` (a loaded ms_rm.rewards.clip.CLIPModel) with the processor's folders.
+    processor_path: the folder CLIPProcessor.save_pretrained writes, with the tokenizer
+        (vocab.json, merges.txt) and preprocessor_config.json (default: model_path). PickScore's
+        weights and its processor come from two Hugging Face repositories: pass both folders.
+    tokenizer_path / image_processor_path: the two halves in folders of their own, as
+        CLIPTokenizer.save_pretrained and CLIPImageProcessor.save_pretrained write them; each
+        takes the place of processor_path for its half. The tokenizer is read from the first of
+        tokenizer_path, processor_path, model_path given; preprocessor_config.json from
+        image_processor_path, else from the first of processor_path, model_path that holds one.
+        None of them holding it is a ConfigError (no silent default preprocessing).
     scale: "cosine" (default) or "logit" (exp(logit_scale) x cosine).
     size_policy: "resize-crop" (CLIPImageProcessor's: shortest edge to the crop size, center
         crop; default) or "error" (refuse images not already at the crop size).
@@ -58,28 +72,29 @@ class CLIPScorer:
     input_kind = "pixels"
 
     def __init__(self, model_path: Optional[str] = None, *, processor_path: Optional[str] = None,
+                 tokenizer_path: Optional[str] = None, image_processor_path: Optional[str] = None,
                  model: Optional[CLIPModel] = None, scale: str = "cosine", size_policy: str = "resize-crop",
                  max_batch: Optional[int] = None, mode: str = "graph"):
         if (model_path is None) == (model is None):
             raise ConfigError("pass exactly one of model_path (a Hugging Face CLIPModel folder) or model")
-        if model is not None and processor_path is None:
-            raise ConfigError("with model=, pass processor_path (the folder with vocab.json and merges.txt)")
+        if model is not None and processor_path is None and (tokenizer_path is None or image_processor_path is None):
+            raise ConfigError("with model=, pass processor_path (the folder with vocab.json, merges.txt and "
+                              "preprocessor_config.json), or tokenizer_path and image_processor_path")
         if scale not in SCALES:
             raise ConfigError(f"scale must be one of {SCALES}, got {scale!r}")
         if size_policy not in CLIP_SIZE_POLICIES:
             raise ConfigError(f"size_policy must be one of {CLIP_SIZE_POLICIES} for a CLIP scorer, got {size_policy!r}")
         if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
             raise ConfigError(f"max_batch must be a positive integer or None, got {max_batch!r}")
-        processor_path = processor_path or model_path
-        for path, what in ((model_path, "model_path"), (processor_path, "processor_path")):
+        for path, what in ((model_path, "model_path"), (processor_path, "processor_path"),
+                           (tokenizer_path, "tokenizer_path"), (image_processor_path, "image_processor_path")):
             if path is not None and not os.path.isdir(path):
                 raise ConfigError(f"{path}: {what} is not a folder")
-        self.tokenizer = load_tokenizer(processor_path)
+        self.tokenizer = load_tokenizer(tokenizer_path or processor_path or model_path)
         self.model = model if model is not None else load_clip_model(model_path, mode=mode)
-        size = self.model.config.vision.image_size
-        folder = processor_path if os.path.isfile(os.path.join(processor_path, "preprocessor_config.json")) \
-            else (model_path or processor_path)
-        self.processing = load_image_processing(folder, size)
+        folder = image_processor_path or _preprocessor_folder(processor_path, model_path)
+        self.processing = load_image_processing(folder, self.model.config.vision.image_size)
+        logger.info("CLIP image preprocessing from %s", os.path.join(folder, PREPROCESSOR_FILE))
         self.scale, self.size_policy, self.max_batch = scale, size_policy, max_batch
         self._matrices = {}                     # (H, W) -> the resize tensors of score_pixels
 

@@ -4,8 +4,9 @@
 `vision_config`; a key a config leaves out takes transformers' default (CLIPTextConfig,
 CLIPVisionConfig), so folders saved by any transformers version read the same. Other keys
 (training settings, token ids of the tokenizer, ...) are ignored. `preprocessor_config.json`
-(CLIPImageProcessor's settings), when the folder has one, gives the image preprocessing;
-without it CLIPImageProcessor's defaults apply at the vision tower's image size.
+(CLIPImageProcessor's settings, in the model folder or a folder of its own) gives the image
+preprocessing; a folder without one is an error, never a silent fall back to defaults (an
+empty `{}` file is CLIPImageProcessor's defaults at the vision tower's image size).
 
 Every problem raises ConfigError naming the file and the key.
 """
@@ -185,7 +186,11 @@ def load_clip_config(folder: str) -> CLIPConfig:
 
 
 def load_image_processing(folder: str, image_size: int) -> ImageProcessing:
-    """The folder's preprocessor_config.json, else CLIPImageProcessor's defaults at `image_size`."""
+    """The folder's preprocessor_config.json (a key it leaves out: CLIPImageProcessor's default
+    at `image_size`); ConfigError when the folder has none."""
     path = os.path.join(folder, PREPROCESSOR_FILE)
-    d = read_json(path, "image processor config") if os.path.isfile(path) else {}
-    return ImageProcessing.from_dict(d, image_size, path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{folder}: no {PREPROCESSOR_FILE} (CLIPImageProcessor's settings); pass the folder "
+                          "CLIPImageProcessor.save_pretrained wrote as image_processor_path (--image-processor), "
+                          "or write {} to that file for CLIPImageProcessor's defaults at the model's image size")
+    return ImageProcessing.from_dict(read_json(path, "image processor config"), image_size, path)
