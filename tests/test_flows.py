@@ -1,6 +1,7 @@
 """NFSD's flow score network: parity with the torch code (every activation, data_dim 16 / 48, the
 784 MNIST network; score, x0_hat, loss, every parameter gradient), a deliberately wrong derivative
-that must fail, training on real digits (the loss falls), checkpoints, sampling, the CLI, errors."""
+that must fail, the reference's state dict loaded from a .pt (strictly) and image-shaped inputs,
+training on real digits (the loss falls), checkpoints, sampling, the CLI, errors."""
 
 import json
 
@@ -10,8 +11,7 @@ import pytest
 from ms_rm import CheckpointError, ConfigError, InputError
 from ms_rm.cli import main as cli
 from ms_rm.flows import FlowScoreConfig
-from ms_rm_parity.flow_parity import FLOW_CASES, run_flow_case
-
+from ms_rm_parity.flow_parity import FLOW_CASES, reference_values, run_flow_case
 
 
 @pytest.mark.parametrize("name", list(FLOW_CASES))
@@ -42,6 +42,117 @@ def test_the_large_scale_case_catches_a_tanh_wrong_for_large_inputs(monkeypatch)
     monkeypatch.setattr(ops, "tanh", mint.tanh)
     assert run_flow_case("flow-tanh", ["pynative"], "fp32", 0, "CPU", "cpu")[0].passed
     assert run_flow_case("flow-tanh-large", ["pynative"], "fp32", 0, "CPU", "cpu")[0].first_failure == "d16:score_raw"
+
+
+# --- the reference's weights, image-shaped inputs -------------------------------------------------
+REFERENCE_PARAMS = {"data_dim": 48, "n_flows": 2, "activation": "elu", "activation_params": {"alpha": 0.8},
+                    "sigma_embed_dim": 8, "cond_embed_dim": 6}
+
+
+def _torch_network(config, dtype=None):
+    """The torch reference network with every parameter random (reference_values, seed 0)."""
+    import torch
+
+    from ms_rm_parity.flow_reference import TorchScoreFlowNetwork
+
+    net = TorchScoreFlowNetwork(config)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.copy_(torch.from_numpy(reference_values(name, p.shape, 0)))
+    return net if dtype is None else net.to(dtype)
+
+
+@pytest.fixture()
+def reference_pt(tmp_path):
+    """(config, path): the reference network's state_dict() saved with torch.save."""
+    import torch
+
+    config = FlowScoreConfig.from_reference_params(REFERENCE_PARAMS)
+    path = tmp_path / "score_network.pt"
+    torch.save(_torch_network(config).state_dict(), path)
+    return config, path
+
+
+def _against_torch(network, config, x_shape, mode):
+    """ms_rm's network against the torch reference (fp32, bounded by its own error against
+    float64) on x_t of `x_shape`; -> the failing stages and ours."""
+    import mindspore as ms
+    import torch
+    from mindspore import Tensor
+
+    from ms_rm_parity.harness import measured_stages
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    sigma = np.exp(rng.normal(-1.2, 1.2, x_shape[0])).astype(np.float32)
+    cond = rng.standard_normal((x_shape[0], config.cond_embed_dim)).astype(np.float32)
+    names = ("score", "x0_hat", "score_raw")
+    forward = network if mode == "pynative" else ms.jit(network.construct)
+    ours = dict(zip(names, (t.asnumpy() for t in forward(Tensor(x), Tensor(sigma), Tensor(cond)))))
+
+    def torch_run(dtype):
+        put = lambda a: torch.from_numpy(a).to(dtype)
+        outputs = _torch_network(config, dtype)(put(x), put(sigma), put(cond), create_graph=False)
+        return {n: t.detach().double().numpy() for n, t in zip(names, outputs)}
+
+    results = measured_stages(ours, torch_run(torch.float32), torch_run(torch.float64))
+    return [(r.stage, r.max_rel, r.bound) for r in results if not r.passed], ours
+
+
+def test_the_reference_state_dict_loads_from_a_pt_and_matches_torch(reference_pt):
+    from ms_rm.flows import load_reference
+
+    config, path = reference_pt
+    failing, ours = _against_torch(load_reference(str(path), config), config, (3, 48), "pynative")
+    assert not failing and ours["score"].shape == (3, 48)
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_image_shaped_x_t_is_flattened_and_reshaped_back_as_the_reference(reference_pt, mode):
+    from ms_rm.flows import load_reference
+
+    config, path = reference_pt
+    failing, ours = _against_torch(load_reference(str(path), config), config, (2, 3, 4, 4), mode)
+    assert not failing
+    assert all(v.shape == (2, 3, 4, 4) for v in ours.values())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("flow.flows.1.bias"), "1 missing keys: flow.flows.1.bias"),
+    (lambda s: s.pop("flow.flows.0.tril_mask"), "1 missing keys: flow.flows.0.tril_mask"),
+    (lambda s: s.__setitem__("flow.flows.0.scale", s["flow.flows.0.bias"]), "1 unexpected keys: flow.flows.0.scale"),
+    (lambda s: s.__setitem__("score_projector.2.weight", s["score_projector.2.weight"][:, :-1]),
+     r"'score_projector.2.weight' has shape \(48, 95\), the config predicts \(48, 96\)"),
+    (lambda s: s["flow.flows.1.tril_mask"].fill_(1.0), "buffer 'flow.flows.1.tril_mask' is not the strictly-lower mask"),
+    (lambda s: s["flow.flows.0.tril_mask"].diagonal().fill_(1.0),
+     "buffer 'flow.flows.0.tril_mask' is not the strictly-lower mask"),
+])
+def test_a_bad_reference_state_dict_names_the_key(reference_pt, edit, message):
+    import torch
+
+    from ms_rm.flows import load_reference
+
+    config, path = reference_pt
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_reference(str(path), config)
+    assert str(path) in str(error.value)
+
+
+def test_reference_params_take_the_reference_constructors_defaults(reference_pt):
+    from ms_rm.flows import load_reference
+
+    _, path = reference_pt
+    assert FlowScoreConfig().cond_embed_dim == 128                      # NFSD's MNIST config
+    assert FlowScoreConfig.from_reference_params({"data_dim": 48}).cond_embed_dim == 512
+    with pytest.raises(ConfigError, match="data_dim is required"):
+        FlowScoreConfig.from_reference_params({"n_flows": 2})
+    params = {k: v for k, v in REFERENCE_PARAMS.items() if k != "cond_embed_dim"}     # 512 then: wrong here
+    with pytest.raises(CheckpointError, match=r"'cond_projector.weight' has shape \(6, 6\), the config predicts "
+                                              r"\(512, 512\)"):
+        load_reference(str(path), params)
 
 
 @pytest.mark.parametrize("change, message", [

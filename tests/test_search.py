@@ -65,7 +65,7 @@ def test_ses_follows_the_reference_step_for_step(budget):
         np.testing.assert_allclose(a["mean"], b["mean"], rtol=0, atol=2e-6)
         np.testing.assert_allclose(a["var"], b["var"], rtol=1e-5, atol=1e-7)
     assert ours.best_index == ref["best"]["evaluation"]
-    np.testing.assert_allclose(ours.best_noise, ref["best"]["noise"][0].numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(ours.best_noise, ref["best"]["noise"].numpy(), rtol=0, atol=2e-6)
     assert ours.best_so_far()[-1] == ours.best_score == max(c["score"] for c in ours.candidates)
 
 
@@ -76,13 +76,45 @@ def test_random_search_follows_the_reference_and_keeps_the_earliest_best():
     ref = reference_random(torch.from_numpy(base), lambda z: score(z[0].numpy()), draws, 12)
     assert [c["score"] for c in ours.candidates] == ref["scores"]
     assert ours.best_index == ref["best_index"] and ours.best_score == ref["best_score"]
-    np.testing.assert_array_equal(ours.best_noise, ref["best_noise"][0].numpy())
+    np.testing.assert_array_equal(ours.best_noise, ref["best_noise"].numpy())
     best = ours.candidates[ours.best_index]
     if best["seed"] is not None:                          # the record rebuilds the best draw
         np.testing.assert_array_equal(np.random.default_rng(best["seed"]).standard_normal(base.shape[1:], np.float32),
-                                      ours.best_noise)
+                                      ours.best_noise[0])
     flat = random_search(lambda batch: np.zeros(len(batch)), base, 5, seed=0)
     assert flat.best_index == 0                          # ties keep the base noise (strictly higher only)
+
+
+def test_random_search_replays_the_callers_rng_as_the_reference_baseline():
+    """The tutorial's baseline with the caller's randomness: the reference's draws taken in order
+    from one numpy stream, ours given the same stream as rng=."""
+    base, score = _synthetic(7)
+    ours = random_search(lambda batch: [score(z) for z in batch], base, 12, batch_size=5,
+                         rng=np.random.default_rng(21))
+    stream = np.random.default_rng(21)
+    ref = reference_random(torch.from_numpy(base), lambda z: score(z[0].numpy()),
+                           lambda i: torch.from_numpy(stream.standard_normal(base.shape[1:], np.float32))[None], 12)
+    assert [c["score"] for c in ours.candidates] == ref["scores"]
+    assert ours.best_index == ref["best_index"] > 0
+    np.testing.assert_array_equal(ours.best_noise, ref["best_noise"].numpy())
+    assert all(c["seed"] is None for c in ours.candidates)          # the draws are the caller's, not a seed's
+    seeded = random_search(lambda batch: [score(z) for z in batch], base, 12, batch_size=5)
+    assert [c["score"] for c in seeded.candidates][1:] != ref["scores"][1:]
+
+
+@pytest.mark.parametrize("search", [lambda o, b, **k: random_search(o, b, 6, batch_size=4, **k),
+                                    lambda o, b, **k: ses_search(o, b, 6, popsize=3, elites=2, levels=2, **k)],
+                         ids=["random", "ses"])
+def test_both_searches_keep_the_callers_shape_and_take_the_same_rng_hook(search):
+    base, score = _synthetic()
+    objective = lambda batch: [score(z) for z in batch]
+    for noise in (base, base[0]):                                 # (1, C, H, W) and (C, H, W)
+        result = search(objective, noise, rng=np.random.default_rng(2))
+        assert result.best_noise.shape == noise.shape and result.best_noise.dtype == np.float32
+        again = search(objective, noise, rng=np.random.default_rng(2))
+        assert [c["score"] for c in again.candidates] == [c["score"] for c in result.candidates]
+    with pytest.raises(InputError, match="rng must be a numpy Generator"):
+        search(objective, base, rng=2)
 
 
 @pytest.mark.parametrize("call, message", [

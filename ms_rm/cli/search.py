@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = random_search(objective, noise, args.budget, seed=args.seed, batch_size=args.popsize,
                                progress=not args.no_progress)
-    best_latents = generator.generate(arrays["prompt_embeds"], arrays["pooled_prompt_embeds"], result.best_noise[None],
+    best_noise = result.best_noise.reshape((1,) + result.best_noise.shape[-3:])      # (1, C, H, W)
+    best_latents = generator.generate(arrays["prompt_embeds"], arrays["pooled_prompt_embeds"], best_noise,
                                       args.steps, args.guidance, arrays.get("negative_prompt_embeds"),
                                       arrays.get("negative_pooled_prompt_embeds")).asnumpy()
     curve = result.best_so_far()
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                                   "mean_of_mean": float(g["mean"].mean()), "mean_of_var": float(g["var"].mean())}
                                  for g in result.generations]
     with atomic_folder(args.out, force=args.force) as folder:
-        write_npz(os.path.join(folder, "best.npz"), {"noise": result.best_noise[None], "latents": best_latents})
+        write_npz(os.path.join(folder, "best.npz"), {"noise": best_noise, "latents": best_latents})
         with atomic_file(os.path.join(folder, "record.json"), "w") as f:
             json.dump(record, f)
         plot_png(os.path.join(folder, "best_score.png"), curve, f"{result.method}: best score {result.best_score:.5g}")

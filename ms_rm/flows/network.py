@@ -17,7 +17,15 @@ through the layers written out (g_out = -2 out; g_h = g_out W; g_z = g_h act'(z)
 so training needs first-order gradients only: MindSpore's second-order CPU gradients through
 matmuls were measured wrong, and ops.elu has none.
 
-Shapes: B batch, D data_dim, F = D + S (+ C) the flow width.
+Shapes: B batch, D data_dim, F = D + S (+ C) the flow width. x_t may also be image-shaped
+(B, C, H, W) with C H W = D: flattened inside and the outputs reshaped back, as the reference does.
+
+Two differences from the reference a user meets: the forward returns (score, x0_hat, score_raw),
+the reference (score, x_pred) (take `score, x0_hat, _ = net(...)`); and FlowScoreConfig's
+defaults are NFSD's MNIST config's (data_dim 784, cond_embed_dim 128), where the reference's
+constructor requires data_dim and defaults cond_embed_dim to 512:
+FlowScoreConfig.from_reference_params reads a reference `score_network_config.params` with the
+constructor's defaults. Reference weights: ms_rm.flows.conversion.load_reference.
 """
 
 from __future__ import annotations
@@ -41,12 +49,15 @@ ACTIVATIONS: Dict[str, Dict[str, float]] = {"trivial": {}, "leakyrelu": {"negati
                                             "softplus": {"beta": 1.0}, "elu": {"alpha": 1.0}, "tanh": {},
                                             "swish": {"beta": 1.0}}
 SOFTPLUS_THRESHOLD = 20.0            # torch's F.softplus: linear where beta x > 20
+REFERENCE_COND_EMBED_DIM = 512       # the reference constructor's default (its MNIST config: 128)
 
 
 @dataclass(frozen=True)
 class FlowScoreConfig:
     """ScoreFlowNetwork's settings (the reference config's score_network_config params) and the
-    class embedder of its conditioner."""
+    class embedder of its conditioner. The defaults are NFSD's MNIST config's (data_dim 784,
+    cond_embed_dim 128), not the reference constructor's (data_dim required, cond_embed_dim 512):
+    use from_reference_params for a reference params dict."""
 
     data_dim: int = 784
     n_flows: int = 3
@@ -82,6 +93,15 @@ class FlowScoreConfig:
             values[key] = float(value)
         return cls(activation=activation, activation_params=values,
                    use_conditioning=get_value(d, "use_conditioning", bool, source, True), **sizes)
+
+    @classmethod
+    def from_reference_params(cls, d: Mapping, source: str = "score_network_config.params") -> "FlowScoreConfig":
+        """The reference ScoreFlowNetwork's constructor arguments, with its defaults: data_dim
+        required, cond_embed_dim 512 (the other defaults are the same as this class's)."""
+        if "data_dim" not in d:
+            raise ConfigError(f"{source}: data_dim is required (the reference's ScoreFlowNetwork has no default); "
+                              "pass the flattened data size, e.g. 784 for 28x28 digits")
+        return cls.from_dict(dict({"cond_embed_dim": REFERENCE_COND_EMBED_DIM}, **d), source)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,8 +162,10 @@ class NormalizingFlow(nn.Cell):
 
 
 class ScoreFlowNetwork(nn.Cell):
-    """(x_t (B, D), sigma (B,), cond (B, C) or None) -> score (B, D), x0_hat (B, D), score_raw (B, D).
-    Parameter names equal the reference module's state-dict keys."""
+    """(x_t (B, D) or (B, C, H, W) with C H W = D, sigma (B,) or (B, 1), cond (B, C) or None) ->
+    score, x0_hat, score_raw, each shaped as x_t. The reference returns (score, x_pred) only:
+    score_raw is ms_rm's third output. Parameter names equal the reference module's state-dict
+    keys (its buffers are not parameters here: see ms_rm.flows.conversion)."""
 
     def __init__(self, config: FlowScoreConfig):
         super().__init__()
@@ -179,14 +201,16 @@ class ScoreFlowNetwork(nn.Cell):
         return grad
 
     def construct(self, x_t: Tensor, sigma: Tensor, cond: Optional[Tensor] = None):
+        shape = x_t.shape
+        x = x_t.reshape(shape[0], -1)                                           # (B, D), image-shaped or not
         sigma = sigma.reshape(-1, 1).astype(x_t.dtype)
         sigma_emb = self.sigma_embedder(sigma)                                  # (B, S)
         context = (sigma_emb,)
         if self.use_conditioning:                                               # cond (B, C) required then
             context = context + (self.cond_projector(cond),)
-        score_raw = self.raw_score(mint.cat((x_t,) + context, dim=-1))[:, :self.data_dim]
+        score_raw = self.raw_score(mint.cat((x,) + context, dim=-1))[:, :self.data_dim]
         score = self.score_projector(mint.cat((score_raw,) + context, dim=-1))
-        return score, x_t + sigma * sigma * score, score_raw
+        return score.reshape(shape), (x + sigma * sigma * score).reshape(shape), score_raw.reshape(shape)
 
     def denoising_loss(self, x_t: Tensor, sigma: Tensor, cond: Tensor, x0: Tensor) -> Tensor:
         """mean((x0_hat - x0)^2): the reference's fallback loss (its configured loss call raises)."""

@@ -1,11 +1,15 @@
 """Search over the initial noise: best-of-N (random search) and SES (Spectral Evolution Search).
 
 Both maximise an objective `noises (K, C, H, W) float32 -> K scores` (ms_rm.search.objectives) on
-one sample's noise (C, H, W); a generation's candidates go to the objective as one batch.
+one sample's noise, (C, H, W) or (1, C, H, W) (the best noise comes back in the caller's shape); a
+generation's candidates go to the objective as one batch. Both take `rng=`, a numpy Generator
+that supplies every Gaussian draw (replaying a search with the caller's randomness); without it
+the draws come from `seed` as below.
 
 * Random search: the base noise, then budget - 1 fresh Gaussian draws, candidate i from
-  `np.random.default_rng([seed, i])` (the record's seed pair rebuilds it); a draw replaces the
-  best only when its score is strictly higher.
+  `np.random.default_rng([seed, i])` (the record's seed pair rebuilds it), or with `rng=` the
+  next rng.standard_normal((C, H, W), float32) in candidate order (record seed None); a draw
+  replaces the best only when its score is strictly higher.
 * SES (arXiv 2602.03208; the reference is DiffSynth-Studio's diffsynth/utils/ses/ses.py): the
   base noise's db1 wavelet split (ms_rm.search.wavelets, `levels` levels, over H and W per
   channel); its high bands stay fixed and the low band is searched by the cross-entropy method:
@@ -42,7 +46,7 @@ class SearchResult:
     """The best noise and score, every candidate in evaluation order, and (SES) every generation."""
 
     method: str
-    best_noise: np.ndarray                              # (C, H, W) float32
+    best_noise: np.ndarray                              # float32, shaped as the base noise given
     best_score: float
     best_index: int
     candidates: List[Dict] = field(default_factory=list)    # {"evaluation", "score", ...}
@@ -57,7 +61,10 @@ class SearchResult:
         return out
 
 
-def _check_common(base_noise: np.ndarray, budget: int) -> np.ndarray:
+def _check_common(base_noise: np.ndarray, budget: int, rng: Optional[np.random.Generator]) -> np.ndarray:
+    """The base noise as (C, H, W) float32, after checking it, the budget and the rng."""
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise InputError(f"rng must be a numpy Generator (np.random.default_rng(...)), got {type(rng).__name__}")
     noise = np.asarray(base_noise, dtype=np.float32)
     if noise.ndim == 4:
         if noise.shape[0] != 1:
@@ -83,9 +90,14 @@ def _scores(objective: Objective, batch: np.ndarray) -> np.ndarray:
 
 
 def random_search(objective: Objective, base_noise: np.ndarray, budget: int, seed: int = 0,
-                  batch_size: int = 8, progress: bool = False) -> SearchResult:
-    """Best-of-N: the base noise and budget - 1 fresh draws, scored in batches of `batch_size`."""
-    noise = _check_common(base_noise, budget)
+                  batch_size: int = 8, rng: Optional[np.random.Generator] = None,
+                  progress: bool = False) -> SearchResult:
+    """Best-of-N: the base noise and budget - 1 fresh draws, scored in batches of `batch_size`.
+    `rng`: the Gaussian stream, one (C, H, W) float32 draw per candidate after the base noise
+    (default: candidate i from np.random.default_rng([seed, i]))."""
+    noise = _check_common(base_noise, budget, rng)
+    draw = ((lambda i: rng.standard_normal(noise.shape, np.float32)) if rng is not None
+            else (lambda i: np.random.default_rng([seed, i]).standard_normal(noise.shape, np.float32)))
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     candidates: List[Dict] = []
@@ -93,16 +105,15 @@ def random_search(objective: Objective, base_noise: np.ndarray, budget: int, see
     bar = tqdm(total=budget, desc="random search", disable=not progress, leave=False)
     for start in range(0, budget, batch_size):
         indices = range(start, min(start + batch_size, budget))
-        batch = np.stack([noise if i == 0 else np.random.default_rng([seed, i]).standard_normal(noise.shape, np.float32)
-                          for i in indices])
-        for i, draw, score in zip(indices, batch, _scores(objective, batch)):
+        batch = np.stack([noise if i == 0 else draw(i) for i in indices])
+        for i, candidate, score in zip(indices, batch, _scores(objective, batch)):
             candidates.append({"evaluation": i, "score": float(score),
-                               "seed": None if i == 0 else [int(seed), i], "base": i == 0})
+                               "seed": None if i == 0 or rng is not None else [int(seed), i], "base": i == 0})
             if score > best_score:                        # strictly higher: ties keep the earlier one
-                best_noise, best_score, best_index = draw, float(score), i
+                best_noise, best_score, best_index = candidate, float(score), i
         bar.update(len(indices))
     bar.close()
-    return SearchResult("random", best_noise.copy(), best_score, best_index, candidates)
+    return SearchResult("random", best_noise.reshape(np.shape(base_noise)).copy(), best_score, best_index, candidates)
 
 
 def ses_search(objective: Objective, base_noise: np.ndarray, budget: int = 30, popsize: int = 10, elites: int = 5,
@@ -110,7 +121,7 @@ def ses_search(objective: Objective, base_noise: np.ndarray, budget: int = 30, p
                progress: bool = False) -> SearchResult:
     """SES over the low band of the base noise (see the module notes). `rng`: the Gaussian stream
     (default np.random.default_rng([seed, 1])); each generation draws a (popsize, n) float32 block."""
-    noise = _check_common(base_noise, budget)
+    noise = _check_common(base_noise, budget, rng)
     if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2:
         raise InputError(f"popsize must be an integer >= 2, got {popsize!r}")
     if isinstance(elites, bool) or not isinstance(elites, int) or not 1 <= elites <= popsize:
@@ -155,5 +166,5 @@ def ses_search(objective: Objective, base_noise: np.ndarray, budget: int = 30, p
         generations.append({"generation": generation, "mean": mean.copy(), "var": var.copy(),
                             "elites": [e["evaluation"] for e in elite_db]})
     bar.close()
-    return SearchResult("ses", best["noise"].astype(np.float32), best["score"], best["evaluation"],
-                        candidates, generations)
+    return SearchResult("ses", best["noise"].astype(np.float32).reshape(np.shape(base_noise)), best["score"],
+                        best["evaluation"], candidates, generations)
