@@ -41,8 +41,9 @@ class SD3Encoder:
         (True), with `seed` for reproducible draws. The reference samples (`latent_dist.sample()`).
     prompt_encoder: an SD3PromptEncoder, or None for images only (prompts then come as embeddings,
         as `ms-rm score-images` passes them: ms_rm.scoring.runs.PromptTable).
-    vae_batch_size: images encoded at a time (default 1: on the CPU the VAE's activations take
-        about 5 GiB per 1024 x 1024 image, and batching gains no speed there).
+    vae_batch_size: images encoded at a time (default 1: on the CPU the VAE's activations of a
+        large image take many times its weights, and batching gains no speed there; the
+        figures are in docs/measurements.md).
     """
 
     def __init__(self, vae, prompt_encoder, sample: bool = False, seed: Optional[int] = None,

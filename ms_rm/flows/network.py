@@ -1,7 +1,7 @@
 """The normalizing-flow score network of NFSD (reca1c1trant/NFSD, fb5a303:
 sgm/modules/flows/flow_layers.py, normalizing_flow.py, sgm/models/score_flow.py), in MindSpore.
 
-What that code computes (not what its guide claims; see the README):
+What that code computes (not what its guide claims; see docs/flows.md):
 
     h0 = [x (D), sigma_emb (S), cond (C)]      sigma_emb = SiLU(Linear(SiLU(Linear(sigma))))
     h_k = act(h_{k-1} L_k^T + b_k)             L_k = strictly-lower(A_k) + diag(exp(d_k))
