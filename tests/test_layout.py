@@ -30,7 +30,8 @@ MAY_IMPORT = {
     "flows": {"core", "io"},
     "training": {"scoring", "generators", "rewards", "core", "io"},
     "integrations": {"scoring", "encoders", "rewards", "core", "io"},
-    "cli": {"training", "scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
+    "evaluation": {"scoring", "rewards", "core", "io"},
+    "cli": {"evaluation", "training", "scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
 }
 
 
