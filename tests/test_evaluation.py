@@ -308,3 +308,37 @@ def test_reference_parquet_pairs_read_as_the_reference_bucket_dataset_does(tmp_p
     pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "other.parquet")
     with pytest.raises(InputError, match="other.parquet: not the reference's preference parquet"):
         read_pairs(str(tmp_path / "other.parquet"))
+
+
+def test_pickscore_on_rankings_equals_its_scores_by_hand(tmp_path, capsys):
+    """A pixels reward through `ms-rm eval` on HPDv2-layout rankings: the metrics of CLIPScorer's own scores."""
+    from helpers import import_extra
+
+    PIL_Image = import_extra("PIL.Image", "pillow", "images")
+    from ms_rm.cli import main
+    from ms_rm.scoring.clip import CLIPScorer
+    from ms_rm_parity.clip_parity import write_tiny_clip
+
+    folder = str(tmp_path / "clip")
+    write_tiny_clip(folder, "laion", seed=3)
+    rng = np.random.default_rng(4)
+    items = []
+    for k, prompt in enumerate(["a cat", "a red cube", "two apples"]):
+        names = []
+        for j in range(3):
+            names.append(f"{k}_{j}.png")
+            PIL_Image.fromarray(rng.integers(0, 256, (24 + 8 * j, 32, 3), dtype=np.uint8)).save(tmp_path / names[-1])
+        items.append({"prompt": prompt, "image_path": names, "rank": [1, 2, 2] if k else [3, 1, 2]})
+    data = _write(tmp_path / "test.json", items, lines=False)
+    assert main(["eval", data, "--out", str(tmp_path / "out"), "--reward", "clip", folder, "--no-progress",
+                 "--no-plot"]) == 0
+    result = json.loads((tmp_path / "out" / "report.json").read_text())["rewards"]["clip"]["results"][0]
+    scorer = CLIPScorer(folder)
+    scores = [scorer([PIL_Image.open(tmp_path / n) for n in item["image_path"]], [item["prompt"]] * 3)
+              for item in items]
+    ranks = [item["rank"] for item in items]
+    assert result["imagereward_acc"] == upstream_eval.imagereward_acc(ranks, scores)
+    hpsv2 = upstream_eval.hpsv2_functions()
+    assert result["hpsv2_inversion_score"] == pytest.approx(
+        sum(hpsv2["inversion_score"](upstream_eval.hpsv2_ranking(s), r) for r, s in zip(ranks, scores)) / 3,
+        rel=1e-14, abs=0)
