@@ -37,6 +37,7 @@ from ..rewards.diffusion_rm import DiffusionRM, recommended_u
 from .clip import CLIPScorer, PickScoreScorer
 from .images import SIZE_POLICIES, fitted_size, group_by_size, preprocess, split_batch
 from .imagereward import ImageRewardScorer
+from .jpeg import JpegCompressibilityScorer, JpegIncompressibilityScorer
 
 logger = logging.getLogger(__name__)
 
@@ -323,4 +324,5 @@ def _row_keys(pooled) -> List[bytes]:
 
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
                                                        DiffusionRMZImageScorer, PickScoreScorer, CLIPScorer,
-                                                       ImageRewardScorer)}
+                                                       ImageRewardScorer, JpegCompressibilityScorer,
+                                                       JpegIncompressibilityScorer)}
