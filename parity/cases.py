@@ -83,8 +83,9 @@ class Case:
 
 CASES: Dict[str, Case] = {c.name: c for c in [
     Case("tiny-sd35", "SD3.5-style (dual attention, RMS qk-norm), LoRA checkpoint"),
-    Case("tiny-sd35-large-weights", "tiny-sd35 with every backbone matrix 3x the initialisers' scale: activations "
-         "and modulations reach the large inputs of every op", matrix_scale=3.0),
+    Case("tiny-sd35-large-weights", "tiny-sd35 with every backbone matrix 3x the builder's N(0, 1/fan_in) (5.2x "
+         "torch's default init, which diffusers keeps): activations and modulations reach the large inputs of every "
+         "op (the RMS qk-norms keep the attention logits where they were)", matrix_scale=3.0),
     Case("tiny-sd3", "SD3-style (no dual attention, no qk-norm), full_model.pt", transformer=TINY_SD3, mode="full"),
     Case("logistic", "logistic squash, eta3/eta4 read from full_model.pt", model={"use_logistic": True}, mode="full"),
     Case("logistic-lora", "logistic squash, eta3/eta4 at init (LoRA checkpoints lack them)",
@@ -122,7 +123,7 @@ CASES: Dict[str, Case] = {c.name: c for c in [
          "only, 16x16 latents (64 image tokens, no image pad), captions of 32 and 2 tokens",
          transformer=TINY_ZIMAGE, mode="full", latent_hw=(16, 16), text_tokens=32,
          model=dict(ZIMAGE_HEAD, visual_head_idx=[1, 3], text_head_idx=[2]), u=(0.2, 0.7)),
-    Case("tiny-zimage-large-weights", "tiny-zimage with every backbone matrix 3x the initialisers' scale: its "
+    Case("tiny-zimage-large-weights", "tiny-zimage with every backbone matrix 3x the builder's N(0, 1/fan_in): its "
          "tanh gates and SiLU / SwiGLU reach large inputs", transformer=TINY_ZIMAGE, latent_hw=(8, 12),
          text_tokens=37, model=ZIMAGE_HEAD, matrix_scale=3.0),
     Case("tiny-flux-schnell", "FLUX.1-schnell-style (no guidance embedding), full_model.pt, deepest tap visual only",
