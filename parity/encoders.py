@@ -84,7 +84,8 @@ ENCODER_CASES = {
     "sd3-vae": "SD3 VAE encoder vs diffusers AutoencoderKL.encode (mean, logvar, scaled mode and sample)",
     "sd3-prompts": "SD3 prompt encoding (mindone CLIP-L, CLIP-G, T5) vs diffusers encode_prompt",
     "sd3-vae-large-weights": "sd3-vae with every kernel, matrix and GroupNorm weight 3x: SiLU inputs beyond 15, "
-                             "attention logits beyond 100, exp(logvar / 2) of logvar beyond 20",
+                             "attention logits beyond 100, the posterior's logvar (exp of it and of its half) "
+                             "beyond 8",
 }
 
 

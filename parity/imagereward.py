@@ -16,7 +16,8 @@ import torch
 
 REWARD_MODEL = "imagereward"          # the registry name (ms_rm.REWARD_MODELS) these cases cover
 IMAGEREWARD_CASES = {"imagereward-tiny": "ImageReward (tiny ViT + BERT, random MLP) vs the image-reward package: "
-                                         "image features, [CLS] feature, reward, ReFL pixel reward and its pixel gradient",
+                                         "image features, [CLS] feature, reward, ReFL pixel reward and its pixel "
+                                         "gradient",
                      "imagereward-tiny-large-weights": "imagereward-tiny with every matrix, embedding and position "
                                                        "table 3x: GELU inputs beyond 10, attention logits beyond 40"}
 

@@ -253,7 +253,8 @@ def main() -> None:
             print(line)
         for scale in (1.0, MATRIX_SCALE):
             ranges = model_activation_ranges(model, scale)
-            print(f"  max |input| at matrix scale {scale:g}: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(ranges.items())))
+            seen = ", ".join(f"{k} {v:.3g}" for k, v in sorted(ranges.items()))
+            print(f"  max |input| at matrix scale {scale:g}: {seen}")
 
 
 if __name__ == "__main__":

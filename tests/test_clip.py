@@ -63,7 +63,8 @@ def test_parity_case_clip_tiny(tmp_path):
 
 def test_parity_case_clip_tiny_large_weights(tmp_path):
     """`ms-rm parity --case clip-tiny-large-weights`: CLIPModel's matrices 3x its own init (GELU /
-    QuickGELU inputs beyond 8, attention logits beyond 10), both variants, PyNative (the cheaper mode here), within the policy."""
+    QuickGELU inputs beyond 8, attention logits beyond 10), both variants, PyNative (the cheaper mode
+    here), within the policy."""
     out = tmp_path / "r.json"
     assert parity_main(["--case", "clip-tiny-large-weights", "--mode", "pynative", "--json", str(out)]) == 0
     reports = json.loads(out.read_text())["reports"]
