@@ -47,6 +47,18 @@ def test_parity_with_the_package_in_graph_and_pynative():
         assert all(s.max_rel <= s.bound for s in report.stages)
 
 
+@pytest.mark.slow          # 25 s on a shared 2-core CPU
+def test_large_weight_case_matches_the_package():
+    """imagereward-tiny-large-weights: every matrix, embedding and position table 3x (GELU inputs
+    beyond 10, attention logits beyond 40), compiled, within the tolerance policy's measured bounds."""
+    _need_package()
+    from ms_rm_parity.imagereward import run_imagereward_case
+
+    report = run_imagereward_case("imagereward-tiny-large-weights", ["graph"], "fp32", 0, "CPU", "cpu")[0]
+    assert report.passed, [(s.stage, s.max_rel, s.bound) for s in report.stages if not s.passed]
+    assert [s.stage for s in report.stages][-1] == "pixel_grad"
+
+
 def test_the_tiny_reward_is_not_constant(converted):
     """The parity cannot pass by accident: rewards vary with the image and with the prompt."""
     from ms_rm_parity.imagereward import tiny_inputs
