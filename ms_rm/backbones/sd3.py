@@ -15,12 +15,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn
-from mindspore.common.initializer import initializer
+from mindspore import Tensor, nn
 
 from ..core import ops
 from ..core.errors import ConfigError, InputError
-from ..core.layers import Linear
+from ..core.layers import Linear, PatchProjection
 from .config import SD3BackboneConfig, cut_streams
 from .joint import CombinedTimestepTextEmbedding, JointTransformerBlock, run_blocks
 
@@ -71,20 +70,6 @@ def sd3_positions(c: SD3BackboneConfig, height: int, width: int) -> np.ndarray:
         raise InputError(f"latents height and width must be multiples of the patch size {p}, got {height}x{width}")
     return sd3_position_table(height // p, width // p, c.inner_dim, c.pos_embed_max_size, c.sample_size // p,
                               c.position_table_dtype)
-
-
-class PatchProjection(nn.Cell):
-    """The patch Conv2d as a Linear over flattened patches; weight kept in conv shape (D, C, p, p)."""
-
-    def __init__(self, in_channels: int, dim: int, patch: int):
-        super().__init__()
-        self.patch = patch
-        self.weight = Parameter(initializer("zeros", (dim, in_channels, patch, patch), ms.float32), name="weight")
-        self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
-
-    def construct(self, latents: Tensor) -> Tensor:
-        patches = ops.patchify(latents, self.patch)                  # (B, N, C*p*p)
-        return ops.linear(patches, self.weight.reshape(self.weight.shape[0], -1), self.bias)   # (B, N, D)
 
 
 class PatchEmbed(nn.Cell):
