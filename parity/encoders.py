@@ -4,7 +4,7 @@ Two harness cases, fp32 only, each on tiny random models built here and saved in
 formats (diffusers `save_pretrained`, transformers `save_pretrained`):
 
 * sd3-vae: diffusers' AutoencoderKL.encode (posterior mean, logvar, the scaled mode latents,
-  and a scaled sample with a given noise) against ms_rm.encoders.sd3_vae, images 32x32 and 24x40;
+  and a scaled sample with a given noise) against ms_rm.vae.encoder, images 32x32 and 24x40;
 * sd3-prompts: diffusers' StableDiffusion3Pipeline.encode_prompt (the CLIP-L / CLIP-G part and
   the T5 part of prompt_embeds, pooled) against ms_rm.encoders.sd3_prompts, with one prompt longer than both
   token limits.
@@ -33,7 +33,7 @@ def _vae_stages(seed: int, mode: str, folder: str, scale: float = 1.0) -> Dict[s
     measured bounds."""
     import copy
 
-    from ms_rm.encoders.sd3_vae import load_vae_encoder
+    from ms_rm.vae.encoder import load_vae_encoder
 
     from .vae_reference import build_reference_vae, tiny_vae_config
 

@@ -221,7 +221,7 @@ def _lora_stages(transformer, folder: str, mode: str, seed: int, a) -> Dict[str,
     from peft import LoraConfig, get_peft_model
 
     from ms_rm.core.weights import random_parameter
-    from ms_rm.generators.sd3 import SD3Generator
+    from ms_rm.generators.sd3_generator import SD3Generator
 
     model = get_peft_model(copy.deepcopy(transformer), LoraConfig(r=4, lora_alpha=8,
                                                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -267,7 +267,7 @@ def _lora_stages(transformer, folder: str, mode: str, seed: int, a) -> Dict[str,
 def _decode_stages(seed: int, mode: str, folder: str, scale: float = 1.0) -> Dict[str, Dict[str, np.ndarray]]:
     """Decoded pixels and images; at a large `scale` (kernels, matrices, GroupNorms) also the
     decode in float64 ("ref64"), for the measured bounds."""
-    from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
+    from ms_rm.vae.decoder import load_vae_decoder
 
     from .vae_reference import build_reference_vae, tiny_vae_config
 
@@ -306,7 +306,7 @@ def _results(stages: Dict[str, Dict[str, np.ndarray]]):
 def run_generator_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str,
                        torch_device: str) -> List[Report]:
     """One report per mode."""
-    from ms_rm.generators.sd3 import SD3Generator
+    from ms_rm.generators.sd3_generator import SD3Generator
 
     if dtype != "fp32":
         raise ValueError(f"the generator cases compare fp32 only, not {dtype}")

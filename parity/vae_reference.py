@@ -2,7 +2,7 @@
 
 Nothing is downloaded: `build_reference_vae` makes a diffusers AutoencoderKL from a config
 with every parameter random (the default init leaves GroupNorms at 1 / 0, which would hide a
-swapped weight and bias), for parity checks of ms_rm.encoders.sd3_vae.
+swapped weight and bias), for parity checks of ms_rm.vae.encoder.
 """
 
 from __future__ import annotations

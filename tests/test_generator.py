@@ -43,7 +43,7 @@ def test_large_weight_generator_case_matches_torch(name):
 
 def test_a_wrong_output_norm_fails_at_the_velocity(monkeypatch):
     """norm_out is AdaLayerNormContinuous: scale first, then shift. Swapping them must show."""
-    import ms_rm.generators.sd3_transformer as module
+    import ms_rm.backbones.sd3_transformer as module
 
     original = module.modulate
     monkeypatch.setattr(module, "modulate", lambda x, shift, scale: original(x, scale, shift))
@@ -161,7 +161,7 @@ def test_generate_cli_decodes_pngs_with_the_folders_vae(folder, tmp_path):
 
     from PIL import Image
 
-    from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
+    from ms_rm.vae.decoder import load_vae_decoder
     from ms_rm_parity.vae_reference import build_reference_vae, tiny_vae_config
 
     pipeline = tmp_path / "pipeline"

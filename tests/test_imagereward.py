@@ -344,7 +344,7 @@ def test_pixel_refl_training_raises_the_imagereward_reward(converted, tmp_path):
     """train_refl with PixelReFLObjective: a few steps on tiny models raise ImageReward's reward of
     held-out latents; the objective refuses a token pool that does not match the prompt pool."""
     from ms_rm import SD3Generator
-    from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
+    from ms_rm.vae.decoder import load_vae_decoder
     from ms_rm.training.refl import PixelReFLObjective, ReFLSettings, refl_loss_and_grads, train_refl
     from ms_rm_parity.imagereward import tiny_inputs
 

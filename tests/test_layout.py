@@ -17,12 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ms_rm"
 
 # What each part of ms_rm may import (besides itself and ms_rm.version):
-# cli -> scoring / generators -> rewards -> backbones / encoders -> core / io.
+# cli -> scoring / generators -> rewards -> backbones / encoders -> vae -> core / io.
 MAY_IMPORT = {
     "core": set(),
     "io": {"core"},
+    "vae": {"core", "io"},
     "backbones": {"core", "io"},
-    "encoders": {"core", "io"},
+    "encoders": {"vae", "core", "io"},
     "rewards": {"backbones", "core", "io"},
     "scoring": {"rewards", "encoders", "backbones", "core", "io"},
     "generators": {"encoders", "backbones", "core", "io"},
@@ -31,7 +32,8 @@ MAY_IMPORT = {
     "training": {"scoring", "generators", "rewards", "core", "io"},
     "integrations": {"scoring", "encoders", "rewards", "core", "io"},
     "evaluation": {"scoring", "rewards", "core", "io"},
-    "cli": {"evaluation", "training", "scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
+    "cli": {"evaluation", "training", "scoring", "generators", "search", "flows", "rewards", "encoders", "vae",
+            "backbones", "core", "io"},
 }
 
 

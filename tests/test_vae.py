@@ -1,4 +1,4 @@
-"""The SD3 VAE encoder (ms_rm.encoders.sd3_vae) against diffusers' AutoencoderKL, and its strict loading.
+"""The SD3 VAE encoder (ms_rm.vae.encoder) against diffusers' AutoencoderKL, and its strict loading.
 
 Parity runs on tiny random models (parity.vae_reference: SD3's structure, narrow) saved with
 diffusers' save_pretrained and loaded by load_vae_encoder; every parameter is perturbed, so a
@@ -21,7 +21,7 @@ import mindspore as ms
 from safetensors.numpy import load_file, save_file
 
 from ms_rm.core.errors import CheckpointError, ConfigError, InputError
-from ms_rm.encoders.sd3_vae import VAEConfig, VAEEncoder, load_vae_encoder
+from ms_rm.vae.encoder import VAEConfig, VAEEncoder, load_vae_encoder
 from ms_rm_parity.compare import FP32_BOUND, max_rel_error, policy_bound
 from ms_rm_parity.vae_reference import SD35_VAE_CONFIG, build_reference_vae, model_kwargs, tiny_vae_config
 

@@ -140,7 +140,7 @@ def _diffusion_rm(spec, description, prompts, latent, folder, args, common):
         raise ConfigError(f"--reward diffusion-rm {spec['folder']}: images need the SD3 VAE: vae=DIR "
                           "(and text_encoders=DIR unless they are beside it)")
     from ..encoders import SD3Encoder
-    from ..encoders.sd3_vae import load_vae_encoder
+    from ..vae.encoder import load_vae_encoder
 
     table = _encode_prompts(spec, prompts, folder, config.backbone.joint_attention_dim, args)
     model = DiffusionRM.from_pretrained(spec["folder"], mode=args.mode)
@@ -152,7 +152,7 @@ def _diffusion_rm(spec, description, prompts, latent, folder, args, common):
 def _encode_prompts(spec, prompts, folder, joint_attention_dim, args):
     """The distinct prompts' SD3 embeddings (the text encoders freed before the models load)."""
     from ..core.memory import release_freed_memory
-    from ..encoders.sd3 import text_encoder_folder
+    from ..encoders.sd3_encoder import text_encoder_folder
     from ..encoders.sd3_prompts import SD3PromptEncoder
     from ..scoring.runs import PromptTable
 

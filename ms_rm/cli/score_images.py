@@ -14,14 +14,14 @@ from typing import Optional
 from ..core.errors import InputError
 from ..core.memory import release_freed_memory
 from ..encoders import SD3Encoder
-from ..encoders.sd3 import text_encoder_folder
-from ..encoders.sd3_vae import load_vae_encoder
+from ..encoders.sd3_encoder import text_encoder_folder
 from ..rewards import REWARD_MODELS
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
 from ..scoring.clip import CLIPScorer
 from ..scoring.imagereward import ImageRewardScorer
 from ..scoring.runs import PromptTable, read_pairs, score_pairs, write_jsonl
+from ..vae.encoder import load_vae_encoder
 from .command import Command
 
 

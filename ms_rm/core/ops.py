@@ -239,7 +239,7 @@ def patchify(x: ms.Tensor, patch: int, channels_last: bool = False) -> ms.Tensor
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
-# --- convolutional helpers (the SD3 VAE, ms_rm/encoders/sd3_vae.py) --------------------
+# --- convolutional helpers (the SD3 VAE, ms_rm/vae/) ------------------------------
 
 def conv2d(x: ms.Tensor, weight: ms.Tensor, bias: Optional[ms.Tensor] = None, stride: int = 1,
            padding: int = 0, as_gemm: bool = False, pre_norm=None, residual: Optional[ms.Tensor] = None
