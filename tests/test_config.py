@@ -140,3 +140,18 @@ def test_a_class_name_that_is_not_a_string_is_a_config_error():
 
     with pytest.raises(ConfigError, match="_class_name"):
         backbone_from_diffusers({"_class_name": []}, "transformer/config.json")
+
+
+def test_the_shared_integer_and_number_checks_refuse_bools_and_non_finite_values():
+    import numpy as np
+
+    from ms_rm.core.config import is_int, is_number
+
+    assert is_int(3) and is_int(np.int64(3)) and is_int(0) and not is_int(0, 1)
+    assert is_int(5, 1, 5) and not is_int(6, 1, 5) and is_int(5, 1, None)
+    for value in (True, np.bool_(True), 3.0, "3", None):
+        assert not is_int(value), value
+    assert is_number(2) and is_number(2.5) and is_number(np.float32(2.5)) and is_number(np.int32(2))
+    for value in (True, False, float("nan"), float("inf"), "1", None):
+        assert not is_number(value), value
+    assert is_number(float("inf"), finite=False) and not is_number(True, finite=False)

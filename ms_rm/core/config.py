@@ -1,4 +1,5 @@
-"""Reading typed values out of config mappings, with errors that name the source and the key.
+"""Reading typed values out of config mappings, with errors that name the source and the key, and
+the checks every argument check of ms_rm shares (is_int, is_number: never a bool).
 
 Shared by every config class of ms_rm (backbones, reward models, encoders). Reading the files
 themselves is ms_rm.io.files' job.
@@ -6,12 +7,28 @@ themselves is ms_rm.io.files' job.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping, Optional, Tuple
+
+import numpy as np
 
 from .errors import ConfigError
 
 MAX_SIZE = 1 << 16     # no width, head count, length or channel count of these models comes near it
 MISSING = object()     # `default` of a key that must be present
+
+
+def is_int(value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> bool:
+    """An integer (Python's or numpy's, never a bool), within minimum..maximum where they are given."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return False
+    return (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+
+
+def is_number(value: Any, finite: bool = True) -> bool:
+    """A real number (int or float, Python's or numpy's, never a bool), finite unless finite=False."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return not finite or bool(np.isfinite(value))
 
 
 def get_value(d: Mapping, key: str, kind, source: str, default: Any = MISSING):
@@ -38,7 +55,7 @@ def get_value(d: Mapping, key: str, kind, source: str, default: Any = MISSING):
 def int_tuple(d: Mapping, key: str, source: str, default: Any = MISSING) -> Tuple[int, ...]:
     """d[key] as a tuple of integers."""
     value = get_value(d, key, (list, tuple), source, default)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if not all(is_int(v) for v in value):
         raise ConfigError(f"{source}: key '{key}' must be a list of integers, got {value!r}")
     return tuple(value)
 

@@ -20,7 +20,7 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import get_value
+from .config import get_value, is_int
 from .errors import ConfigError, InputError
 
 MAX_INFERENCE_STEPS = 10_000
@@ -75,8 +75,7 @@ def inference_schedule(config: SchedulerConfig, num_inference_steps: Optional[in
                           "image size (mu), which SD3 / SD3.5 schedulers do not use; not supported")
     n = config.num_train_timesteps
     if sigmas is None:
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
-                or not 1 <= num_inference_steps <= MAX_INFERENCE_STEPS:
+        if not is_int(num_inference_steps, 1, MAX_INFERENCE_STEPS):
             raise InputError(f"num_inference_steps must be an integer in 1..{MAX_INFERENCE_STEPS}, "
                              f"got {num_inference_steps!r}")
         table, _ = training_table(config)

@@ -27,6 +27,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 
+from ..core.config import is_int
 from ..core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class SD3Encoder:
 
     def __init__(self, vae, prompt_encoder, sample: bool = False, seed: Optional[int] = None,
                  vae_batch_size: int = 1):
-        if isinstance(vae_batch_size, bool) or not isinstance(vae_batch_size, int) or vae_batch_size < 1:
+        if not is_int(vae_batch_size, 1):
             raise ConfigError(f"vae_batch_size must be a positive integer, got {vae_batch_size!r}")
         self.vae, self.prompt_encoder = vae, prompt_encoder
         self.sample, self.seed, self.vae_batch_size = sample, seed, vae_batch_size

@@ -62,6 +62,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
 
+from ..core.config import is_int
 from ..core import ops
 from ..core.compile_cache import jit
 from ..core.compiled import check_mode
@@ -323,8 +324,7 @@ class SD3PromptEncoder:
 
 # --- helpers -----------------------------------------------------------------------------------
 def _check_size(name: str, value: Any, most: Optional[int] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1 or \
-            (most is not None and value > most):
+    if not is_int(value, 1, most):
         limit = f"1 to {most}" if most is not None else "at least 1"
         raise ConfigError(f"{name} must be an integer, {limit}, got {value!r}")
 

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.config import is_number
 from ..core.errors import InputError, MissingDependencyError
 
 
@@ -103,7 +104,7 @@ def read_rankings(path: str, check_files: bool = True) -> List[Ranking]:
             raise InputError(f"{where}: the ranking has no prompt")
         if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             raise InputError(f"{where}: '{files_key}' must be a list of paths")
-        if not isinstance(ranks, list) or not all(_is_number(r) for r in ranks):
+        if not isinstance(ranks, list) or not all(is_number(r) for r in ranks):
             raise InputError(f"{where}: '{ranks_key}' must be a list of numbers")
         if len(ranks) != len(files):
             raise InputError(f"{where}: {len(ranks)} ranks for {len(files)} generations")
@@ -190,10 +191,6 @@ def _sample(data_path: str, name: str, where: str, check_files: bool) -> Sample:
 def _non_empty(items: Sequence, path: str, what: str) -> None:
     if not items:
         raise InputError(f"{path}: no {what} in the file")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
 def _load_npy(where: str, load):

@@ -41,8 +41,8 @@ from mindspore import Parameter, Tensor, mint, nn
 from mindspore.common.initializer import initializer
 from mindspore.ops import constexpr
 
+from ..core.config import get_value, is_number, no_unknown, positive
 from ..core import ops
-from ..core.config import get_value, no_unknown, positive
 from ..core.errors import ConfigError, InputError
 from ..core.layers import Linear, SiLU
 
@@ -104,7 +104,7 @@ class FlowScoreConfig:
                               f"{sorted(ACTIVATIONS[activation]) or 'none'})")
         values = dict(ACTIVATIONS[activation])
         for key, value in params.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise ConfigError(f"{source}: activation_params.{key} must be a positive number, got {value!r}")
             values[key] = float(value)
         return cls(activation=activation, activation_params=values,

@@ -31,6 +31,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 from tqdm import tqdm
 
+from ..core.config import is_int
 from ..core.compile_cache import jit
 from ..core.errors import CheckpointError, InputError
 from ..core.weights import load_parameters
@@ -205,7 +206,7 @@ def train(config: FlowScoreConfig, images: np.ndarray, labels: np.ndarray, setti
 def sample(model: FlowScoreModel, labels: np.ndarray, steps: int = 40, sigma_max: float = 10.0, sigma_min: float = 0.01,
            seed: int = 0, guidance_free: bool = False) -> np.ndarray:
     """Euler on the probability-flow ODE (see the module notes) -> images (B, D) clipped to [-1, 1]."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps, 1):
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     if not 0 < sigma_min < sigma_max:
         raise InputError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")

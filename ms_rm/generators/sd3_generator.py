@@ -26,6 +26,7 @@ from mindspore import Tensor, mint
 from mindspore.nn.utils import no_init_parameters
 from tqdm import tqdm
 
+from ..core.config import is_int, is_number
 from ..backbones.config import SD3BackboneConfig
 from ..backbones.sd3_transformer import POSITION_TABLE_KEY, SD3Transformer
 from ..core import ops
@@ -143,7 +144,7 @@ class SD3Generator(CompiledCell):
         """Fresh trainable LoRA factors on every Linear whose module name ends with a target (peft's
         rule for a list of names): lora_A ~ kaiming-uniform(a=sqrt(5)) as peft's default init,
         lora_B = 0, scale alpha / rank. Returns the adapted module names."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if not is_int(rank, 1):
             raise InputError(f"rank must be a positive integer, got {rank!r}")
         rng = np.random.default_rng(seed)
         adapted = []
@@ -264,8 +265,7 @@ class SD3Generator(CompiledCell):
         noise = latent_input(noise, bb.in_channels, name="noise")
         latents, ehs, pooled = reward_inputs(noise, prompt_embeds, pooled, bb.in_channels, bb.joint_attention_dim,
                                              bb.pooled_projection_dim)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not np.isfinite(guidance_scale) or guidance_scale < 0:
+        if not is_number(guidance_scale) or guidance_scale < 0:
             raise InputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         if guidance_scale <= 1:                    # the pipeline guides only when guidance_scale > 1
             return latents, ehs, pooled, False

@@ -23,6 +23,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 import numpy as np
 from mindspore import Tensor, mint
 
+from ..core.config import is_int, is_number
 from ..core.errors import CheckpointError, ConfigError
 from .files import atomic_folder, read_config_file, write_json
 from .safetensors_file import SafetensorsFile, SafetensorsWriter
@@ -86,9 +87,9 @@ class LoraSettings:
             return tuple(value.items())
 
         r, alpha = d.get("r"), d.get("lora_alpha")
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        if not is_int(r, 1):
             raise ConfigError(f"{source}: r must be a positive integer, got {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        if not is_number(alpha):
             raise ConfigError(f"{source}: lora_alpha must be a number, got {alpha!r}")
         use_rslora = d.get("use_rslora", False)
         if not isinstance(use_rslora, bool):

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 import numpy as np
 import mindspore  # noqa: F401  (registers numpy's bfloat16 dtype)
 
+from ..core.config import is_int
 from ..core.errors import CheckpointError
 from .files import read_json
 from .tensor_source import TensorSource
@@ -91,11 +92,10 @@ class SafetensorsFile(TensorSource):
         if dtype is None:
             raise self._fail(f"tensor '{name}' has unsupported dtype {info.get('dtype')!r}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
+        if not isinstance(shape, list) or not all(is_int(d, 0) for d in shape):
             raise self._fail(f"tensor '{name}' has an invalid shape {shape!r}")
         if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+                or not all(is_int(o) for o in offsets)):
             raise self._fail(f"tensor '{name}' has invalid data_offsets {offsets!r}")
         begin, end = offsets
         nbytes = math.prod(shape) * dtype.itemsize          # Python ints: an absurd shape cannot overflow

@@ -15,6 +15,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
+from ..core.config import is_number
 from ..core.errors import ConfigError
 from .images import pil_image_module, split_batch, to_unit_rgb
 
@@ -39,7 +40,7 @@ class JpegCompressibilityScorer:
     input_kind = "pixels"
 
     def __init__(self, max_size: float = 256):
-        if isinstance(max_size, bool) or not isinstance(max_size, (int, float)) or not max_size > 0:
+        if not is_number(max_size) or not max_size > 0:
             raise ConfigError(f"max_size must be a positive number of KiB, got {max_size!r}")
         self.max_size = float(max_size)
 

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 from tqdm import tqdm
 
+from ..core.config import is_int
 from ..core.errors import InputError
 from .wavelets import max_levels, wavedec2, waverec2
 
@@ -75,7 +76,7 @@ def _check_common(base_noise: np.ndarray, budget: int, rng: Optional[np.random.G
         raise InputError(f"base noise must have shape (C, H, W) or (1, C, H, W), got {noise.shape}")
     if not np.isfinite(noise).all():
         raise InputError("base noise contains NaN or Inf values")
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+    if not is_int(budget, 1):
         raise InputError(f"budget must be a positive number of evaluations, got {budget!r}")
     return noise
 
@@ -98,7 +99,7 @@ def random_search(objective: Objective, base_noise: np.ndarray, budget: int, see
     noise = _check_common(base_noise, budget, rng)
     draw = ((lambda i: rng.standard_normal(noise.shape, np.float32)) if rng is not None
             else (lambda i: np.random.default_rng([seed, i]).standard_normal(noise.shape, np.float32)))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_int(batch_size, 1):
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     candidates: List[Dict] = []
     best_noise, best_score, best_index = noise, -np.inf, -1
@@ -122,12 +123,12 @@ def ses_search(objective: Objective, base_noise: np.ndarray, budget: int = 30, p
     """SES over the low band of the base noise (see the module notes). `rng`: the Gaussian stream
     (default np.random.default_rng([seed, 1])); each generation draws a (popsize, n) float32 block."""
     noise = _check_common(base_noise, budget, rng)
-    if isinstance(popsize, bool) or not isinstance(popsize, int) or popsize < 2:
+    if not is_int(popsize, 2):
         raise InputError(f"popsize must be an integer >= 2, got {popsize!r}")
-    if isinstance(elites, bool) or not isinstance(elites, int) or not 1 <= elites <= popsize:
+    if not is_int(elites, 1, popsize):
         raise InputError(f"elites must be an integer in 1..popsize ({popsize}), got {elites!r}")
     height, width = noise.shape[-2:]
-    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= max_levels(height, width):
+    if not is_int(levels, 1, max_levels(height, width)):
         raise InputError(f"{levels} wavelet levels cannot split a {height}x{width} noise: db1 allows "
                          f"1..{max_levels(height, width)} levels for that size")
     rng = rng if rng is not None else np.random.default_rng([seed, 1])     # not the stream a base noise came from

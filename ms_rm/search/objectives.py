@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.config import is_number
 from ..core.errors import ConfigError, InputError
 
 
@@ -40,7 +41,7 @@ class GenerateAndScore:
                                   "protocol: DiffusionRM.score(latents, embeds, pooled, u=, noise=))")
             if kind == "pixels" and (decoder is None or prompt is None):
                 raise ConfigError(f"{type(model).__name__} scores pixels: pass decoder= (the VAE decoder) and prompt=")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
+            if not is_number(weight):
                 raise ConfigError(f"reward weights must be finite, got {weight}")
         self.generator, self.rewards, self.decoder, self.prompt = generator, list(rewards), decoder, prompt
         self.embeds = [np.asarray(a, np.float32) if a is not None else None for a in

@@ -18,6 +18,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from ..core.config import is_int
 from ..core.errors import InputError
 
 F = np.float32(np.sqrt(0.5))            # pywt's db1 filter taps, float32 for float32 data
@@ -54,7 +55,7 @@ def wavedec2(x: np.ndarray, levels: int) -> List:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim < 2:
         raise InputError(f"the wavelet transform needs at least 2 axes, got shape {x.shape}")
-    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= max_levels(*x.shape[-2:]):
+    if not is_int(levels, 1, max_levels(*x.shape[-2:])):
         raise InputError(f"{levels} wavelet levels cannot split a {x.shape[-2]}x{x.shape[-1]} noise: db1 allows "
                          f"1..{max_levels(*x.shape[-2:])} levels for that size")
     details: List[Details] = []

@@ -9,10 +9,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Tuple
 
-import numpy as np
 import mindspore as ms
 from mindspore import nn
 
+from ..core.config import is_int, is_number
 from ..core.errors import CheckpointError, ConfigError
 from ..core.weights import check_key_sets, load_parameters
 from ..io.files import find_weights, read_json
@@ -67,13 +67,13 @@ class VAEConfig:
 
         def positive_int(key: str, default: int) -> int:
             value = get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value, 1):
                 raise fail(key, f"must be a positive integer, got {value!r}")
             return value
 
         def number(key: str, default: float) -> float:
             value = get(key, default)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+            if not is_number(value):
                 raise fail(key, f"must be a finite number, got {value!r}")
             return float(value)
 
@@ -90,7 +90,7 @@ class VAEConfig:
         defaults = cls()
         channels = get("block_out_channels", defaults.block_out_channels)
         if (not isinstance(channels, (list, tuple)) or not channels
-                or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
+                or not all(is_int(c, 1) for c in channels)):
             raise fail("block_out_channels", f"must be a non-empty list of positive integers, got {channels!r}")
         blocks = get("down_block_types", defaults.down_block_types)
         if not isinstance(blocks, (list, tuple)) or len(blocks) != len(channels):
