@@ -7,13 +7,16 @@ The global MindSpore execution mode is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Tuple
 
 import numpy as np
 import mindspore as ms
 from mindspore import nn
+from mindspore.nn.utils import no_init_parameters
 
+from . import ops
 from .compile_cache import jit
 from .errors import InputError
 from .weights import load_parameters, random_parameter
@@ -60,7 +63,24 @@ class CompiledCell(nn.Cell):
             self._compiled[name] = jit(getattr(self, name), self, name=name)
         return self._compiled[name](*args)
 
-    # --- weights -----------------------------------------------------------------------------
+    # --- construction and weights ------------------------------------------------------------
+    @contextlib.contextmanager
+    def parameters_in(self, dtype: ms.Type = ms.float32) -> Iterator[None]:
+        """Build the model's cells inside this block: their parameters get no initial values
+        (every one is filled later, from a checkpoint or `randomize`) and are cast to the compute
+        dtype of `dtype` on this device (ops.compute_dtype: bf16 computes in fp32 on the CPU),
+        which becomes `self.compute_dtype`."""
+        self.compute_dtype = ops.compute_dtype(dtype)
+        with no_init_parameters():
+            yield
+        for param in self.get_parameters():
+            param.set_dtype(self.compute_dtype)
+
+    @classmethod
+    def parameter_shapes(cls, config: Any) -> Dict[str, Tuple[int, ...]]:
+        """{parameter name: shape} of the model `config` describes (no weights are allocated)."""
+        return {p.name: tuple(p.shape) for p in cls(config).get_parameters()}
+
     def load_state_dict(self, tensors, source: str = "state dict") -> None:
         """Fill every parameter from a name -> array mapping, strictly (weights.load_parameters)."""
         load_parameters(self, lambda name: np.asarray(tensors[name]), tensors.keys(), source)

@@ -23,13 +23,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
-from mindspore.nn.utils import no_init_parameters
 from tqdm import tqdm
 
 from ..core.config import is_int, is_number
 from ..backbones.config import SD3BackboneConfig
 from ..backbones.sd3_transformer import POSITION_TABLE_KEY, SD3Transformer
-from ..core import ops
 from ..core.compile_cache import jit
 from ..core.compiled import CompiledCell
 from ..core.errors import CheckpointError, ConfigError, InputError
@@ -77,11 +75,8 @@ class SD3Generator(CompiledCell):
         super().__init__(mode)
         self.config = transformer_config
         self.scheduler = scheduler
-        self.compute_dtype = ops.compute_dtype(dtype)
-        with no_init_parameters():
+        with self.parameters_in(dtype):
             self.transformer = SD3Transformer(transformer_config)
-        for param in self.get_parameters():
-            param.set_dtype(self.compute_dtype)
         self._positions: Dict[tuple, Tensor] = {}
 
     # --- construction ------------------------------------------------------------------------

@@ -19,9 +19,7 @@ from typing import Any
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn
-from mindspore.nn.utils import no_init_parameters
 
-from ..core import ops
 from ..core.compiled import CompiledCell
 from ..core.inputs import as_float_tensor, check_finite, check_shape
 from .blocks import Conv2d, GroupNorm, UNetMidBlock2D, UpDecoderBlock2D
@@ -57,13 +55,10 @@ class VAEDecoder(CompiledCell):
     def __init__(self, config: VAEConfig, dtype: ms.Type = ms.float32, mode: str = "graph"):
         super().__init__(mode)
         self.config = config
-        self.compute_dtype = ops.compute_dtype(dtype)
-        with no_init_parameters():
+        with self.parameters_in(dtype):
             self.decoder = Decoder(config)
             c = config.latent_channels
             self.post_quant_conv = Conv2d(c, c, 1) if config.use_post_quant_conv else None
-        for param in self.get_parameters():
-            param.set_dtype(self.compute_dtype)
 
     def construct(self, latents: Tensor) -> Tensor:
         z = latents.astype(ms.float32) / self.config.scaling_factor + self.config.shift_factor

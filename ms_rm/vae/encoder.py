@@ -27,7 +27,6 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
-from mindspore.nn.utils import no_init_parameters
 
 from ..core import ops
 from ..core.compile_cache import jit
@@ -98,13 +97,10 @@ class VAEEncoder(CompiledCell):
         if self.config.force_upcast and dtype != ms.float32:
             logger.info("the VAE config sets force_upcast: encoding in float32 instead of %s", dtype)
             dtype = ms.float32
-        self.compute_dtype = ops.compute_dtype(dtype)
-        with no_init_parameters():
+        with self.parameters_in(dtype):
             self.encoder = Encoder(self.config)
             latent2 = 2 * self.config.latent_channels
             self.quant_conv = Conv2d(latent2, latent2, 1) if self.config.use_quant_conv else None
-        for param in self.get_parameters():
-            param.set_dtype(self.compute_dtype)
         self._rng = np.random.default_rng()            # fresh noise when sampling without a seed
         self._stage_calls: Dict[int, jit] = {}          # graph mode: stage index -> its compiled call
 
