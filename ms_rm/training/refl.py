@@ -103,14 +103,13 @@ class PixelReFLObjective:
         v = self.generator.velocity(x_t, timestep, encoder_hidden_states, pooled, positions)   # (B, C, h, w)
         x0_hat = x_t - sigma * v
         images = mint.clamp(self.vae.construct(x0_hat) / 2 + 0.5, 0.0, 1.0)                   # (B, 3, 8h, 8w)
-        reward = self.reward_model.pixel_construct(images, rows, cols_t, input_ids, attention_mask)[-1]   # (B, 1)
+        reward = self.reward_model.forward_pixels(images, rows, cols_t, input_ids, attention_mask)   # (B, 1)
         return mint.nn.functional.relu(REFL_TARGET - reward).mean() * self.grad_scale
 
     def reward_inputs(self, x_t: Tensor, prompt_embeds, pooled_prompt_embeds, input_ids, attention_mask) -> Tuple:
         """The resize-and-crop matrices of the decoded size and the batch's prompt tokens (B, L)."""
-        height, width = x_t.shape[2] * self.upscale, x_t.shape[3] * self.upscale
-        rows, cols_t = self.reward_model._resize(height, width, self.antialias)
-        return (rows, cols_t) + self.reward_model._tokens(input_ids, attention_mask, x_t.shape[0])
+        size = (x_t.shape[0], 3, x_t.shape[2] * self.upscale, x_t.shape[3] * self.upscale)   # the decoded images
+        return self.reward_model.prepare_pixels(size, input_ids, attention_mask, self.antialias)[1:]
 
     def draw(self, rng: np.random.Generator, rows: np.ndarray, x_t: np.ndarray, settings: "ReFLSettings",
              mine: slice) -> Tuple:
