@@ -23,6 +23,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.layers import Linear
 from .config import SD3BackboneConfig, cut_streams
 from .joint import CombinedTimestepTextEmbedding, JointTransformerBlock, run_blocks
+from .protocol import PooledTextBackbone      # the Backbone protocol (w-api)
 
 
 POSITION_TABLE_KEY = "pos_embed.pos_embed"
@@ -101,7 +102,7 @@ class PatchEmbed(nn.Cell):
         return (patches32 + ops.expand(positions, patches32)).astype(patches.dtype)
 
 
-class SD3Backbone(nn.Cell):
+class SD3Backbone(PooledTextBackbone, nn.Cell):      # PooledTextBackbone: the Backbone protocol (w-api)
     """Blocks 1..depth of an SD3 transformer, returning temb and the tapped streams.
 
     Tap depth 0 is the embedded input (patch embedding + positions for image tokens, the
