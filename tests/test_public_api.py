@@ -143,3 +143,41 @@ def test_reward_inputs_rows_stay_on_the_device(sd3):
     np.testing.assert_array_equal(picked.text["pooled_projections"].asnumpy(), pooled[[2, 0, 2]])
     np.testing.assert_array_equal(inputs.rows(slice(1, 3)).text["encoder_hidden_states"].asnumpy(), ehs[1:3])
     assert take_rows([10, 11, 12], [2, 0]) == [12, 10] and take_rows(None, [0]) is None
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_imagereward_prepare_forward_is_reward(mode):
+    from ms_rm.rewards.imagereward import ImageReward, tiny_config
+    from ms_rm_parity.imagereward import tiny_inputs
+
+    model = ImageReward(tiny_config(), mode=mode).randomize(2)
+    pixels, raw, ids, mask = tiny_inputs(model.config, seed=1, batch=2)
+    np.testing.assert_array_equal(model.run("forward", *model.prepare(pixels, ids, mask)).asnumpy(),
+                                  model.reward(pixels, ids, mask).asnumpy())
+    np.testing.assert_array_equal(model.reward(pixels, ids, mask).asnumpy(),
+                                  model.stages(pixels, ids, mask)["reward"].asnumpy())
+    prepared = model.prepare_pixels(raw, ids, mask)
+    np.testing.assert_array_equal(model.run("forward_pixels", *prepared).asnumpy(),
+                                  model.reward_of_pixels(raw, ids, mask).asnumpy())
+    by_shape = model.prepare_pixels(raw.shape, ids, mask)          # a trainer makes the pixels in its loss
+    assert by_shape[0] is None and all(np.array_equal(a.asnumpy(), b.asnumpy())
+                                       for a, b in zip(by_shape[1:], prepared[1:]))
+    grad = ms.grad(lambda *t: model.forward_pixels(*t).sum(), grad_position=0)(*prepared)
+    assert grad.shape == raw.shape and np.isfinite(grad.asnumpy()).all()
+
+
+def test_clip_prepare_forward_is_reward_and_the_embeddings_cosine(tmp_path):
+    from ms_rm.rewards.clip import CLIPModel
+    from ms_rm_parity.clip_parity import write_tiny_clip
+
+    folder = str(tmp_path / "clip")
+    write_tiny_clip(folder, "laion", seed=3)
+    model = CLIPModel.from_pretrained(folder, mode="graph")
+    size, length = model.config.vision.image_size, 9
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((2, 3, size, size), dtype=np.float32)
+    ids = rng.integers(1, model.config.text.vocab_size, (2, length))
+    reward = model.reward(pixels, ids).asnumpy()
+    np.testing.assert_array_equal(model.run("forward", *model.prepare(pixels, ids)).asnumpy(), reward)
+    cosine = (model.encode_images(pixels).asnumpy() * model.encode_text(ids).asnumpy()).sum(-1, keepdims=True)
+    np.testing.assert_allclose(reward, cosine, rtol=1e-6, atol=1e-7)
