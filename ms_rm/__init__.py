@@ -3,7 +3,7 @@
 `import ms_rm` needs MindSpore, numpy, safetensors, PyYAML and tqdm only; it never imports
 torch (nor mindone). Layout (imports point one way, left to right):
 
-    cli -> training / scoring / generators / search / flows -> rewards -> backbones / encoders -> core / io
+    cli -> training / scoring / generators / search / flows -> rewards -> backbones / encoders -> vae -> core / io
 """
 
 import logging
@@ -12,7 +12,7 @@ from .core.errors import CheckpointError, ConfigError, InputError, MissingDepend
 from .rewards import REWARD_MODELS, RewardModel, load_reward_model
 from .rewards.diffusion_rm import DiffusionRM, HeadConfig, RewardModelConfig, SchedulerConfig, load_config
 from .backbones.config import FluxBackboneConfig, SD3BackboneConfig, ZImageBackboneConfig
-from .generators.sd3 import SD3Generator
+from .generators.sd3_generator import SD3Generator
 from .scoring import (SCORERS, DiffusionRMFluxScorer, DiffusionRMScorer, DiffusionRMSD3Scorer,
                       DiffusionRMZImageScorer, MultiScorer, PickScoreScorer, CLIPScorer)
 from .version import __version__

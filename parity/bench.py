@@ -177,7 +177,7 @@ def _ms_generate_worker(spec: dict, batch: int, runs: int, threads: int) -> dict
 
     from ms_rm.backbones.config import SD3BackboneConfig
     from ms_rm.core.flow_match import SchedulerConfig
-    from ms_rm.generators.sd3 import SD3Generator
+    from ms_rm.generators.sd3_generator import SD3Generator
 
     ms.set_device("CPU")
     ms.set_context(runtime_num_threads=threads)

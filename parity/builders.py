@@ -18,6 +18,9 @@ from ms_rm.core.weights import random_parameter
 
 from .reference import RewardHead, TorchRewardModel, cut_backbone, transformer_class, widths
 
+QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")       # diffusers' attention qk-norm modules
+
+
 def randomize_(module: torch.nn.Module, seed: int, prefix: str = "", matrix_scale: float = 1.0) -> None:
     """Overwrite every parameter of `module` with ms_rm's random_parameter values, named as the
     reward model names them (`prefix` + name), so ms_rm's `randomize(seed)` draws the same.
@@ -66,14 +69,21 @@ def lora_kwargs(rm_config: dict, transformer_config: Optional[dict] = None, **ov
 
 def build_reference(rm_config: dict, transformer_config: dict, scheduler_config: dict, seed: int = 0,
                     lora: Optional[dict] = None, time_convention: str = "reference",
-                    matrix_scale: float = 1.0) -> Reference:
+                    matrix_scale: float = 1.0, qk_norm_scale: float = 1.0) -> Reference:
     """A random reference model. `lora`: LoraConfig kwargs (see lora_kwargs) to wrap the backbone;
-    `matrix_scale`: the backbone's matrices that much larger (randomize_)."""
+    `matrix_scale`: the backbone's matrices that much larger (randomize_); `qk_norm_scale`: its
+    attention's RMS qk-norm weights (norm_q, norm_k, norm_added_q, norm_added_k) that much larger,
+    which the qk-norms would otherwise take out of the attention logits."""
     torch.manual_seed(seed)
     cls, _ = transformer_class(transformer_config)
     config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
     transformer = cls(**config).eval()
     randomize_(transformer, seed, prefix="backbone.", matrix_scale=matrix_scale)
+    if qk_norm_scale != 1.0:
+        with torch.no_grad():
+            for name, module in transformer.named_modules():
+                if name.endswith(QK_NORMS) and getattr(module, "weight", None) is not None:
+                    module.weight.mul_(qk_norm_scale)
     model_cfg = rm_config["model"]
     # peft swaps the Linears it adapts in place: keep `transformer` plain by cutting a copy.
     backbone = cut_backbone(copy.deepcopy(transformer) if lora is not None else transformer, model_cfg,

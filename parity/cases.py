@@ -70,6 +70,7 @@ class Case:
     slow: bool = False
     reward_model: str = "diffusion-rm"                 # the registry name (ms_rm.REWARD_MODELS) it covers
     matrix_scale: float = 1.0                          # the backbone's matrices x this (builders.randomize_)
+    qk_norm_scale: float = 1.0                         # its RMS qk-norm weights x this (builders.build_reference)
 
     def rm_config(self) -> dict:
         model = copy.deepcopy(MODEL)
@@ -83,8 +84,10 @@ class Case:
 
 CASES: Dict[str, Case] = {c.name: c for c in [
     Case("tiny-sd35", "SD3.5-style (dual attention, RMS qk-norm), LoRA checkpoint"),
-    Case("tiny-sd35-large-weights", "tiny-sd35 with every backbone matrix 3x the initialisers' scale: activations "
-         "and modulations reach the large inputs of every op", matrix_scale=3.0),
+    Case("tiny-sd35-large-weights", "tiny-sd35 with every backbone matrix 3x the builder's N(0, 1/fan_in) (5.2x "
+         "torch's default init, which diffusers keeps) and the RMS qk-norm weights 3x (which would otherwise keep "
+         "the attention logits where they were): activations, modulations and logits reach the large inputs of "
+         "every op", matrix_scale=3.0, qk_norm_scale=3.0),
     Case("tiny-sd3", "SD3-style (no dual attention, no qk-norm), full_model.pt", transformer=TINY_SD3, mode="full"),
     Case("logistic", "logistic squash, eta3/eta4 read from full_model.pt", model={"use_logistic": True}, mode="full"),
     Case("logistic-lora", "logistic squash, eta3/eta4 at init (LoRA checkpoints lack them)",
@@ -122,9 +125,9 @@ CASES: Dict[str, Case] = {c.name: c for c in [
          "only, 16x16 latents (64 image tokens, no image pad), captions of 32 and 2 tokens",
          transformer=TINY_ZIMAGE, mode="full", latent_hw=(16, 16), text_tokens=32,
          model=dict(ZIMAGE_HEAD, visual_head_idx=[1, 3], text_head_idx=[2]), u=(0.2, 0.7)),
-    Case("tiny-zimage-large-weights", "tiny-zimage with every backbone matrix 3x the initialisers' scale: its "
-         "tanh gates and SiLU / SwiGLU reach large inputs", transformer=TINY_ZIMAGE, latent_hw=(8, 12),
-         text_tokens=37, model=ZIMAGE_HEAD, matrix_scale=3.0),
+    Case("tiny-zimage-large-weights", "tiny-zimage with every backbone matrix and RMS qk-norm weight 3x the "
+         "builder's: its tanh gates, SiLU / SwiGLU and attention logits reach large inputs", transformer=TINY_ZIMAGE,
+         latent_hw=(8, 12), text_tokens=37, model=ZIMAGE_HEAD, matrix_scale=3.0, qk_norm_scale=3.0),
     Case("tiny-flux-schnell", "FLUX.1-schnell-style (no guidance embedding), full_model.pt, deepest tap visual only",
          transformer=TINY_FLUX_SCHNELL, mode="full", scheduler=FLUX_SCHEDULER,
          model={"visual_head_idx": [1, 3], "text_head_idx": [2]}),

@@ -33,7 +33,9 @@ from .text_reference import CLIP_EOS, build_clip_tokenizer, perturb_
 
 REWARD_MODEL = "clip"                 # the registry name (ms_rm.REWARD_MODELS) these cases cover
 CLIP_CASES = {"clip-tiny": "CLIP scorers (PickScore / CLIP score) vs transformers CLIPModel + CLIPImageProcessor: "
-                           "pixel values, embeddings, logits, cosine and logit scores, score gradient w.r.t. pixels"}
+                           "pixel values, embeddings, logits, cosine and logit scores, score gradient w.r.t. pixels",
+              "clip-tiny-large-weights": "clip-tiny with every matrix, embedding and position table 3x CLIPModel's "
+                                         "init: GELU / QuickGELU inputs beyond 8, attention logits beyond 10"}
 PROMPTS = ["a red cube on a table", "two cats", "a photo of a dog on the blue sky " * 12]
 IMAGE_SIZES = ((37, 53), (64, 40), (28, 28))          # (H, W) of the PIL images: odd, portrait, exact
 PIXEL_BATCHES = {"down": (60, 45), "up": (20, 33)}     # (H, W) of the float pixel batches
@@ -42,9 +44,13 @@ VARIANTS = {"openai": dict(act="quick_gelu", legacy_eos=True, pad=CLIP_EOS),
             "laion": dict(act="gelu", legacy_eos=False, pad="!")}
 
 
-def write_tiny_clip(folder: str, variant: str, seed: int):
+def write_tiny_clip(folder: str, variant: str, seed: int, matrix_scale: float = 1.0, reference_init: bool = False):
     """A random transformers CLIPModel with its tokenizer and image processor, saved in `folder`;
-    (model in eval mode, tokenizer, image processor)."""
+    (model in eval mode, tokenizer, image processor). Its matrices are CLIPModel's own init, the
+    vectors perturbed; `matrix_scale`: every parameter of two or more dimensions that much larger
+    (the large-weight case); `reference_init`: CLIPModel's init kept unperturbed (ms_rm_parity.scales)."""
+    from .scales import scale_matrices_
+
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     settings = VARIANTS[variant]
@@ -58,9 +64,11 @@ def write_tiny_clip(folder: str, variant: str, seed: int):
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
     torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    perturb_(model, seed)
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(1 / 0.07) + 0.3)
+    if not reference_init:
+        perturb_(model, seed)
+        scale_matrices_(model, matrix_scale)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1 / 0.07) + 0.3)
     model.save_pretrained(folder, safe_serialization=True)
     processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=IMAGE_SIZE)
     processor.save_pretrained(folder)
@@ -151,9 +159,9 @@ def _ms_stages(folder: str, mode: str, images, batches) -> Dict[str, np.ndarray]
     return stages
 
 
-def clip_stages(folder: str, variant: str, mode: str, seed: int):
+def clip_stages(folder: str, variant: str, mode: str, seed: int, matrix_scale: float = 1.0):
     """(ours, torch fp32, torch float64) stages of one tiny model written into `folder`."""
-    model, tokenizer, processor = write_tiny_clip(folder, variant, seed)
+    model, tokenizer, processor = write_tiny_clip(folder, variant, seed, matrix_scale=matrix_scale)
     images, batches = _images(seed), _pixel_batches(seed)
     torch32 = _torch_stages(model, tokenizer, processor, images, batches, torch.float32)
     torch64 = _torch_stages(model, tokenizer, processor, images, batches, torch.float64)
@@ -164,11 +172,14 @@ def run_clip_case(name: str, modes: List[str], dtype: str, seed: int, ms_device:
     """One report per mode and model variant."""
     if dtype != "fp32":
         raise ValueError(f"the CLIP case compares fp32 only, not {dtype}")
+    from .scales import MATRIX_SCALE
+
+    scale = MATRIX_SCALE if name.endswith("-large-weights") else 1.0
     reports = []
     for mode in modes:
         for variant in VARIANTS:
             with tempfile.TemporaryDirectory() as folder:
-                ours, torch32, torch64 = clip_stages(os.path.join(folder, variant), variant, mode, seed)
+                ours, torch32, torch64 = clip_stages(os.path.join(folder, variant), variant, mode, seed, scale)
             reports.append(Report(f"{name}-{variant}", CLIP_CASES[name], mode, dtype, seed,
                                   measured_stages(ours, torch32, torch64),
                                   environment=environment(ms_device, torch_device)))

@@ -33,6 +33,7 @@ from .compare import compare_stages
 from .exact64 import run_float64
 from .harness import FP32_BOUND, Report, environment, measured_stages
 from .reference import as_torch
+from .scales import MATRIX_SCALE
 
 GENERATOR_CASES = {
     "sd3-transformer": "full SD3.5-style transformer (last block context_pre_only, norm_out, proj_out) vs diffusers: "
@@ -42,25 +43,44 @@ GENERATOR_CASES = {
     "sd3-lora": "peft LoRA on the transformer: velocity merged and separate, and the gradient of one step's output "
                 "w.r.t. every LoRA factor vs torch autograd",
     "sd3-vae-decode": "SD3 VAE decoder vs diffusers AutoencoderKL.decode and the pipeline's [0, 1] images",
+    "sd3-transformer-large-weights": "sd3-transformer with every matrix and RMS qk-norm weight 3x: SiLU / GELU "
+                                     "inputs beyond 20, attention logits beyond 30",
+    "sd3-vae-decode-large-weights": "sd3-vae-decode with every kernel, matrix and GroupNorm weight 3x: SiLU inputs "
+                                    "beyond 15, attention logits beyond 100",
 }
+LARGE = "-large-weights"          # a case of that name: the weights x MATRIX_SCALE, bounded by the measured policy
 LATENT_HW = (16, 12)
 TEXT_TOKENS = 7
 STEPS = 4
 SDE_STEPS = 3
 
 
-def _reference(seed: int, folder: str):
-    """A random diffusers transformer saved under `folder` (transformer/, scheduler/)."""
-    import json
-    import os
-
+def build_transformer(seed: int, matrix_scale: float = 1.0, norm_scale: float = 1.0, reference_init: bool = False):
+    """A random diffusers SD3Transformer2DModel (TINY_SD35): builders.randomize_'s values, the
+    matrices x `matrix_scale`, the RMS qk-norm weights x `norm_scale` (the large-weight case: the
+    qk-norms would undo the projections' scale in the attention logits); `reference_init`: torch's
+    default init kept (diffusers has none of its own for it; ms_rm_parity.scales compares the two)."""
     from diffusers import SD3Transformer2DModel
 
     from .builders import randomize_
+    from .scales import scale_norms_
 
+    torch.manual_seed(seed)
     config = {k: v for k, v in TINY_SD35.items() if not k.startswith("_")}
     transformer = SD3Transformer2DModel(**config).eval()
-    randomize_(transformer, seed)
+    if not reference_init:
+        randomize_(transformer, seed, matrix_scale=matrix_scale)
+        scale_norms_(transformer, norm_scale, ("RMSNorm",))
+    return transformer
+
+
+def _reference(seed: int, folder: str, matrix_scale: float = 1.0):
+    """A random diffusers transformer (build_transformer; the large-weight case's norms scaled as its
+    matrices) saved under `folder` (transformer/, scheduler/)."""
+    import json
+    import os
+
+    transformer = build_transformer(seed, matrix_scale, norm_scale=matrix_scale)
     transformer.save_pretrained(os.path.join(folder, "transformer"))
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
@@ -78,7 +98,7 @@ def _inputs(seed: int, batch: int = 2):
             "sde_noise": draw(SDE_STEPS, batch, cfg["in_channels"], *LATENT_HW)}
 
 
-def diffusers_block_states(transformer, latents, timestep, ehs, pooled) -> Dict[str, np.ndarray]:
+def diffusers_block_states(transformer, latents, timestep, ehs, pooled, dtype=torch.float32) -> Dict[str, np.ndarray]:
     """diffusers' forward, called as Flow-GRPO calls it, with temb, the image stream ("block_k") and
     the text stream ("block_k_text"; none from the last, context_pre_only block) captured by
     forward hooks, in data-flow order, and the velocity."""
@@ -95,14 +115,15 @@ def diffusers_block_states(transformer, latents, timestep, ehs, pooled) -> Dict[
         hooks.append(block.register_forward_hook(lambda m, i, o, k=k: keep(k + 1, o)))
     try:
         with torch.no_grad():
-            velocity = transformer(hidden_states=as_torch(latents), timestep=as_torch(timestep),
-                                   encoder_hidden_states=as_torch(ehs), pooled_projections=as_torch(pooled)).sample
+            velocity = transformer(hidden_states=as_torch(latents, dtype), timestep=as_torch(timestep, dtype),
+                                   encoder_hidden_states=as_torch(ehs, dtype),
+                                   pooled_projections=as_torch(pooled, dtype)).sample
     finally:
         for hook in hooks:
             hook.remove()
     ref = {k: v.numpy() for k, v in captured.items()}
     ref["velocity"] = velocity.numpy()
-    return ref
+    return ref if dtype == torch.float32 else {k: v.astype(np.float64) for k, v in ref.items()}
 
 
 def block_state_stages(out) -> Dict[str, np.ndarray]:
@@ -116,12 +137,20 @@ def block_state_stages(out) -> Dict[str, np.ndarray]:
     return ours
 
 
-def _transformer_stages(transformer, generator, a) -> Dict[str, Dict[str, np.ndarray]]:
+def _transformer_stages(transformer, generator, a, float64: bool = False) -> Dict[str, Dict[str, np.ndarray]]:
+    """Block states and velocity; `float64`: also diffusers' run in float64 ("ref64"), for the
+    measured bounds of the large-weight case."""
+    import copy
+
     timestep = np.array([1000.0, 437.5], np.float32)
     ref = diffusers_block_states(transformer, a["noise"], timestep, a["ehs"], a["pooled"])
     out = generator.predict_velocity(hidden_states=a["noise"], timestep=timestep, encoder_hidden_states=a["ehs"],
                                      pooled_projections=a["pooled"], output_block_states=True)
-    return {"ours": block_state_stages(out), "ref": ref}
+    stages = {"ours": block_state_stages(out), "ref": ref}
+    if float64:
+        stages["ref64"] = run_float64(lambda dtype: diffusers_block_states(
+            copy.deepcopy(transformer).to(dtype), a["noise"], timestep, a["ehs"], a["pooled"], dtype))
+    return stages
 
 
 def torch_sde_step(scheduler_sigmas: torch.Tensor, model_output, sample, sigma, sigma_prev, noise):
@@ -192,7 +221,7 @@ def _lora_stages(transformer, folder: str, mode: str, seed: int, a) -> Dict[str,
     from peft import LoraConfig, get_peft_model
 
     from ms_rm.core.weights import random_parameter
-    from ms_rm.generators.sd3 import SD3Generator
+    from ms_rm.generators.sd3_generator import SD3Generator
 
     model = get_peft_model(copy.deepcopy(transformer), LoraConfig(r=4, lora_alpha=8,
                                                                   target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
@@ -235,57 +264,72 @@ def _lora_stages(transformer, folder: str, mode: str, seed: int, a) -> Dict[str,
     return {"ours": ours, "ref": torch_run(torch.float32), "ref64": run_float64(torch_run)}
 
 
-def _decode_stages(seed: int, mode: str, folder: str) -> Dict[str, Dict[str, np.ndarray]]:
-    from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
+def _decode_stages(seed: int, mode: str, folder: str, scale: float = 1.0) -> Dict[str, Dict[str, np.ndarray]]:
+    """Decoded pixels and images; at a large `scale` (kernels, matrices, GroupNorms) also the
+    decode in float64 ("ref64"), for the measured bounds."""
+    from ms_rm.vae.decoder import load_vae_decoder
 
     from .vae_reference import build_reference_vae, tiny_vae_config
 
-    reference = build_reference_vae(tiny_vae_config(), seed=seed)
+    import copy
+
+    reference = build_reference_vae(tiny_vae_config(), seed=seed, matrix_scale=scale, norm_scale=scale)
+    reference64 = copy.deepcopy(reference).to(torch.float64) if scale != 1.0 else None
     reference.save_pretrained(folder, safe_serialization=True)
     ours = load_vae_decoder(folder, mode=mode)
     rng = np.random.default_rng(seed + 7)
-    shift, scale = reference.config.shift_factor or 0.0, reference.config.scaling_factor
-    out: Dict[str, Dict[str, np.ndarray]] = {"ours": {}, "ref": {}}
+    shift, factor = reference.config.shift_factor or 0.0, reference.config.scaling_factor
+    out: Dict[str, Dict[str, np.ndarray]] = {"ours": {}, "ref": {}, "ref64": {}}
     for h, w in ((4, 4), (3, 5)):
         latents = rng.standard_normal((2, reference.config.latent_channels, h, w), dtype=np.float32)
-        with torch.no_grad():
-            pixels = reference.decode(as_torch(latents) / scale + shift).sample
+        for side, model, dtype in (("ref", reference, torch.float32), ("ref64", reference64, torch.float64)):
+            if model is not None:
+                with torch.no_grad():
+                    pixels = model.decode(as_torch(latents, dtype) / factor + shift).sample
+                out[side].update({f"pixels_{h}x{w}": pixels.numpy(),
+                                  f"images_{h}x{w}": (pixels / 2 + 0.5).clamp(0, 1).numpy()})
         ours_pixels = ours.decode(latents).asnumpy()
-        out["ref"].update({f"pixels_{h}x{w}": pixels.numpy(), f"images_{h}x{w}": (pixels / 2 + 0.5).clamp(0, 1).numpy()})
         out["ours"].update({f"pixels_{h}x{w}": ours_pixels, f"images_{h}x{w}": np.clip(ours_pixels / 2 + 0.5, 0, 1)})
+    if reference64 is None:
+        del out["ref64"]
     return out
+
+
+def _results(stages: Dict[str, Dict[str, np.ndarray]]):
+    """Under the tolerance policy: measured from torch's own float32 error where a float64 run is
+    there (the large-weight cases), else the fixed floor FP32_BOUND."""
+    if "ref64" in stages:
+        return measured_stages(stages["ours"], stages["ref"], stages["ref64"])
+    return compare_stages(stages["ours"], stages["ref"], {"default": FP32_BOUND})
 
 
 def run_generator_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str,
                        torch_device: str) -> List[Report]:
     """One report per mode."""
-    from ms_rm.generators.sd3 import SD3Generator
+    from ms_rm.generators.sd3_generator import SD3Generator
 
     if dtype != "fp32":
         raise ValueError(f"the generator cases compare fp32 only, not {dtype}")
     reports = []
-    if name == "sd3-vae-decode":
+    scale = MATRIX_SCALE if name.endswith(LARGE) else 1.0
+    base = name.removesuffix(LARGE)
+    if base == "sd3-vae-decode":
         for mode in modes:
             with tempfile.TemporaryDirectory() as folder:
-                stages = _decode_stages(seed, mode, folder)
-            reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed,
-                                  compare_stages(stages["ours"], stages["ref"], {"default": FP32_BOUND}),
+                stages = _decode_stages(seed, mode, folder, scale)
+            reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed, _results(stages),
                                   environment=environment(ms_device, torch_device)))
         return reports
     with tempfile.TemporaryDirectory() as folder:
-        transformer = _reference(seed, folder)
+        transformer = _reference(seed, folder, scale)
         a = _inputs(seed)
         for mode in modes:
-            if name == "sd3-lora":
+            if base == "sd3-lora":
                 stages = _lora_stages(transformer, folder, mode, seed, a)
             else:
                 generator = SD3Generator.from_pretrained(folder, mode=mode)
-                stages = (_transformer_stages if name == "sd3-transformer" else _sampling_stages)(transformer,
-                                                                                                  generator, a)
-            if "ref64" in stages:
-                results = measured_stages(stages["ours"], stages["ref"], stages["ref64"])
-            else:
-                results = compare_stages(stages["ours"], stages["ref"], {"default": FP32_BOUND})
-            reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed, results,
+                stages = (_transformer_stages(transformer, generator, a, float64=scale != 1.0)
+                          if base == "sd3-transformer" else _sampling_stages(transformer, generator, a))
+            reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed, _results(stages),
                                   environment=environment(ms_device, torch_device)))
     return reports

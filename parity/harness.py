@@ -255,7 +255,8 @@ def save_case_reference(case: Case, folder: str, seed: int = 0):
     rm_config = case.rm_config()
     lora = lora_kwargs(rm_config, case.transformer, **case.lora) if case.mode == "lora" else None
     reference = build_reference(rm_config, case.transformer, case.scheduler, seed=seed, lora=lora,
-                                time_convention=case.time_convention, matrix_scale=case.matrix_scale)
+                                time_convention=case.time_convention, matrix_scale=case.matrix_scale,
+                                qk_norm_scale=case.qk_norm_scale)
     base_dtype = TORCH_DTYPES[case.base_dtype]
     if base_dtype != torch.float32:
         round_to_(reference.transformer, base_dtype)

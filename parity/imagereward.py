@@ -16,7 +16,10 @@ import torch
 
 REWARD_MODEL = "imagereward"          # the registry name (ms_rm.REWARD_MODELS) these cases cover
 IMAGEREWARD_CASES = {"imagereward-tiny": "ImageReward (tiny ViT + BERT, random MLP) vs the image-reward package: "
-                                         "image features, [CLS] feature, reward, ReFL pixel reward and its pixel gradient"}
+                                         "image features, [CLS] feature, reward, ReFL pixel reward and its pixel "
+                                         "gradient",
+                     "imagereward-tiny-large-weights": "imagereward-tiny with every matrix, embedding and position "
+                                                       "table 3x: GELU inputs beyond 10, attention logits beyond 40"}
 
 RAW_SIZE = (48, 40)          # raw image size of the ReFL-transform stages (resized down to the model's size)
 
@@ -67,8 +70,8 @@ def _torch_side(model, config, pixels, raw, ids, mask, dtype) -> Dict[str, np.nd
     return out
 
 
-def stages(folder: str, mode: str, seed: int):
-    """(ours, torch fp32, torch fp64) stages of the tiny case."""
+def stages(folder: str, mode: str, seed: int, matrix_scale: float = 1.0):
+    """(ours, torch fp32, torch fp64) stages of the tiny case (`matrix_scale`: the large-weight one)."""
     import copy
 
     from ms_rm.rewards.imagereward import ImageReward, tiny_config
@@ -76,7 +79,7 @@ def stages(folder: str, mode: str, seed: int):
     from .imagereward_reference import build_reference, save_checkpoint
 
     config = tiny_config()
-    reference = build_reference(config, seed)
+    reference = build_reference(config, seed, matrix_scale=matrix_scale)
     path = save_checkpoint(reference, os.path.join(folder, "ImageReward.pt"))
     converted = ImageReward.convert(path, os.path.join(folder, "converted"), config=config, progress=False)
     ours_model = ImageReward.from_pretrained(converted, mode=mode)
@@ -90,6 +93,11 @@ def stages(folder: str, mode: str, seed: int):
 
 
 def run_imagereward_case(name: str, modes: List[str], dtype: str, seed: int, ms_device: str, torch_device: str):
-    from .harness import measured_reports
+    import functools
 
-    return measured_reports(name, IMAGEREWARD_CASES[name], modes, dtype, seed, ms_device, torch_device, stages)
+    from .harness import measured_reports
+    from .scales import MATRIX_SCALE
+
+    scale = MATRIX_SCALE if name.endswith("-large-weights") else 1.0
+    return measured_reports(name, IMAGEREWARD_CASES[name], modes, dtype, seed, ms_device, torch_device,
+                            functools.partial(stages, matrix_scale=scale))

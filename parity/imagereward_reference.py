@@ -183,12 +183,15 @@ def med_config(config) -> "object":
     return bert_config
 
 
-def build_reference(config, seed: int = 0) -> torch.nn.Module:
+def build_reference(config, seed: int = 0, matrix_scale: float = 1.0, reference_init: bool = False) -> torch.nn.Module:
     """The package's ImageReward with `config`'s sizes, every weight random (weights.random_parameter,
-    so the MLP's near-constant default init is replaced), in eval mode."""
+    so the MLP's near-constant default init is replaced), in eval mode. `matrix_scale`: every
+    parameter of two or more dimensions that much larger (the large-weight case); `reference_init`:
+    the package's own initialisers' values kept instead (ms_rm_parity.scales compares the two)."""
     from ms_rm.core.weights import random_parameter
 
     pkg = load_package()
+    torch.manual_seed(seed)
     v = config.vision
     blip = pkg.blip_pretrain.BLIP_Pretrain.__new__(pkg.blip_pretrain.BLIP_Pretrain)
     torch.nn.Module.__init__(blip)
@@ -203,11 +206,15 @@ def build_reference(config, seed: int = 0) -> torch.nn.Module:
     model.blip = blip
     model.mlp = pkg.image_reward.MLP(config.text.width)
     model.mean, model.std = 0.16717362830052426, 1.0333394966054072
+    if reference_init:
+        return model.eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             value = torch.from_numpy(random_parameter(name, tuple(p.shape), seed))
             if p.ndim == 1 and "norm" in name.lower() and name.endswith(".weight"):
                 value = value + 1.0          # LayerNorm scales near 1, or every feature shrinks to its bias
+            if p.ndim >= 2:
+                value = value * matrix_scale
             p.copy_(value)
     return model.eval()
 

@@ -104,7 +104,7 @@ def _stages(folder: str, mode: str, seed: int):
 
 def _pixel_stages(folder: str, mode: str, seed: int):
     from ms_rm import SD3Generator
-    from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
+    from ms_rm.vae.decoder import load_vae_decoder
     from ms_rm.rewards.imagereward import ImageReward, tiny_config
     from ms_rm.training.refl import PixelReFLObjective, refl_loss_and_grads
 

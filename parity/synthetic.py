@@ -62,7 +62,7 @@ def _filler(pool: np.ndarray, shape, offset: int) -> np.ndarray:
 
 
 def _tensor(name: str, shape, config: dict, pool: np.ndarray, i: int) -> np.ndarray:
-    from ms_rm.backbones.sd3 import POSITION_TABLE_KEY, sd3_position_rows
+    from ms_rm.backbones.sd3_transformer import POSITION_TABLE_KEY, sd3_position_rows
 
     if name != POSITION_TABLE_KEY:
         return _filler(pool, shape, 7919 * i)

@@ -2,7 +2,7 @@
 
 Nothing is downloaded: `build_reference_vae` makes a diffusers AutoencoderKL from a config
 with every parameter random (the default init leaves GroupNorms at 1 / 0, which would hide a
-swapped weight and bias), for parity checks of ms_rm.encoders.sd3_vae.
+swapped weight and bias), for parity checks of ms_rm.vae.encoder.
 """
 
 from __future__ import annotations
@@ -62,9 +62,20 @@ def randomize_vae_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) ->
     return model
 
 
-def build_reference_vae(config: Dict[str, Any], seed: int = 0):
-    """A diffusers AutoencoderKL from `config`, fp32, eval mode, every parameter random."""
+def build_reference_vae(config: Dict[str, Any], seed: int = 0, matrix_scale: float = 1.0, norm_scale: float = 1.0,
+                        reference_init: bool = False):
+    """A diffusers AutoencoderKL from `config`, fp32, eval mode, every parameter random: torch's
+    default init (diffusers has none of its own for it) perturbed (randomize_vae_). `matrix_scale`:
+    every kernel and matrix that much larger, `norm_scale` every GroupNorm weight (the large-weight
+    case: the GroupNorms before each SiLU would undo the kernels' scale); `reference_init`: torch's
+    default init kept unperturbed (ms_rm_parity.scales compares the two)."""
     from diffusers import AutoencoderKL
 
+    from .scales import scale_matrices_, scale_norms_
+
+    torch.manual_seed(seed)
     model = AutoencoderKL(**model_kwargs(config))
-    return randomize_vae_(model, seed).eval()
+    if reference_init:
+        return model.eval()
+    scale_matrices_(randomize_vae_(model, seed), matrix_scale)
+    return scale_norms_(model, norm_scale, ("GroupNorm",)).eval()

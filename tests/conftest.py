@@ -1,10 +1,14 @@
-"""Test setup: MindSpore on the CPU with blocking dispatch, torch on 2 threads, --run-slow."""
+"""Test setup: MindSpore on the CPU with blocking dispatch, torch on 2 threads, no compilation cache from
+the environment, --run-slow."""
 
 import os
 
 import pytest
 
 os.environ.setdefault("GLOG_v", "3")          # keep MindSpore's C++ logging quiet
+# The test process compiles graphs of its own (ms.jit in tests): a compilation cache taken from the
+# caller's environment would be unsafe there (ms_rm.core.compile_cache). Tests that use one set it.
+os.environ.pop("MS_RM_COMPILE_CACHE", None)
 
 
 def pytest_addoption(parser):

@@ -49,6 +49,7 @@ def import_extra(module: str, distribution: str, extra: str):
 
 # --- msrun jobs (tests of runs across workers) -------------------------------------------------------
 WORKERS = 2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -61,7 +62,9 @@ def msrun(script, *args, log_dir, timeout=600):
     """Run `script args` as an msrun job of WORKERS CPU workers; (returncode, the workers' logs)."""
     launcher = shutil.which("msrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     assert launcher, "msrun (installed with mindspore) is not on PATH"
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           # the checkout under test first, whichever checkout the installed ms-rm points at
+           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     env.pop("MS_ROLE", None)
     command = [launcher, f"--worker_num={WORKERS}", f"--local_worker_num={WORKERS}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "--join=True", f"--log_dir={log_dir}", str(script), *map(str, args)]

@@ -61,6 +61,17 @@ def test_parity_case_clip_tiny(tmp_path):
     assert pixels["max_abs"] == 0.0                   # CLIPImageProcessor's pixel values, bit for bit
 
 
+def test_parity_case_clip_tiny_large_weights(tmp_path):
+    """`ms-rm parity --case clip-tiny-large-weights`: CLIPModel's matrices 3x its own init (GELU /
+    QuickGELU inputs beyond 8, attention logits beyond 10), both variants, PyNative (the cheaper mode
+    here), within the policy."""
+    out = tmp_path / "r.json"
+    assert parity_main(["--case", "clip-tiny-large-weights", "--mode", "pynative", "--json", str(out)]) == 0
+    reports = json.loads(out.read_text())["reports"]
+    assert [r["case"] for r in reports] == ["clip-tiny-large-weights-openai", "clip-tiny-large-weights-laion"]
+    assert all(r["passed"] for r in reports)
+
+
 def _transformers_logits(model, tokenizer, processor, images, prompts):
     """PickScore's own recipe in transformers (padding to the longest): exp(logit_scale) x cosine."""
     inputs = processor(images=images, return_tensors="pt")

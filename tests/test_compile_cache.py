@@ -2,6 +2,7 @@
 one only where it compiles the same graphs in the same order, with the numbers of an uncached run."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from ms_rm.cli.demo import TINY_SD35
 from ms_rm.core.compile_cache import fingerprint
 from ms_rm.rewards.diffusion_rm import DiffusionRM, RewardModelConfig
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent("""
     import json, logging, sys
     import numpy as np
@@ -22,7 +24,8 @@ SCRIPT = textwrap.dedent("""
 
     logging.basicConfig(level=logging.INFO)
     root, seed, batches = sys.argv[1], int(sys.argv[2]), [int(b) for b in sys.argv[3].split(",")]
-    use_compile_cache(root if root != "-" else None)
+    if root != "env":                          # "env": MS_RM_COMPILE_CACHE alone decides
+        use_compile_cache(root if root != "-" else None)
     model = DiffusionRM(RewardModelConfig.from_dict(TINY_SD35)).randomize(seed)
     rewards = {}
     for b in batches:
@@ -34,14 +37,18 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(tmp_path, root, seed, batches, inline=False):
+def _run(tmp_path, root, seed, batches, inline=False, environment=None):
     """The script in a new process (from a file, as MindSpore's cache needs, or inline with -c):
-    its JSON report, with its log under "log"."""
+    its JSON report, with its log under "log". environment: MS_RM_COMPILE_CACHE's value (unset by default)."""
     script = tmp_path / "score.py"
     script.write_text(SCRIPT)
     entry = ["-c", SCRIPT] if inline else [str(script)]
+    env = {k: v for k, v in os.environ.items() if k != "MS_RM_COMPILE_CACHE"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))   # this checkout's ms_rm
+    if environment is not None:
+        env["MS_RM_COMPILE_CACHE"] = str(environment)
     done = subprocess.run([sys.executable, *entry, str(root), str(seed), batches], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "log": done.stderr}
 
@@ -104,3 +111,16 @@ def test_command_line_takes_the_cache_folder_from_the_environment(monkeypatch, t
     assert build_parser().parse_args(["--compile-cache", "elsewhere", "demo"]).compile_cache == "elsewhere"
     monkeypatch.delenv("MS_RM_COMPILE_CACHE")
     assert build_parser().parse_args(["demo"]).compile_cache is None
+
+
+@pytest.mark.slow
+def test_the_library_reads_ms_rm_compile_cache_unless_told_otherwise(tmp_path):
+    """A process over the library (no use_compile_cache call) takes its cache from MS_RM_COMPILE_CACHE;
+    use_compile_cache(None) keeps it off whatever the environment says."""
+    root = tmp_path / "cache"
+    first = _run(tmp_path, "env", 0, "2", environment=root)
+    assert first["compiled"] == 1 and first["directory"].startswith(str(root))
+    second = _run(tmp_path, "env", 0, "2", environment=root)
+    assert second["reused"] == 1 and second["rewards"] == first["rewards"]
+    off = _run(tmp_path, "-", 0, "2", environment=root)
+    assert off["directory"] is None and off["compiled"] == 0

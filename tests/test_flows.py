@@ -117,6 +117,32 @@ def test_image_shaped_x_t_is_flattened_and_reshaped_back_as_the_reference(refere
     assert all(v.shape == (2, 3, 4, 4) for v in ours.values())
 
 
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_x_t_of_another_size_than_data_dim_is_one_line_naming_both(mode):
+    """An x_t whose C*H*W (or last size) is not the config's data_dim: an InputError naming x_t and
+    both sizes, in PyNative and while compiling the forward or the loss's gradient (before this,
+    MindSpore's own Concat / MatMul shape error)."""
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from ms_rm.flows import ScoreFlowNetwork
+
+    config = FlowScoreConfig.from_reference_params(REFERENCE_PARAMS)          # data_dim 48
+    network = ScoreFlowNetwork(config)
+    sigma, cond = Tensor(np.ones(2, np.float32)), Tensor(np.zeros((2, 6), np.float32))
+    forward = network if mode == "pynative" else ms.jit(network.construct)
+    loss_grad = ms.value_and_grad(network.denoising_loss, None, network.trainable_params())
+    loss_grad = loss_grad if mode == "pynative" else ms.jit(loss_grad)
+    for shape, what in (((2, 3, 4, 5), r"C\*H\*W = 60"), ((2, 47), "47 values per sample")):
+        x = Tensor(np.zeros(shape, np.float32))
+        pattern = rf"^x_t of shape \({', '.join(map(str, shape))}\) has {what}, but the config's data_dim is 48$"
+        with pytest.raises(InputError, match=pattern):
+            forward(x, sigma, cond)
+        with pytest.raises(InputError, match=pattern):
+            loss_grad(x, sigma, cond, x)
+    assert forward(Tensor(np.zeros((2, 3, 4, 4), np.float32)), sigma, cond)[0].shape == (2, 3, 4, 4)
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda s: s.pop("flow.flows.1.bias"), "1 missing keys: flow.flows.1.bias"),
     (lambda s: s.pop("flow.flows.0.tril_mask"), "1 missing keys: flow.flows.0.tril_mask"),

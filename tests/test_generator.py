@@ -15,13 +15,13 @@ import torch
 from ms_rm import CheckpointError, ConfigError, InputError, SD3Generator
 from ms_rm.cli import main as cli
 from ms_rm_parity.compare import FP32_BOUND, compare_stages
-from ms_rm_parity.generator import (GENERATOR_CASES, LATENT_HW, _inputs, _reference, block_state_stages,
+from ms_rm_parity.generator import (GENERATOR_CASES, LARGE, LATENT_HW, _inputs, _reference, block_state_stages,
                                     diffusers_block_states, run_generator_case)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
-@pytest.mark.parametrize("name", list(GENERATOR_CASES))
+@pytest.mark.parametrize("name", [n for n in GENERATOR_CASES if not n.endswith(LARGE)])
 def test_generator_case_matches_torch(name):
     reports = run_generator_case(name, ["graph", "pynative"], "fp32", 0, "CPU", "cpu")
     for report in reports:
@@ -29,9 +29,21 @@ def test_generator_case_matches_torch(name):
         assert len(report.stages) >= 4
 
 
+@pytest.mark.parametrize("name", [n for n in GENERATOR_CASES if n.endswith(LARGE)])
+def test_large_weight_generator_case_matches_torch(name):
+    """The transformer and the VAE decoder with their matrices and norms 3x (SiLU / GELU inputs beyond
+    15, attention logits beyond 30): within torch fp32's own error against float64 x 5 (the tolerance
+    policy; above the fixed 1e-5 floor there, torch's own error reaching 4e-5): the transformer compiled,
+    the decoder in PyNative (the cheaper mode for it)."""
+    mode = "graph" if name.startswith("sd3-transformer") else "pynative"
+    report = run_generator_case(name, [mode], "fp32", 0, "CPU", "cpu")[0]
+    assert report.passed, [(r.stage, r.max_rel, r.bound) for r in report.stages if not r.passed]
+    assert report.stages[-1].stage in ("velocity", "images_3x5")
+
+
 def test_a_wrong_output_norm_fails_at_the_velocity(monkeypatch):
     """norm_out is AdaLayerNormContinuous: scale first, then shift. Swapping them must show."""
-    import ms_rm.generators.sd3_transformer as module
+    import ms_rm.backbones.sd3_transformer as module
 
     original = module.modulate
     monkeypatch.setattr(module, "modulate", lambda x, shift, scale: original(x, scale, shift))
@@ -149,7 +161,7 @@ def test_generate_cli_decodes_pngs_with_the_folders_vae(folder, tmp_path):
 
     from PIL import Image
 
-    from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
+    from ms_rm.vae.decoder import load_vae_decoder
     from ms_rm_parity.vae_reference import build_reference_vae, tiny_vae_config
 
     pipeline = tmp_path / "pipeline"

@@ -360,13 +360,14 @@ def test_same_seed_same_rewards_in_process(pristine):
 
 
 def test_every_troubleshooting_message_is_asserted_by_a_test():
-    """Each error message quoted in the README's Troubleshooting table appears in a test's assertion."""
+    """Each error message quoted in the Troubleshooting table (docs/troubleshooting.md) appears in a
+    test's assertion."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    guide = (root / "docs" / "troubleshooting.md").read_text()
+    section = guide.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
     messages = [re.findall(r"`([^`]+)`", line)[0] for line in section.splitlines()
                 if line.startswith("| `")]
     assert len(messages) >= 25

@@ -47,6 +47,18 @@ def test_parity_with_the_package_in_graph_and_pynative():
         assert all(s.max_rel <= s.bound for s in report.stages)
 
 
+@pytest.mark.slow          # 25 s on a shared 2-core CPU
+def test_large_weight_case_matches_the_package():
+    """imagereward-tiny-large-weights: every matrix, embedding and position table 3x (GELU inputs
+    beyond 10, attention logits beyond 40), compiled, within the tolerance policy's measured bounds."""
+    _need_package()
+    from ms_rm_parity.imagereward import run_imagereward_case
+
+    report = run_imagereward_case("imagereward-tiny-large-weights", ["graph"], "fp32", 0, "CPU", "cpu")[0]
+    assert report.passed, [(s.stage, s.max_rel, s.bound) for s in report.stages if not s.passed]
+    assert [s.stage for s in report.stages][-1] == "pixel_grad"
+
+
 def test_the_tiny_reward_is_not_constant(converted):
     """The parity cannot pass by accident: rewards vary with the image and with the prompt."""
     from ms_rm_parity.imagereward import tiny_inputs
@@ -332,7 +344,7 @@ def test_pixel_refl_training_raises_the_imagereward_reward(converted, tmp_path):
     """train_refl with PixelReFLObjective: a few steps on tiny models raise ImageReward's reward of
     held-out latents; the objective refuses a token pool that does not match the prompt pool."""
     from ms_rm import SD3Generator
-    from ms_rm.generators.sd3_vae_decoder import load_vae_decoder
+    from ms_rm.vae.decoder import load_vae_decoder
     from ms_rm.training.refl import PixelReFLObjective, ReFLSettings, refl_loss_and_grads, train_refl
     from ms_rm_parity.imagereward import tiny_inputs
 

@@ -4,6 +4,7 @@ install that puts no generic top-level module into site-packages yet keeps `ms-r
 import ast
 import configparser
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,12 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ms_rm"
 
 # What each part of ms_rm may import (besides itself and ms_rm.version):
-# cli -> scoring / generators -> rewards -> backbones / encoders -> core / io.
+# cli -> scoring / generators -> rewards -> backbones / encoders -> vae -> core / io.
 MAY_IMPORT = {
     "core": set(),
     "io": {"core"},
+    "vae": {"core", "io"},
     "backbones": {"core", "io"},
-    "encoders": {"core", "io"},
+    "encoders": {"vae", "core", "io"},
     "rewards": {"backbones", "core", "io"},
     "scoring": {"rewards", "encoders", "backbones", "core", "io"},
     "generators": {"encoders", "backbones", "core", "io"},
@@ -29,7 +31,9 @@ MAY_IMPORT = {
     "flows": {"core", "io"},
     "training": {"scoring", "generators", "rewards", "core", "io"},
     "integrations": {"scoring", "encoders", "rewards", "core", "io"},
-    "cli": {"training", "scoring", "generators", "search", "flows", "rewards", "encoders", "backbones", "core", "io"},
+    "evaluation": {"scoring", "rewards", "core", "io"},
+    "cli": {"evaluation", "training", "scoring", "generators", "search", "flows", "rewards", "encoders", "vae",
+            "backbones", "core", "io"},
 }
 
 
@@ -271,3 +275,122 @@ touch {tmp_path}/never
                             capture_output=True, text=True)
     assert (tmp_path / "first").exists() and (tmp_path / "second").exists() and (tmp_path / "third").exists()
     assert result.returncode != 0 and not (tmp_path / "never").exists()       # a failing line fails CI
+
+
+# --- the README and docs/: a short README, set-up in two commands, guides whose links resolve ---
+
+DOCS = ROOT / "docs"
+
+
+def readme_block(text: str, name: str) -> list[str]:
+    """The lines of the fenced block after `<!-- ci:NAME -->`, as .ci/run's awk extracts them."""
+    lines, found, inside = [], False, False
+    for line in text.splitlines():
+        if line == f"<!-- ci:{name} -->":
+            found = True
+        elif found and line.startswith("```"):
+            if inside:
+                break
+            inside = True
+        elif found and inside:
+            lines.append(line)
+    return lines
+
+
+def test_readme_block_extraction_matches_ci_run(tmp_path):
+    """readme_block above reads what .ci/run runs: the CI script, with `bash -c` stubbed to print."""
+    text = (ROOT / "README.md").read_text()
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "bash").write_text('#!/bin/sh\nprintf "%s\\n" "$2" >> "$BLOCKS_OUT"\n')
+    (stub / "bash").chmod(0o755)
+    script = (ROOT / ".ci" / "run").read_text().replace('bash -c "', f'"{stub}/bash" -c "')
+    (tmp_path / "run").write_text(script)
+    out = tmp_path / "blocks"
+    subprocess.run(["bash", str(tmp_path / "run")], check=True, capture_output=True, cwd=ROOT,
+                   env=dict(os.environ, MS_RM_README=str(ROOT / "README.md"), BLOCKS_OUT=str(out)))
+    ran = out.read_text()
+    for name in ("install", "test"):
+        assert "\n".join(readme_block(text, name)) in ran
+
+
+def test_set_up_is_one_install_line_and_the_demo():
+    """A newcomer copies two commands; the test-only reference packages come with the test command."""
+    text = (ROOT / "README.md").read_text()
+    install, tests = readme_block(text, "install"), readme_block(text, "test")
+    assert len(install) == 2 and install[0].startswith("pip install ") and install[1] == "ms-rm demo", install
+    assert tests[0] == "tools/fetch-test-deps" and tests[-1].startswith("python -m pytest"), tests
+    assert ".deps" not in "\n".join(install)
+
+
+def _constant(path: Path, name: str) -> str:
+    """A module-level string constant of `path`, read without importing it (ms_rm_parity imports torch)."""
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{path} has no {name}")
+
+
+def test_fetch_test_deps_runs_the_commands_the_parity_errors_name():
+    """The ImageReward and CLIP reference sides tell a user without .deps which command to run:
+    tools/fetch-test-deps runs exactly those."""
+    script = (ROOT / "tools" / "fetch-test-deps").read_text().splitlines()
+    assert _constant(ROOT / "parity" / "imagereward_reference.py", "INSTALL") in script
+    assert _constant(ROOT / "parity" / "clip_parity.py", "OPEN_CLIP_DOWNLOAD") in script
+    assert _constant(ROOT / "parity" / "upstream_eval.py", "HPSV2_DOWNLOAD") in script
+    assert os.access(ROOT / "tools" / "fetch-test-deps", os.X_OK)
+
+
+def test_the_readme_is_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) < 300
+
+
+def test_the_layout_guide_lists_every_package():
+    """docs/layout.md's tree names every package of ms_rm (rewards' own packages included)."""
+    guide = (DOCS / "layout.md").read_text()
+    tree = guide.split("\n```\nms_rm/", 1)[1].split("\n```", 1)[0]
+    named = set(re.findall(r"^\s+([a-z_0-9]+)/", tree, re.M))
+    packages = {p.parent.name for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE}
+    assert packages <= named, f"docs/layout.md does not list {sorted(packages - named)}"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def markdown_links(text: str):
+    """(target, anchor) of every relative link, code blocks left out."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+        if not re.match(r"[a-z]+:", target):
+            path, _, anchor = target.partition("#")
+            yield path, anchor
+
+
+def check_links(files: list[Path]) -> list[str]:
+    broken = []
+    for source in files:
+        for path, anchor in markdown_links(source.read_text()):
+            target = (source.parent / path).resolve() if path else source
+            if not target.exists():
+                broken.append(f"{source.name}: {path} does not exist")
+            elif anchor and target.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", target.read_text(), flags=re.S), re.M)
+                if anchor not in {github_anchor(h) for h in headings}:
+                    broken.append(f"{source.name}: {path}#{anchor} names no heading")
+    return broken
+
+
+def test_every_link_in_the_readme_and_the_guides_resolves():
+    files = [ROOT / "README.md"] + sorted(DOCS.glob("*.md"))
+    assert len(files) > 10
+    broken = check_links(files)
+    assert not broken, broken
+
+
+def test_the_link_check_finds_a_broken_link(tmp_path):
+    (tmp_path / "a.md").write_text("# A title\n\n[ok](b.md#the-part) [gone](c.md) [bad](b.md#no-such)\n"
+                                   "```\n[in code](d.md)\n```\n[self](#a-title)\n")
+    (tmp_path / "b.md").write_text("# B\n\n## The part\n")
+    assert check_links([tmp_path / "a.md"]) == ["a.md: c.md does not exist", "a.md: b.md#no-such names no heading"]

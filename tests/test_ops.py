@@ -8,7 +8,7 @@ import mindspore as ms
 
 from ms_rm.core import ops
 from ms_rm.core.layers import Timesteps, timestep_frequencies
-from ms_rm.backbones.sd3 import sd3_position_table
+from ms_rm.backbones.sd3_transformer import sd3_position_table
 
 RNG = np.random.default_rng(0)
 

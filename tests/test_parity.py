@@ -5,6 +5,8 @@ with `DiffusionRM.convert`, loads it with `DiffusionRM.from_pretrained`, and com
 every stage with diffusers + our torch head (+ peft LoRA, active, not merged).
 """
 
+import os
+
 import pytest
 
 import ms_rm.backbones.joint
@@ -133,6 +135,34 @@ def test_encoder_cases_in_the_harness_match_torch(tmp_path):
     assert {"mean_24x40", "sampled_32x32", "t5_embeds", "pooled"} <= {stage for _, stage in stages}
     assert max(stages.values()) <= 1e-5
     assert main(["--case", "sd3-vae", "--dtype", "bf16"]) == 2                 # fp32 only, said so
+
+
+# The activations each model's large-weight case must push beyond |x| = 3 (ms_rm_parity.scales).
+LARGE_ACTIVATIONS = {"imagereward": ("gelu", "softmax"), "clip": ("gelu", "quick_gelu", "sigmoid", "softmax"),
+                     "sd3-vae": ("silu", "softmax", "exp"), "sd3-transformer": ("silu", "gelu", "softmax")}
+
+
+@pytest.mark.parametrize("model", list(LARGE_ACTIVATIONS))
+def test_builders_draw_at_the_reference_initialisers_scale_and_large_cases_reach_large_inputs(model):
+    """No parity builder draws a matrix smaller than the reference's own initialiser does (so no case
+    hides the range real weights reach), and each large-weight case takes its activations' inputs
+    beyond |x| = 3, further than the default case."""
+    from ms_rm_parity.scales import MATRIX_SCALE, init_scales, model_activation_ranges
+
+    if model == "imagereward":
+        from ms_rm_parity.imagereward_reference import installed
+
+        if not installed():
+            message = "image-reward / timm not installed (see README's install)"
+            if os.environ.get("CI"):
+                pytest.fail(f"{message}, and CI installs it", pytrace=False)
+            pytest.skip(message)
+    scales = init_scales(model)
+    assert scales["matrices"]["ratio"][0] >= 0.99, scales
+    default, large = model_activation_ranges(model), model_activation_ranges(model, MATRIX_SCALE)
+    for op in LARGE_ACTIVATIONS[model]:
+        assert large[op] > 3.0, (op, large)
+    assert max(large[op] / default[op] for op in LARGE_ACTIVATIONS[model]) > 2.5, (default, large)
 
 
 def test_every_registered_reward_model_has_parity_cases():

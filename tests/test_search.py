@@ -158,8 +158,8 @@ class MeanBrightness:
 
 
 def test_objective_scores_latents_directly_and_pixels_after_decoding(tiny):
-    from ms_rm.generators.sd3_vae_decoder import VAEDecoder
-    from ms_rm.encoders.sd3_vae import VAEConfig
+    from ms_rm.vae.decoder import VAEDecoder
+    from ms_rm.vae.encoder import VAEConfig
 
     pipeline, converted, embeds = tiny
     generator = SD3Generator.from_pretrained(pipeline, mode="pynative")

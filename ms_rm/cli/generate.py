@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from ..core.errors import InputError
-from ..generators.sd3 import SD3Generator
+from ..generators.sd3_generator import SD3Generator
 from ..io.files import atomic_file, atomic_folder
 from ..scoring.runs import read_inputs, write_npz
 
@@ -30,7 +30,7 @@ def load_decoder(args: argparse.Namespace):
     """The folder's VAE decoder when --png asks for images (loaded before any generation)."""
     if not args.png:
         return None
-    from ..generators.sd3_vae_decoder import load_vae_decoder
+    from ..vae.decoder import load_vae_decoder
 
     return load_vae_decoder(args.model, mode=args.mode)
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from ..core.errors import InputError
-from ..generators.sd3 import SD3Generator
+from ..generators.sd3_generator import SD3Generator
 from ..io.files import read_config_file
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring.runs import read_inputs
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
 def pixel_objective(args: argparse.Namespace, generator: SD3Generator, count: int) -> PixelReFLObjective:
     """ImageReward's pixel ReFL: the pipeline's (or --vae's) decoder, ImageReward from --reward, the
     pool's prompts tokenized with --tokenizer."""
-    from ..generators.sd3_vae_decoder import load_vae_decoder
+    from ..vae.decoder import load_vae_decoder
     from ..rewards.imagereward import ImageReward, ImageRewardTokenizer
 
     if not args.prompts:

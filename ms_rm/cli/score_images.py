@@ -14,14 +14,14 @@ from typing import Optional
 from ..core.errors import InputError
 from ..core.memory import release_freed_memory
 from ..encoders import SD3Encoder
-from ..encoders.sd3 import text_encoder_folder
-from ..encoders.sd3_vae import load_vae_encoder
+from ..encoders.sd3_encoder import text_encoder_folder
 from ..rewards import REWARD_MODELS
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
 from ..scoring.clip import CLIPScorer
 from ..scoring.imagereward import ImageRewardScorer
 from ..scoring.runs import PromptTable, read_pairs, score_pairs, write_jsonl
+from ..vae.encoder import load_vae_encoder
 from .command import Command
 
 
@@ -58,8 +58,8 @@ def _score(scorer, pairs, args: argparse.Namespace, prompt_table: Optional[Promp
 def run(args: argparse.Namespace) -> int:
     """Prompts first, then images: the distinct prompts of this rank's pairs are encoded with the
     text encoders, which are then freed; only then are the VAE and the reward model loaded, so that
-    the peak memory is that of the larger stage, not of all the models together (README, "Memory at
-    the released size")."""
+    the peak memory is that of the larger stage, not of all the models together (docs/measurements.md,
+    "Memory at the released size")."""
     pairs = _pairs(args)
     if args.world.size > 1 and args.sample_latents:
         raise InputError("--sample-latents draws the VAE posterior from one stream per process: not reproducible "

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from ..core.errors import InputError
-from ..generators.sd3 import SD3Generator
+from ..generators.sd3_generator import SD3Generator
 from ..io.files import atomic_file, atomic_folder
 from ..rewards import load_reward_model
 from ..scoring.runs import read_inputs, write_npz

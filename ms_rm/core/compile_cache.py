@@ -23,7 +23,10 @@ What ms_rm adds, so that a cached graph is only ever one compiled from the same 
 So a cache is safe in a process whose graphs are all compiled by ms_rm (the `ms-rm` commands). In a
 process that compiles graphs of its own (a trainer's `ms.jit`), leave it off: MindSpore would
 count those graphs too. Turn it on with `use_compile_cache(root)` before the first compile, or
-`MS_RM_COMPILE_CACHE=ROOT` for the command line.
+with `MS_RM_COMPILE_CACHE=ROOT` in the environment: the `ms-rm` command reads it for its
+--compile-cache default, and a process that never calls `use_compile_cache` (a notebook, a script
+over the library) reads it at its first ms_rm compile. `use_compile_cache(None)` keeps the cache
+off whatever the environment says.
 """
 
 from __future__ import annotations
@@ -96,17 +99,28 @@ class _Cache:
 
 
 _cache: Optional[_Cache] = None
+_configured = False                            # use_compile_cache called (else MS_RM_COMPILE_CACHE decides)
 _graphs_compiled = 0                           # by `jit` in this process, with or without a cache
+ENVIRONMENT = "MS_RM_COMPILE_CACHE"
 
 
 def use_compile_cache(root: Optional[str]) -> None:
     """Keep compiled graphs under `root` for later processes (None: no cache). Call it before the
     process compiles its first graph; see the module notes for where a cache is safe."""
-    global _cache
+    global _cache, _configured
     if root and _graphs_compiled:
         raise RuntimeError(f"use_compile_cache must be called before the first graph is compiled; this process "
                            f"compiled {_graphs_compiled} already")
     _cache = _Cache(root) if root else None
+    _configured = True
+
+
+def _cache_from_environment() -> None:
+    """At the first compile of a process that did not call use_compile_cache: $MS_RM_COMPILE_CACHE."""
+    root = os.environ.get(ENVIRONMENT)
+    if root:
+        logger.info("compilation cache under %s (%s)", root, ENVIRONMENT)
+    use_compile_cache(root or None)
 
 
 def compile_cache_status() -> dict:
@@ -134,6 +148,8 @@ class jit:
         arguments = describe(args)
         if arguments not in self._seen:                # this call compiles
             self._seen.add(arguments)
+            if not _configured:
+                _cache_from_environment()
             _graphs_compiled += 1
             if _cache is not None:
                 if self._owner_key is None:

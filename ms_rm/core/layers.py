@@ -1,4 +1,4 @@
-"""Building blocks shared by the diffusion backbones (SD3 MMDiT, FLUX).
+"""Building blocks shared by the models (the diffusion backbones SD3 MMDiT and FLUX, the ViT).
 
 Attribute names follow diffusers' modules, so a Cell's parameter names are the checkpoint's
 tensor names (`attn.to_out.0.weight`, `ff.net.2.bias`, `norm1.linear.weight`, ...) and the
@@ -62,6 +62,22 @@ class Linear(nn.Cell):
         if self.lora_A is not None:
             y = y + ops.linear(ops.linear(x, self.lora_A), self.lora_B) * self.lora_scale
         return y
+
+
+class PatchProjection(nn.Cell):
+    """A stride-p Conv2d patch embedding run as patchify + linear (exact; the conv does not run on
+    the CPU): (B, C, H, W) -> (B, H/p * W/p, D). The weight stays in the conv's stored shape
+    (D, C, p, p), so its name and shape are the checkpoint's (`proj.weight`, `proj.bias`)."""
+
+    def __init__(self, in_channels: int, dim: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.weight = Parameter(initializer("zeros", (dim, in_channels, patch, patch), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
+
+    def construct(self, x: Tensor) -> Tensor:
+        patches = ops.patchify(x, self.patch)                        # (B, N, C*p*p)
+        return ops.linear(patches, self.weight.reshape(self.weight.shape[0], -1), self.bias)   # (B, N, D)
 
 
 class Timesteps(nn.Cell):

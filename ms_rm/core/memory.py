@@ -2,9 +2,9 @@
 
 glibc's malloc keeps the memory a process frees in its heaps, where the resident set still counts
 it, unless the pages happen to lie at a heap's top. Loading a large model leaves such holes (mindone's
-CLIP-G, 3.3 GiB of fp32 weights, left the process at 6.4 GiB resident; after `malloc_trim` 3.8), and
-so does freeing a model. `release_freed_memory()` asks glibc to return them; elsewhere (another C
-library, another OS) it does nothing.
+CLIP-G leaves the process resident far above the size of its weights until `malloc_trim`: the
+figures are in docs/measurements.md), and so does freeing a model. `release_freed_memory()` asks
+glibc to return them; elsewhere (another C library, another OS) it does nothing.
 """
 
 from __future__ import annotations

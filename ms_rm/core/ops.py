@@ -2,16 +2,17 @@
 
 The models call these helpers, plus plain elementwise `mint` calls that run on every backend.
 Each spelling here runs on the CPU and on Ascend: MindSpore's CPU backend lacks many `mint` kernels (`mint.nn.functional.layer_norm`, `gelu`, `scaled_dot_product_attention`,
-`conv2d`, ...) and all bf16 arithmetic (see the README's op spellings). Any choice
+`conv2d`, ...) and all bf16 arithmetic (docs/measurements.md, "Op spellings"). Any choice
 that depends on the device belongs in this module and nowhere else.
 
 Why each spelling was chosen is written beside it; the measured figures behind the choices (op
-accuracy against float64, kernel times, memory) live in the README's "Op spellings" table, next
-to the commands that reproduce them, and the accuracy facts are pinned by tests/test_ops.py.
+accuracy against float64, kernel times, memory) live in docs/measurements.md ("Op spellings",
+"Op accuracy"), next to the commands that reproduce them, and the accuracy facts are pinned by
+tests/test_ops.py.
 
 * Accuracy: MindSpore's CPU `exp`, `log`, `tanh`, `expm1` and `log1p` are much less accurate than
-  torch's: ms_rm calls the written-out spellings at the end of this module instead (README, "Op
-  accuracy"), except inside the hot fused kernels (softmax, SiLU, sigmoid), kept for speed.
+  torch's: ms_rm calls the written-out spellings at the end of this module instead
+  (docs/measurements.md, "Op accuracy"), except inside the hot fused kernels (softmax, SiLU, sigmoid), kept for speed.
   Anything that can be computed once on the host in float64 (timestep frequencies, position
   tables) is computed there. For fp16/bf16 inputs torch's CPU
   kernels compute norms, softmax and activations in float32 internally; the helpers here do the
@@ -64,9 +65,10 @@ BAND_BYTES = 256 * 2 ** 20     # with the CPU spellings: a convolution band's co
 def use_cpu_spellings() -> bool:
     """Whether a model built now should use the CPU spellings of `conv2d` (unfold + GEMM, in bands)
     and `attention` (queries in chunks); decided when the model is built, outside any compiled
-    graph. On the CPU, yes: MindSpore's CPU Conv2D kernel runs 3x3 convolutions at under 1 GFLOP/s,
-    and the graph executor keeps more of a large graph's intermediates than torch (README,
-    "Op spellings"). On Ascend the device's own Conv2D and whole attention are kept."""
+    graph. On the CPU, yes: MindSpore's CPU Conv2D kernel is far slower than unfold + GEMM for 3x3
+    convolutions, and the graph executor keeps more of a large graph's intermediates than torch
+    (docs/measurements.md, "Op spellings"). On Ascend the device's own Conv2D and whole attention
+    are kept."""
     return device_target() == "CPU"
 
 
@@ -237,7 +239,7 @@ def patchify(x: ms.Tensor, patch: int, channels_last: bool = False) -> ms.Tensor
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
 
-# --- convolutional helpers (the SD3 VAE, ms_rm/encoders/sd3_vae.py) --------------------
+# --- convolutional helpers (the SD3 VAE, ms_rm/vae/) ------------------------------
 
 def conv2d(x: ms.Tensor, weight: ms.Tensor, bias: Optional[ms.Tensor] = None, stride: int = 1,
            padding: int = 0, as_gemm: bool = False, pre_norm=None, residual: Optional[ms.Tensor] = None
@@ -350,9 +352,9 @@ def quick_gelu(x: ms.Tensor) -> ms.Tensor:
 
 # --- transcendentals written out (MindSpore's CPU kernels are not accurate enough) ----------------
 #
-# MindSpore's CPU `exp` is tens to hundreds of ulp off float64, `tanh` up to ~1700 ulp (above 1 near
-# x = 5, exactly 1 from x = 6 so its slope vanishes), and `expm1` / `log1p` are exp(x) - 1 and
-# log(1 + x), which lose every digit near 0 (README, "Op accuracy"). The spellings below are
+# MindSpore's CPU `exp` and `tanh` are far off float64 (`tanh` goes above 1, then is exactly 1 so
+# its slope vanishes), and `expm1` / `log1p` are exp(x) - 1 and log(1 + x), which lose every digit
+# near 0 (the ulp figures: docs/measurements.md, "Op accuracy"). The spellings below are
 # float32 arithmetic, rounding and `pow(2, k)` (exact), the same on every backend, within a few ulp
 # over the whole float32 range. Each returns its value with its exact derivative attached
 # (`_with_slope`), so autodiff never differentiates the polynomials or the branches.
@@ -443,7 +445,7 @@ def _log_value(u: ms.Tensor, correction) -> ms.Tensor:
 
 
 def log(x: ms.Tensor) -> ms.Tensor:
-    """Natural log, float32, within ~1 ulp also near 1 (MindSpore's CPU kernel is ~1000 ulp off
+    """Natural log, float32, within ~1 ulp also near 1 (MindSpore's CPU kernel is far off
     there: module notes); derivative 1 / x."""
     x32 = _float32(x)
     return _with_slope(_log_value(x32, 0.0), x32, 1.0 / x32).astype(x.dtype)
@@ -460,7 +462,7 @@ def log1p(x: ms.Tensor) -> ms.Tensor:
 
 
 def tanh(x: ms.Tensor) -> ms.Tensor:
-    """tanh, float32, within a few ulp over the whole range (MindSpore's CPU kernel is ~1700 ulp off:
+    """tanh, float32, within a few ulp over the whole range (MindSpore's CPU kernel is far off:
     module notes): -expm1(-2|x|) / (2 + expm1(-2|x|)) with x's sign; derivative 1 - tanh^2, as
     4 e^(-2|x|) / (2 + expm1(-2|x|))^2, accurate where 1 - t^2 would cancel."""
     x32 = _float32(x)

@@ -41,8 +41,9 @@ Dtypes: the default float32 runs everywhere. bf16 does not compute on the CPU (n
 or Softmax kernels): `from_pretrained(dtype=ms.bfloat16)` loads the CLIPs in float32 there
 (logged), and the constructor refuses bf16 models on the CPU. float16 runs on the CPU, slowly.
 T5 always computes in float32 from its stored weights, whatever `dtype` says.
-Memory: SD3.5's T5-XXL (4.7 B parameters, stored in fp16) holds 9.5 GB here instead of 19 GB in
-float32; CLIP-G 2.8 GB and CLIP-L 0.5 GB in float32; without T5 (use_t5=False) about 3.3 GB.
+Memory: T5 keeps its weights in the file's dtype (SD3.5 stores T5-XXL in fp16), half of what a
+float32 T5 holds; the CLIPs are float32; use_t5=False leaves T5 out. What each part takes is
+measured in docs/measurements.md ("Figures the encoder and memory docstrings quoted").
 
 Loading is checked: every parameter of a model must have its tensor in the checkpoint (mindone
 only warns and keeps a random init), so a wrong or incomplete folder raises CheckpointError.
@@ -398,7 +399,7 @@ def _load_model(model_class: Any, folder: str, dtype: ms.Type) -> Any:
             model = model_class.from_pretrained(folder, dtype=dtype, local_files_only=True, use_safetensors=True)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"{folder}: mindone's {model_class.__name__} cannot load it ({e})") from e
-    release_freed_memory()                     # what loading freed: 2.6 GiB of CLIP-G's 6.4 resident
+    release_freed_memory()                     # what loading freed goes back to the OS (docs/measurements.md)
     _check_weights(model, weights, folder)
     return model
 

@@ -9,8 +9,9 @@ modeling_t5.py) without an attention mask, as diffusers calls it for SD3:
                  x = rms(h) * ln1;  h += wo(gelu_tanh(wi_0(x)) * wi_1(x))
     out = rms(h) * final_layer_norm
 
-Memory is the point of this module: the released T5-XXL holds 4.7 B parameters, 19 GB in float32.
-Here every weight stays in the dtype of the file (fp16 in the SD3.5 release: 9.5 GB) and one
+Memory is the point of this module: the released T5-XXL holds 4.7 B parameters (what they take,
+in float32 and as stored: docs/measurements.md). Here every weight stays in the dtype of the file
+(fp16 in the SD3.5 release) and one
 compiled block, shared by all 24, casts its weights to float32 as it runs: the numbers are those
 of a float32 model loaded from the same file (fp16 and bf16 widen to float32 exactly), at half
 its memory. The embedding rows and the position bias are gathered on the host.

@@ -1,7 +1,7 @@
 """The normalizing-flow score network of NFSD (reca1c1trant/NFSD, fb5a303:
 sgm/modules/flows/flow_layers.py, normalizing_flow.py, sgm/models/score_flow.py), in MindSpore.
 
-What that code computes (not what its guide claims; see the README):
+What that code computes (not what its guide claims; see docs/flows.md):
 
     h0 = [x (D), sigma_emb (S), cond (C)]      sigma_emb = SiLU(Linear(SiLU(Linear(sigma))))
     h_k = act(h_{k-1} L_k^T + b_k)             L_k = strictly-lower(A_k) + diag(exp(d_k))
@@ -18,7 +18,8 @@ so training needs first-order gradients only: MindSpore's second-order CPU gradi
 matmuls were measured wrong, and ops.elu has none.
 
 Shapes: B batch, D data_dim, F = D + S (+ C) the flow width. x_t may also be image-shaped
-(B, C, H, W) with C H W = D: flattened inside and the outputs reshaped back, as the reference does.
+(B, C, H, W) with C H W = D: flattened inside and the outputs reshaped back, as the reference does;
+any other size is an InputError naming x_t and both sizes (checked while the graph compiles too).
 
 Two differences from the reference a user meets: the forward returns (score, x0_hat, score_raw),
 the reference (score, x_pred) (take `score, x0_hat, _ = net(...)`); and FlowScoreConfig's
@@ -38,10 +39,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint, nn
 from mindspore.common.initializer import initializer
+from mindspore.ops import constexpr
 
 from ..core import ops
 from ..core.config import get_value, no_unknown, positive
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, InputError
 from ..core.layers import Linear, SiLU
 
 # name -> (its parameters with defaults)
@@ -50,6 +52,20 @@ ACTIVATIONS: Dict[str, Dict[str, float]] = {"trivial": {}, "leakyrelu": {"negati
                                             "swish": {"beta": 1.0}}
 SOFTPLUS_THRESHOLD = 20.0            # torch's F.softplus: linear where beta x > 20
 REFERENCE_COND_EMBED_DIM = 512       # the reference constructor's default (its MNIST config: 128)
+
+
+@constexpr
+def check_x_t_size(shape, data_dim) -> None:
+    """InputError unless x_t of `shape` holds data_dim values per sample. A constexpr: it runs in
+    Python in PyNative and while a graph compiles (a graph's own raise cannot take InputError),
+    before MindSpore's matmul would fail with a shape message of its own. Unknown (dynamic)
+    sizes pass."""
+    if len(shape) < 2 or any(s is None or s < 0 for s in shape[1:]):
+        return
+    size = int(np.prod(shape[1:]))
+    if size != data_dim:
+        what = f"C*H*W = {size}" if len(shape) > 2 else f"{size} values per sample"
+        raise InputError(f"x_t of shape {tuple(shape)} has {what}, but the config's data_dim is {data_dim}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +218,7 @@ class ScoreFlowNetwork(nn.Cell):
 
     def construct(self, x_t: Tensor, sigma: Tensor, cond: Optional[Tensor] = None):
         shape = x_t.shape
+        check_x_t_size(shape, self.data_dim)
         x = x_t.reshape(shape[0], -1)                                           # (B, D), image-shaped or not
         sigma = sigma.reshape(-1, 1).astype(x_t.dtype)
         sigma_emb = self.sigma_embedder(sigma)                                  # (B, S)

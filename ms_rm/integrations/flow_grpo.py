@@ -170,13 +170,13 @@ class DiffusionRMAdapter:
                                   "model scores latents: pass with_latents(images, latents, prompt_embeds, pooled) "
                                   "and no pipeline / pipeline_path")
             if pipeline is not None:
-                from ..encoders.sd3 import MindOneSD3Encoder
+                from ..encoders.sd3_encoder import MindOneSD3Encoder
                 settings["encoder"] = MindOneSD3Encoder(pipeline)
             else:
                 if not os.path.isdir(pipeline_path):
                     raise ConfigError(f"{name}: pipeline_path {pipeline_path!r} is not a local folder (ms_rm never "
                                       "downloads): pass the SD3 pipeline folder, or the trainer's pipeline")
-                from ..encoders.sd3 import SD3Encoder
+                from ..encoders.sd3_encoder import SD3Encoder
                 settings["encoder"] = SD3Encoder.from_pretrained(pipeline_path)
         self.scorer = self.scorer_class(model=model, **settings)
         self.channels = model_config.backbone.latent_channels

@@ -38,7 +38,7 @@ BUCKET = 64                         # the grid of the "bucket" size policy
 SIZE_POLICIES = ("crop", "resize", "bucket", "error")
 
 
-def _pil():
+def pil_image_module():
     try:
         from PIL import Image
     except ImportError:
@@ -48,7 +48,7 @@ def _pil():
 
 def load_image(path: str):
     """A PIL image from a file, with an error that names the file when it cannot be read."""
-    Image = _pil()
+    Image = pil_image_module()
     try:
         with Image.open(path) as image:
             image.load()
@@ -61,7 +61,7 @@ def load_image(path: str):
 
 def image_size(path: str) -> Tuple[int, int]:
     """(width, height) of an image file, from its header (the pixels are not read)."""
-    Image = _pil()
+    Image = pil_image_module()
     try:
         with Image.open(path) as image:
             return image.size
@@ -137,7 +137,7 @@ def fit_size(array: np.ndarray, policy: str = "crop", multiple: int = MULTIPLE, 
             raise InputError(f"images[{index}] is {height}x{width} pixels: smaller than {multiple} pixels")
         top, left = (height - new_h) // 2, (width - new_w) // 2
         return array[:, top:top + new_h, left:left + new_w]
-    Image = _pil()
+    Image = pil_image_module()
     channels = [np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32)).resize((new_w, new_h),
                                                                                           Image.BICUBIC))
                 for c in array]                                          # one float ("F") image per channel
@@ -168,7 +168,7 @@ def resize_center_crop(image: Any, size: int, index: int = 0) -> np.ndarray:
     centre crop at int(round((length - size) / 2)), and only then RGB. Arrays in [0, 1] are first
     rounded to uint8, as a trainer's images are before such a scorer sees them."""
 
-    Image = _pil()
+    Image = pil_image_module()
     if not (hasattr(image, "convert") and hasattr(image, "size")):
         unit = to_unit_rgb(image, index)                                    # (3, H, W) in [0, 1]
         image = Image.fromarray(np.round(unit.transpose(1, 2, 0) * 255.0).astype(np.uint8))

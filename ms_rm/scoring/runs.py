@@ -137,7 +137,8 @@ def read_pairs(path: str) -> List[Pair]:
 
 
 def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bool = True,
-                world: World = World(), prompt_table: Optional["PromptTable"] = None) -> List[Dict]:
+                world: World = World(), prompt_table: Optional["PromptTable"] = None,
+                noise_ids: Optional[Sequence[int]] = None) -> List[Dict]:
     """Score the pairs `batch_size` at a time; {"image", "prompt", "score"} per pair, in order.
 
     Batches hold images of one size (the scorer's `fitted_size` of the file's, when it has one),
@@ -149,11 +150,16 @@ def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bo
     noise comes from (seed, its index): scores do not depend on the batch size, the order or the
     number of workers. With a world of several ranks, each scores its shard and every rank
     returns all rows. prompt_table: the prompts' embeddings, encoded beforehand (PromptTable),
-    passed to the scorer with the prompts."""
+    passed to the scorer with the prompts. noise_ids: the id each pair's noise is drawn with
+    (default: its index); pairs with one id share their noise (ms-rm eval: a preference pair's two
+    images)."""
     if batch_size < 1:
         raise InputError(f"batch size must be positive, got {batch_size}")
     if len(pairs) < world.size:
         raise InputError(f"{len(pairs)} pairs for {world.size} workers: run fewer workers than pairs")
+    if noise_ids is not None and len(noise_ids) != len(pairs):
+        raise InputError(f"{len(noise_ids)} noise ids for {len(pairs)} pairs")
+    ids = range(len(pairs)) if noise_ids is None else [int(i) for i in noise_ids]
     rows = world.shard(len(pairs))
     keyed = getattr(scorer, "seed", None) is not None
     scores = np.zeros(len(pairs), np.float32)
@@ -163,7 +169,7 @@ def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bo
             filled = batch + [batch[0]] * (target - len(batch))               # the fillers: the first pair
             images = [load_image(pairs[i][0]) for i in batch]
             prompts = [pairs[i][1] for i in filled]
-            extra = {"sample_ids": filled} if keyed else {}
+            extra = {"sample_ids": [ids[i] for i in filled]} if keyed else {}
             if prompt_table is not None:
                 extra["prompt_embeds"], extra["pooled_prompt_embeds"] = prompt_table.rows(prompts)
             values = scorer(images + images[:1] * (target - len(batch)), prompts, **extra)

@@ -43,6 +43,7 @@ from ..rewards.diffusion_rm.noise import NOISE_POLICIES, NoisePolicy  # noqa: F4
 from .clip import CLIPScorer, PickScoreScorer
 from .images import SIZE_POLICIES, fitted_size, group_by_size, preprocess, split_batch
 from .imagereward import ImageRewardScorer
+from .jpeg import JpegCompressibilityScorer, JpegIncompressibilityScorer
 
 logger = logging.getLogger(__name__)
 
@@ -281,4 +282,5 @@ def _rows(tensor: Tensor, indices: List[int]) -> Tensor:
 
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
                                                        DiffusionRMZImageScorer, PickScoreScorer, CLIPScorer,
-                                                       ImageRewardScorer)}
+                                                       ImageRewardScorer, JpegCompressibilityScorer,
+                                                       JpegIncompressibilityScorer)}

@@ -10,7 +10,7 @@ Diffusion-RM through the RewardModel protocol) scores the generated latents dire
 prompt's embeddings, at `u` and with the same reward noise for every candidate (`reward_seed`), so
 candidates differ by their generation only; no VAE decode. A pixel reward (`input_kind ==
 "pixels"`, any object with `score(images, prompts) -> list of floats` taking uint8 (K, H, W, 3)
-images) needs `decoder` (ms_rm.generators.sd3_vae_decoder) and the prompt text.
+images) needs `decoder` (ms_rm.vae.decoder) and the prompt text.
 """
 
 from __future__ import annotations

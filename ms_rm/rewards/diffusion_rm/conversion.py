@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ...backbones.sd3 import POSITION_TABLE_KEY, sd3_position_rows
+from ...backbones.sd3_transformer import POSITION_TABLE_KEY, sd3_position_rows
 from ...core.errors import CheckpointError, ConfigError
 from ...core.weights import check_key_sets
 from ...io.converted import write_converted

@@ -12,22 +12,8 @@ from mindspore import Parameter, Tensor, mint, nn
 from mindspore.common.initializer import initializer
 
 from ...core import ops
-from ...core.layers import LayerNorm, Linear
+from ...core.layers import LayerNorm, Linear, PatchProjection
 from .config import VisionConfig
-
-
-class PatchProjection(nn.Cell):
-    """The stride-p Conv2d patch embedding, weight (D, 3, p, p) as stored, run as patchify + linear."""
-
-    def __init__(self, channels: int, width: int, patch: int):
-        super().__init__()
-        self.patch = patch
-        self.weight = Parameter(initializer("zeros", (width, channels, patch, patch), ms.float32), name="weight")
-        self.bias = Parameter(initializer("zeros", (width,), ms.float32), name="bias")
-
-    def construct(self, x: Tensor) -> Tensor:
-        patches = ops.patchify(x, self.patch)                                  # (B, P, 3*p*p)
-        return ops.linear(patches, self.weight.reshape(self.weight.shape[0], -1), self.bias)   # (B, P, D)
 
 
 class PatchEmbed(nn.Cell):

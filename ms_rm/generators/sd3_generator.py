@@ -27,7 +27,7 @@ from mindspore.nn.utils import no_init_parameters
 from tqdm import tqdm
 
 from ..backbones.config import SD3BackboneConfig
-from ..backbones.sd3 import POSITION_TABLE_KEY
+from ..backbones.sd3_transformer import POSITION_TABLE_KEY, SD3Transformer
 from ..core import ops
 from ..core.compile_cache import jit
 from ..core.compiled import CompiledCell
@@ -39,7 +39,6 @@ from ..io.files import find_weights, read_config_file
 from ..io.lora import LoraAdapter
 from ..io.safetensors_file import open_safetensors
 from .sampling import euler_step, sde_step
-from .sd3_transformer import SD3Transformer
 
 logger = logging.getLogger(__name__)
 
@@ -217,10 +216,10 @@ class SD3Generator(CompiledCell):
                                 positions)
 
     def block_outputs(self, latents, timestep, encoder_hidden_states, pooled, positions):
-        """temb, the image and the text stream after every block (see SD3Transformer.blocks), and
+        """temb, the image and the text stream after every block (see SD3Transformer.streams), and
         the velocity."""
         x = latents.astype(self.compute_dtype)
-        temb, image, text = self.transformer.blocks(x, timestep, encoder_hidden_states, pooled, positions)
+        temb, image, text = self.transformer.streams(x, timestep, encoder_hidden_states, pooled, positions)
         return temb, image, text, self.transformer.output(image[-1], temb, x.shape[2], x.shape[3])
 
     def weighted_step(self, latents, timestep, encoder_hidden_states, pooled, positions, sigma, sigma_next, weight):

@@ -8,66 +8,26 @@ diffusers 0.36 (models/autoencoders/vae.py `Decoder`, unet_2d_blocks.py `UpDecod
 upsampling.py `Upsample2D`): z = latents / scaling_factor + shift_factor, [post_quant_conv],
 conv_in -> mid block (resnet, attention, resnet) -> up blocks (layers + 1 resnets, then nearest 2x
 upsampling and a 3x3 conv except after the last) -> GroupNorm, SiLU, conv_out; images are
-(x / 2 + 0.5) clamped to [0, 1]. The blocks are the encoder's (ms_rm.encoders.sd3_vae); parameter
+(x / 2 + 0.5) clamped to [0, 1]. The blocks are ms_rm.vae.blocks; parameter
 names are diffusers' (`decoder.up_blocks.0.upsamplers.0.conv.weight`, ...).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, mint, nn
+from mindspore import Tensor, nn
 from mindspore.nn.utils import no_init_parameters
 
 from ..core import ops
 from ..core.compiled import CompiledCell
-from ..core.errors import CheckpointError
 from ..core.inputs import as_float_tensor, check_finite, check_shape
-from ..core.weights import check_key_sets, load_parameters
-from ..encoders.sd3_vae import (WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conv2d, GroupNorm, ResnetBlock2D, UNetMidBlock2D,
-                                VAEConfig, find_vae_folder, read_vae_config)
-from ..io.files import find_weights
-from ..io.safetensors_file import open_safetensors
-
-logger = logging.getLogger(__name__)
+from .blocks import Conv2d, GroupNorm, UNetMidBlock2D, UpDecoderBlock2D
+from .config import VAEConfig, load_vae_half
 
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")       # the encoder half: not read here
-
-
-def upsample_nearest(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, C, 2H, 2W), each value repeated 2 x 2 (F.interpolate(scale_factor=2, "nearest"))."""
-    b, c, h, w = x.shape
-    x = mint.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2))
-    return x.reshape(b, c, 2 * h, 2 * w)
-
-
-class Upsample2D(nn.Cell):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
-
-    def construct(self, x: Tensor) -> Tensor:
-        return self.conv(upsample_nearest(x))
-
-
-class UpDecoderBlock2D(nn.Cell):
-    """`layers` resnets, then (all blocks but the last) an Upsample2D."""
-
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.CellList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups)
-                                    for i in range(layers)])
-        self.upsamplers = nn.CellList([Upsample2D(out_channels)]) if upsample else None
-
-    def construct(self, x: Tensor) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        if self.upsamplers is not None:
-            x = self.upsamplers[0](x)
-        return x
 
 
 class Decoder(nn.Cell):
@@ -134,22 +94,5 @@ def load_vae_decoder(folder: str, dtype: ms.Type = ms.float32, mode: str = "grap
     """The decoder of a diffusers `vae/` folder (or a pipeline folder holding one), strictly: every
     decoder (and post_quant_conv) tensor present with its shape; encoder.* and quant_conv.* declared
     unused; anything else an error."""
-    folder = find_vae_folder(folder)
-    config = read_vae_config(f"{folder}/config.json")
-    model = VAEDecoder(config, dtype=dtype, mode=mode)
-    path = find_weights(folder, (WEIGHTS_INDEX_NAME, WEIGHTS_NAME), "a diffusers AutoencoderKL saved as safetensors")
-    source = open_safetensors(path)
-    try:
-        names = [k for k in source.keys() if not k.startswith(ENCODER_PREFIXES)]
-        params = {p.name: p for p in model.get_parameters()}
-        check_key_sets(params, names, path, hint=f"The file does not match {folder}/config.json (use_post_quant_conv, "
-                                                 "block_out_channels, layers_per_block)")
-        for name, param in params.items():
-            if tuple(source.shape(name)) != tuple(param.shape):
-                raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(source.shape(name))}, the config.json "
-                                      f"beside it builds {tuple(param.shape)}")
-        load_parameters(model, source.read, names, path)
-    finally:
-        source.close()
-    logger.info("loaded the VAE decoder from %s (%d tensors)", path, len(names))
-    return model
+    return load_vae_half(folder, VAEDecoder, ENCODER_PREFIXES, "use_post_quant_conv, block_out_channels, "
+                         "layers_per_block", dtype, mode)

@@ -41,8 +41,8 @@ class SD3Encoder:
         (True), with `seed` for reproducible draws. The reference samples (`latent_dist.sample()`).
     prompt_encoder: an SD3PromptEncoder, or None for images only (prompts then come as embeddings,
         as `ms-rm score-images` passes them: ms_rm.scoring.runs.PromptTable).
-    vae_batch_size: images encoded at a time (default 1: on the CPU the VAE's activations take
-        about 5 GiB per 1024 x 1024 image, and batching gains no speed there).
+    vae_batch_size: images encoded at a time (default 1: on the CPU the VAE's activations dominate
+        the memory at large sizes (docs/measurements.md), and batching gains no speed there).
     """
 
     def __init__(self, vae, prompt_encoder, sample: bool = False, seed: Optional[int] = None,
@@ -61,7 +61,7 @@ class SD3Encoder:
         SD3 pipeline folder holding text_encoder, text_encoder_2, text_encoder_3 and the tokenizers
         (default: the parent of `vae` when that is a `vae/` folder)."""
         from .sd3_prompts import SD3PromptEncoder
-        from .sd3_vae import load_vae_encoder
+        from ..vae.encoder import load_vae_encoder
 
         return cls(load_vae_encoder(vae, dtype=dtype, mode=mode),
                    SD3PromptEncoder.from_pretrained(text_encoder_folder(vae, text_encoders),
