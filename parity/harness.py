@@ -293,8 +293,8 @@ def run_prepared(prepared: PreparedCase, mode: str = "graph", dtype: str = "fp32
     torch_model, rm_config, scheduler_config = load_reference_model(paths.src, paths.transformer, paths.scheduler,
                                                                     time_convention=case.time_convention)
     bb = ms_model.config.backbone
-    inputs = Inputs.random(case.batch, bb.latent_channels, case.latent_hw, case.text_tokens, bb.joint_attention_dim,
-                           bb.pooled_projection_dim, case.u, seed, case.ensemble)
+    inputs = Inputs.random(case.batch, bb.latent_channels, case.latent_hw, case.text_tokens, bb.text_width,
+                           getattr(bb, "pooled_projection_dim", None), case.u, seed, case.ensemble)
     stages = compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs, case.u_convention,
                            dtype, torch_device)
     return Report(case.name, case.description, mode, dtype, seed, stages,
@@ -349,8 +349,8 @@ def run_checkpoint(src: str, transformer: str, scheduler: str, converted: str, c
         if inputs_path:
             inputs = Inputs.load(inputs_path, u, seed)
         else:
-            inputs = Inputs.random(batch, bb.latent_channels, latent_hw, text_tokens, bb.joint_attention_dim,
-                                   bb.pooled_projection_dim, u, seed)
+            inputs = Inputs.random(batch, bb.latent_channels, latent_hw, text_tokens, bb.text_width,
+                                   getattr(bb, "pooled_projection_dim", None), u, seed)
         stages = compare_sides(ms_model, torch_model, rm_config, scheduler_config, inputs,
                                ms_model.config.u_convention, dtype, torch_device)
         reports.append(Report(f"checkpoint:{os.path.basename(os.path.normpath(src))}",

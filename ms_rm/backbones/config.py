@@ -1,9 +1,12 @@
 """The diffusion transformers' configs: diffusers' transformer config.json, validated.
 
 One class per family, all with the same surface (`from_diffusers`, `to_dict`, `inner_dim`,
-`temb_dim`, `latent_channels`, `joint_attention_dim` (text width), `pooled_projection_dim`
-(None: no pooled text), `max_cut`, `family`); defaults are diffusers' own. Every problem raises
-ConfigError naming the file and the key.
+`temb_dim`, `latent_channels`, `text_width` (the width of a text token's features), `max_cut`,
+`min_tap`, `time_conventions`, `family`); each keeps diffusers' own field names (SD3 and FLUX's
+`joint_attention_dim` and `pooled_projection_dim`, Z-Image's `cap_feat_dim`, ...) and no others;
+defaults are diffusers' own. What text a backbone takes is the backbone's to say (the Backbone
+protocol, ms_rm.backbones.protocol), not its config's. Every problem raises ConfigError naming the
+file and the key.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class BackboneConfigBase:
 
     CLASS_NAME: ClassVar[str] = ""
     SIZE_KEYS: ClassVar[Tuple[str, ...]] = ()        # positive integers read from the diffusers config
+    min_tap: ClassVar[int] = 0                       # the shallowest depth a reward head may tap (0: the embedded input)
+    time_conventions: ClassVar[Tuple[str, ...]] = ("reference",)    # how it may take the time (see TIME_SCALES)
 
     @property
     def inner_dim(self) -> int:
@@ -33,6 +38,11 @@ class BackboneConfigBase:
     def temb_dim(self) -> int:
         """Width of the time embedding the backbone returns (the reward head's t_embed_dim)."""
         return self.inner_dim
+
+    @property
+    def max_cut_note(self) -> str:
+        """Why `max_cut` is what it is, for errors."""
+        return f" (the base transformer's {self.max_cut} blocks)"
 
     @classmethod
     def _sizes(cls, d: Mapping, source: str) -> dict:
@@ -85,9 +95,17 @@ class SD3BackboneConfig(BackboneConfigBase):
         return self.in_channels
 
     @property
+    def text_width(self) -> int:
+        return self.joint_attention_dim
+
+    @property
     def max_cut(self) -> int:
         """The deepest usable cut: diffusers' last SD3 block has no text output."""
         return self.num_layers - 1
+
+    @property
+    def max_cut_note(self) -> str:
+        return f": the base transformer has {self.num_layers} blocks and its last one has no text output"
 
     @classmethod
     def from_diffusers(cls, d: Mapping, source: str = "transformer config") -> "SD3BackboneConfig":
@@ -142,6 +160,7 @@ class FluxBackboneConfig(BackboneConfigBase):
     family: str = field(default="flux", init=False)
 
     CLASS_NAME: ClassVar[str] = "FluxTransformer2DModel"
+    time_conventions: ClassVar[Tuple[str, ...]] = ("reference", "diffusers")
     SIZE_KEYS: ClassVar[Tuple[str, ...]] = (
         "num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size",
         "joint_attention_dim", "pooled_projection_dim")
@@ -149,6 +168,10 @@ class FluxBackboneConfig(BackboneConfigBase):
     @property
     def latent_channels(self) -> int:
         return self.in_channels // 4
+
+    @property
+    def text_width(self) -> int:
+        return self.joint_attention_dim
 
     @property
     def max_cut(self) -> int:
@@ -209,14 +232,11 @@ class ZImageBackboneConfig(BackboneConfigBase):
     ADALN_DIM: ClassVar[int] = 256          # diffusers' ADALN_EMBED_DIM
     PATCH: ClassVar[Tuple[int, int]] = (2, 1)
     SEQ_MULTIPLE: ClassVar[int] = 32        # diffusers' SEQ_MULTI_OF: image and caption padded to it
+    min_tap: ClassVar[int] = 1              # the reference taps after main layers 1..n only
 
     @property
     def inner_dim(self) -> int:
         return self.dim
-
-    @property
-    def num_layers(self) -> int:
-        return self.n_layers
 
     @property
     def head_dim(self) -> int:
@@ -232,12 +252,8 @@ class ZImageBackboneConfig(BackboneConfigBase):
         return self.in_channels
 
     @property
-    def joint_attention_dim(self) -> int:
+    def text_width(self) -> int:
         return self.cap_feat_dim
-
-    @property
-    def pooled_projection_dim(self) -> None:
-        return None
 
     @property
     def max_cut(self) -> int:

@@ -25,6 +25,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.layers import Linear
 from .config import TIME_SCALES, FluxBackboneConfig, cut_streams
 from .joint import CombinedTimestepTextEmbedding, JointTransformerBlock, run_blocks
+from .protocol import PooledTextBackbone
 
 ROPE_THETA = 10000.0
 
@@ -49,7 +50,7 @@ def flux_rotary_tables(text_tokens: int, height: int, width: int, axes_dims: Tup
             np.concatenate(sin, axis=1).astype(np.float32).reshape(shape))
 
 
-class FluxBackbone(nn.Cell):
+class FluxBackbone(PooledTextBackbone, nn.Cell):
     """Double-stream blocks 1..depth of a FLUX.1 transformer, returning temb and the tapped streams.
 
     Tap depth 0 is the embedded input (x_embedder output for image tokens, context_embedder
@@ -74,6 +75,12 @@ class FluxBackbone(nn.Cell):
             JointTransformerBlock(dim, bb.num_attention_heads, "rms_norm", image_out=image_out,
                                   context_out=context_out, flux=True)
             for image_out, context_out in cut_streams(self.visual_taps, self.text_taps)])
+
+    @classmethod
+    def from_reward_config(cls, config) -> "FluxBackbone":
+        """The backbone of a RewardModelConfig, with its guidance scale and time convention."""
+        return cls(config.backbone, config.visual_head_idx, config.text_head_idx, config.guidance_scale,
+                   config.time_convention)
 
     def host_inputs(self, height: int, width: int, text_tokens: int, batch: int) -> Tuple[np.ndarray, ...]:
         """Inputs computed on the host: rotary cos, sin of the joint sequence, and the guidance (B,)."""

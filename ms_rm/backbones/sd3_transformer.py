@@ -32,6 +32,7 @@ from ..core.errors import ConfigError, InputError
 from ..core.layers import AdaLNModulation, Linear, PatchProjection, modulate
 from .config import SD3BackboneConfig, cut_streams
 from .joint import CombinedTimestepTextEmbedding, JointTransformerBlock, run_blocks
+from .protocol import PooledTextBackbone      # the Backbone protocol (w-api)
 
 
 POSITION_TABLE_KEY = "pos_embed.pos_embed"
@@ -105,7 +106,7 @@ def unpatchify(x: Tensor, height: int, width: int, patch: int) -> Tensor:
     return x.reshape(b, channels, height * patch, width * patch)
 
 
-class SD3Transformer(nn.Cell):
+class SD3Transformer(PooledTextBackbone, nn.Cell):      # PooledTextBackbone: the Backbone protocol (w-api)
     """SD3Transformer2DModel, whole (visual_taps and text_taps None) or cut after its deepest tap.
 
     Tap depth 0 is the embedded input (patch embedding + positions for image tokens, the

@@ -19,7 +19,7 @@ T_i, padded C_i, Cmax = max C_i; D width; d = D / heads.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -27,7 +27,8 @@ from mindspore import Parameter, Tensor, mint, nn
 from mindspore.common.initializer import initializer
 
 from ..core import ops
-from ..core.errors import ConfigError, InputError
+from ..core.errors import InputError
+from ..core.inputs import variable_length_text
 from ..core.layers import Linear, RMSNorm, SiLU, Timesteps
 from .config import ZImageBackboneConfig
 from .joint import Attention
@@ -99,6 +100,33 @@ def pack_captions(captions: Sequence[np.ndarray]) -> np.ndarray:
     return packed
 
 
+class CaptionTextBackbone:
+    """Text as Z-Image takes it: per-sample caption features (T_i, cap_feat_dim), given as a list or
+    padded (B, T, cap_feat_dim) with encoder_attention_mask (B, T); no pooled vector. The host
+    inputs depend on (H, W, the caption lengths)."""
+
+    text_inputs: ClassVar[Tuple[str, ...]] = ("encoder_hidden_states",)
+    optional_text_inputs: ClassVar[Tuple[str, ...]] = ("encoder_attention_mask",)
+
+    @classmethod
+    def from_reward_config(cls, config: Any):
+        return cls(config.backbone, config.visual_head_idx, config.text_head_idx)
+
+    def check_text(self, batch: int, encoder_hidden_states: Any, pooled_projections: Any = None,
+                   encoder_attention_mask: Any = None, check_values: bool = True) -> Dict[str, Any]:
+        captions = variable_length_text(encoder_hidden_states, encoder_attention_mask, pooled_projections, batch,
+                                        self.config.cap_feat_dim, check_values)
+        return {"encoder_hidden_states": captions}
+
+    def text_tensors(self, text: Mapping[str, Any], height: int, width: int) -> Tuple[Tuple[Tensor, ...], Tuple]:
+        captions: Sequence[np.ndarray] = text["encoder_hidden_states"]
+        return (Tensor(pack_captions(captions)),), (height, width, tuple(len(c) for c in captions))
+
+    def noise_groups(self, text: Mapping[str, Any]) -> List[bytes]:
+        """Equal caption features mean the same prompt."""
+        return [np.asarray(t).tobytes() for t in text["encoder_hidden_states"]]
+
+
 class SwiGLU(nn.Cell):
     """Z-Image's FeedForward: w2(silu(w1 x) * w3 x), no biases."""
 
@@ -156,16 +184,12 @@ class TimestepEmbedder(nn.Cell):
         return self.mlp(self.time_proj(t).astype(dtype))
 
 
-class ZImageBackbone(nn.Cell):
+class ZImageBackbone(CaptionTextBackbone, nn.Cell):
     """Refiners and main layers 1..depth of a Z-Image transformer, returning temb and the tapped
     image and caption parts of the unified sequence (depth k >= 1: after main layer k)."""
 
-    def __init__(self, bb: ZImageBackboneConfig, visual_taps: Tuple[int, ...], text_taps: Tuple[int, ...],
-                 guidance_scale: Optional[float] = None, time_convention: str = "reference"):
+    def __init__(self, bb: ZImageBackboneConfig, visual_taps: Tuple[int, ...], text_taps: Tuple[int, ...]):
         super().__init__()
-        if guidance_scale is not None or time_convention != "reference":
-            raise ConfigError(f"guidance_scale {guidance_scale} / time_convention '{time_convention}': Z-Image "
-                              "transformers embed no guidance and take the time one way only")
         self.config = bb
         self.visual_taps = tuple(visual_taps)
         self.text_taps = tuple(text_taps)

@@ -55,11 +55,17 @@ def reward_inputs(latents: Any, encoder_hidden_states: Any, pooled_projections: 
     """The three conditioning inputs of a reward call, checked against the model's sizes
     (latents_name: the latents' argument name, for errors)."""
     latents = latent_input(latents, in_channels, check_values, latents_name)
+    return (latents,) + pooled_text(encoder_hidden_states, pooled_projections, latents.shape[0], joint_dim,
+                                    pooled_dim, check_values)
+
+
+def pooled_text(encoder_hidden_states: Any, pooled_projections: Any, batch: int, joint_dim: int, pooled_dim: int,
+                check_values: bool = True) -> Tuple[Tensor, Tensor]:
+    """Fixed-length text (B, T, joint_dim) and its pooled vector (B, pooled_dim), checked (SD3, FLUX)."""
     if encoder_hidden_states is None or pooled_projections is None:
         raise InputError("encoder_hidden_states and pooled_projections are required by this model")
     ehs = as_float_tensor(encoder_hidden_states, "encoder_hidden_states")
     pooled = as_float_tensor(pooled_projections, "pooled_projections")
-    batch = latents.shape[0]
     check_shape(ehs, "encoder_hidden_states", (batch, None, joint_dim),
                 "= (B, tokens, joint_attention_dim) with B from latents")
     if ehs.shape[1] == 0:
@@ -69,7 +75,7 @@ def reward_inputs(latents: Any, encoder_hidden_states: Any, pooled_projections: 
     if check_values:
         for tensor, name in ((ehs, "encoder_hidden_states"), (pooled, "pooled_projections")):
             check_finite(tensor, name)
-    return latents, ehs, pooled
+    return ehs, pooled
 
 
 def latent_input(latents: Any, in_channels: int, check_values: bool = True, name: str = "latents") -> Tensor:

@@ -12,6 +12,11 @@ of Diffusion-RM's inputs (through `reward_stages`, as Diffusion-RM). A model who
 more (a tokenizer, a VAE, other inputs) gets a small spec in ms_rm.cli.rewards; nothing here
 imports the command line.
 
+Every model's tensor program is public in two parts: `prepare(...)` (checks, host tables, noise:
+once, on the host) returns the tensors that `forward(*tensors)` (pure: composable under ms.jit and
+ms.value_and_grad) turns into rewards; `reward(...)` is the one after the other. Trainers (ReFL,
+GRPO) and scorers compose them; nothing outside a model calls its private methods.
+
 Optional: a classmethod `recognizes(path) -> bool`, for a model that reads a folder without a
 manifest as it is (CLIP: a Hugging Face CLIPModel folder), so `load_reward_model` finds it.
 """
@@ -55,8 +60,17 @@ class RewardModel(Protocol):
     def parameter_shapes(cls, config: Any) -> Dict[str, Tuple[int, ...]]:
         """{parameter name: shape} of the model a config describes."""
 
+    def prepare(self, *inputs: Any, **options: Any) -> Tuple[ms.Tensor, ...]:
+        """The host side of a reward call, done once: the inputs checked, host tables built, noise
+        taken or drawn (a model with noise); returns the tensors `forward` takes."""
+
+    def forward(self, *tensors: ms.Tensor) -> ms.Tensor:
+        """The reward (B, out_dim) of `prepare`'s tensors: a pure tensor program, composable under
+        ms.jit and ms.value_and_grad (a trainer calls it inside its loss)."""
+
     def reward(self, *inputs: Any, **options: Any) -> ms.Tensor:
-        """Rewards (B, out_dim) as a MindSpore tensor, differentiable with respect to the inputs."""
+        """Rewards (B, out_dim) as a MindSpore tensor, differentiable with respect to the inputs:
+        `forward(*prepare(*inputs, **options))`, compiled in graph mode."""
 
     def score(self, *inputs: Any, **options: Any) -> List[float]:
         """One float per sample, without gradient."""

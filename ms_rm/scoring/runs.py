@@ -39,17 +39,15 @@ from ..core.errors import InputError
 from ..io.files import atomic_file
 from .images import image_size, load_image
 
-REQUIRED = ("latents", "encoder_hidden_states", "pooled_projections")
+REQUIRED = ("latents", "encoder_hidden_states", "pooled_projections")        # SD3 and FLUX models
 OPTIONAL = ("noise",)
-VARIABLE_TEXT_REQUIRED = ("latents", "encoder_hidden_states")         # Z-Image: no pooled text
-VARIABLE_TEXT_OPTIONAL = ("noise", "encoder_attention_mask")
 
 
 def input_arrays(model) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-    """(required, optional) array names of an inputs file for `model`."""
-    if model.config.backbone.pooled_projection_dim is None:
-        return VARIABLE_TEXT_REQUIRED, VARIABLE_TEXT_OPTIONAL
-    return REQUIRED, OPTIONAL
+    """(required, optional) array names of an inputs file for `model`: the latents and the text its
+    backbone takes (the Backbone protocol), and optionally the noise."""
+    backbone = model.backbone
+    return ("latents",) + tuple(backbone.text_inputs), ("noise",) + tuple(backbone.optional_text_inputs)
 Pair = Tuple[str, str]
 
 

@@ -9,7 +9,10 @@ final latents and prompt embeddings can skip the VAE decode, the image round tri
 re-encode and three text encoders: `scorer.score_latents(latents, prompt_embeds, pooled)`, or
 `multi(images, prompts, latents=..., prompt_embeds=..., pooled_prompt_embeds=...)`.
 
-The reward is stochastic through its noise. The scorer's noise policy:
+The reward is stochastic through its noise. The scorer's noise policy (a NoisePolicy,
+ms_rm.rewards.diffusion_rm.noise, the one the model's own calls use too) draws a call's noise once,
+for the whole batch, and hands it to the model's `prepare`; the inputs are checked once, by the
+model's `check_inputs`, before the batch is split:
 * `noise="fresh"` (default, as the reference): new noise on every call, from a generator
   seeded once with `seed` when given (a reproducible sequence);
 * `noise="fixed"`: the same noise on every call (drawn from `seed`);
@@ -32,8 +35,11 @@ import mindspore as ms
 from mindspore import Tensor, mint
 
 from ..core.errors import ConfigError, InputError
-from ..core.inputs import as_float_tensor, variable_length_text
+from ..backbones.protocol import take_rows
+from ..core.inputs import as_float_tensor
 from ..rewards.diffusion_rm import DiffusionRM, recommended_u
+from ..rewards.diffusion_rm.model import RewardInputs
+from ..rewards.diffusion_rm.noise import NOISE_POLICIES, NoisePolicy  # noqa: F401  (NOISE_POLICIES: this module's name too)
 from .clip import CLIPScorer, PickScoreScorer
 from .images import SIZE_POLICIES, fitted_size, group_by_size, preprocess, split_batch
 from .imagereward import ImageRewardScorer
@@ -46,7 +52,6 @@ NORMALIZATIONS = {
     "reference": (0.1, 1.0),       # (raw + 10) / 10, the reference README's display form
     "flow-grpo-ms": (0.2, 0.0),    # raw / 5, the Flow-GRPO-MS integration's scale
 }
-NOISE_POLICIES = ("fresh", "fixed")
 
 
 def _normalization(value) -> Tuple[float, float]:
@@ -108,12 +113,9 @@ class DiffusionRMScorer:
         if self.family is not None and family != self.family:
             raise ConfigError(f"{type(self).__name__} scores {self.family} models; this checkpoint's backbone is "
                               f"{family}: use the scorer of that family")
-        if noise not in NOISE_POLICIES:
-            raise ConfigError(f"noise must be one of {NOISE_POLICIES}, got {noise!r}")
-        if noise == "fixed" and seed is None:
-            raise ConfigError("noise='fixed' needs a seed")
-        if not isinstance(num_noise_draws, int) or isinstance(num_noise_draws, bool) or num_noise_draws < 1:
-            raise ConfigError(f"num_noise_draws must be a positive integer, got {num_noise_draws!r}")
+        # the scorer's noise policy: what it draws for a call goes to the model's prepare (noise=)
+        self.noise_policy = NoisePolicy(seed, noise, num_noise_draws,
+                                        1 if ensemble_u is None else max(1, len(ensemble_u)))
         if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
             raise ConfigError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         self.u = u                      # None: the recommended u of each kind of input (see default_u)
@@ -126,7 +128,6 @@ class DiffusionRMScorer:
         if size_policy not in SIZE_POLICIES:
             raise ConfigError(f"size_policy must be one of {SIZE_POLICIES}, got {size_policy!r}")
         self.size_policy = size_policy
-        self._rng = np.random.default_rng(seed)
 
     def fitted_size(self, height: int, width: int) -> Tuple[int, int]:
         """The size `__call__` fits an image of height x width pixels to (its size policy)."""
@@ -142,34 +143,9 @@ class DiffusionRMScorer:
     # --- noise ---------------------------------------------------------------------------
     def draw_noise(self, shape: Tuple[int, ...], groups: Optional[Sequence[Any]] = None,
                    sample_ids: Optional[Sequence[int]] = None) -> np.ndarray:
-        """Noise for one call: (draws, levels, B, C, H, W) under the scorer's policy.
-
-        `groups` (one key per sample) makes samples with equal keys share their noise.
-        `sample_ids` (one integer per sample) draws each sample's noise from (seed, id) instead: the
-        same for a sample whatever the batch, its position in it or the other samples (a sharded
-        run then scores exactly as one process does).
-        """
-        levels = len(self.ensemble_u) if self.ensemble_u is not None else 1
-        batch = shape[0]
-        if sample_ids is not None:
-            if groups is not None:
-                raise ConfigError("sample_ids and shared noise per group (groups / common_noise) exclude each other")
-            if self.seed is None:
-                raise ConfigError("per-sample noise (sample_ids) needs the scorer's seed")
-            if len(sample_ids) != batch:
-                raise InputError(f"sample_ids must have one id per sample ({batch}), got {len(sample_ids)}")
-            per_sample = (self.num_noise_draws, levels) + tuple(shape[1:])
-            return np.stack([np.random.default_rng([self.seed, int(i)]).standard_normal(per_sample, dtype=np.float32)
-                             for i in sample_ids], axis=2)
-        rng = np.random.default_rng(self.seed) if self.noise == "fixed" else self._rng
-        if groups is None:
-            return rng.standard_normal((self.num_noise_draws, levels) + tuple(shape), dtype=np.float32)
-        if len(groups) != batch:
-            raise InputError(f"groups must have one key per sample ({batch}), got {len(groups)}")
-        keys = {}
-        index = np.array([keys.setdefault(g, len(keys)) for g in groups])
-        unique = rng.standard_normal((self.num_noise_draws, levels, len(keys)) + tuple(shape[1:]), dtype=np.float32)
-        return unique[:, :, index]
+        """Noise for one call: (draws, levels, B, C, H, W) under the scorer's policy (NoisePolicy.draw:
+        `groups` share noise per key, `sample_ids` draw each sample's from (seed, id))."""
+        return self.noise_policy.draw(shape, groups, sample_ids)
 
     # --- scoring -----------------------------------------------------------------------------
     def reward(self, latents, text_conds: Mapping[str, Any], u: Optional[float] = None,
@@ -178,43 +154,35 @@ class DiffusionRMScorer:
         under `encoder_hidden_states` and `pooled_projections` (Z-Image: `encoder_hidden_states`, a
         list of (T_i, D) or padded with `encoder_attention_mask`). Differentiable w.r.t. the latents.
         u: this call's noise level (default: `default_u("latents")`); sample_ids: see draw_noise."""
-        variable = self.model.config.backbone.pooled_projection_dim is None
-        needed = ("encoder_hidden_states",) if variable else ("encoder_hidden_states", "pooled_projections")
+        needed = self.model.backbone.text_inputs
         missing = [k for k in needed if k not in text_conds]
         if missing:
             raise InputError(f"text_conds lacks {missing}; it must hold {' and '.join(needed)}")
-        latents = as_float_tensor(latents, "latents")
-        if latents.ndim != 4:
-            raise InputError(f"latents must have shape (B, C, H, W), got {tuple(latents.shape)}")
-        ehs, pooled = text_conds["encoder_hidden_states"], text_conds.get("pooled_projections")
-        mask = text_conds.get("encoder_attention_mask")
-        if variable:        # checked and split into per-sample (T_i, D) arrays once, before any use
-            ehs = variable_length_text(ehs, mask, pooled, latents.shape[0],
-                                       self.model.config.backbone.joint_attention_dim)
-            mask = None
+        # checked once, here, for the whole batch; the chunks below are not checked again
+        inputs = self.model.check_inputs(latents, text_conds["encoder_hidden_states"],
+                                         text_conds.get("pooled_projections"),
+                                         text_conds.get("encoder_attention_mask"))
         if self.common_noise and groups is None:
-            groups = [t.tobytes() for t in ehs] if variable else _row_keys(pooled)
-        noise = self.draw_noise(tuple(latents.shape), groups, sample_ids)
+            groups = self.model.backbone.noise_groups(inputs.text)
+        noise = self.draw_noise(tuple(inputs.latents.shape), groups, sample_ids)
         if u is None and self.ensemble_u is None:
             u = self.default_u("latents")
-        batch = latents.shape[0]
+        batch = inputs.batch
         step = self.max_batch or batch
         chunks = []
         for start in range(0, batch, step):
             part = slice(start, min(start + step, batch))
-            chunks.append(self._score_chunk(latents[part], _take(ehs, part), _take(pooled, part),
-                                            _take(mask, part), noise[:, :, part], u))
+            chunks.append(self._score_chunk(inputs if step >= batch else inputs.rows(part), noise[:, :, part], u))
         raw = chunks[0] if len(chunks) == 1 else mint.cat(chunks, dim=0)
         return raw * self.scale + self.offset
 
-    def _score_chunk(self, latents, ehs, pooled, mask, noise: np.ndarray, u) -> Tensor:
+    def _score_chunk(self, inputs: RewardInputs, noise: np.ndarray, u) -> Tensor:
         total = None
         for draw in noise:                                       # (levels, b, C, H, W) per draw
             if self.ensemble_u is not None:
-                r = self.model.reward_ensemble(latents, ehs, pooled, us=self.ensemble_u, noise=draw,
-                                               encoder_attention_mask=mask)
+                r = self.model.reward_ensemble(inputs, us=self.ensemble_u, noise=draw, check_values=False)
             else:
-                r = self.model.reward(latents, ehs, pooled, u=u, noise=draw[0], encoder_attention_mask=mask)
+                r = self.model.reward(inputs, u=u, noise=draw[0], check_values=False)
             total = r if total is None else total + r
         return total / len(noise) if len(noise) > 1 else total
 
@@ -304,22 +272,12 @@ class DiffusionRMZImageScorer(DiffusionRMScorer):
                           "Z-Image pipeline's latents and caption features")
 
 
-def _take(value, part: slice):
-    """Rows `part` of a batch-major tensor, array or list (None stays None)."""
-    return None if value is None else value[part]
-
-
 def _rows(tensor: Tensor, indices: List[int]) -> Tensor:
-    """The rows `indices` of a tensor (the tensor itself when that is all of them, in order)."""
+    """The rows `indices` of a tensor, gathered on the device (the tensor itself when that is all
+    of them, in order)."""
     if indices == list(range(tensor.shape[0])):
         return tensor
-    return Tensor(tensor.astype(ms.float32).asnumpy()[indices]).astype(tensor.dtype)
-
-
-def _row_keys(pooled) -> List[bytes]:
-    """A hashable key per sample: equal pooled prompt embeddings mean the same prompt."""
-    array = pooled.astype(ms.float32).asnumpy() if isinstance(pooled, Tensor) else np.asarray(pooled, np.float32)
-    return [row.tobytes() for row in array]
+    return take_rows(tensor, indices)
 
 
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,

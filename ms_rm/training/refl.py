@@ -53,19 +53,17 @@ class ReFLObjective:
         self.generator = generator
         self.reward_model = reward_model
 
-    def __call__(self, x_t, timestep, sigma, encoder_hidden_states, pooled, positions, rm_noise, rm_sigma,
-                 rm_timestep, *rm_conditioning):
+    def __call__(self, x_t, timestep, sigma, encoder_hidden_states, pooled, positions, *rm_inputs):
         v = self.generator.velocity(x_t, timestep, encoder_hidden_states, pooled, positions)   # (B, C, H, W)
         x0_hat = x_t - sigma * v
-        reward = self.reward_model(x0_hat, rm_noise, rm_sigma, rm_timestep, *rm_conditioning)[-1]   # (B, 1)
+        reward = self.reward_model.forward(x0_hat, *rm_inputs)                                 # (B, 1)
         return REFL_TARGET - reward.mean()
 
     def reward_inputs(self, x_t: Tensor, prompt_embeds, pooled_prompt_embeds, u: float, rm_noise) -> Tuple:
-        """The reward model's tensors of one step at latents x_t: its noise at level u, the level's
-        sigma and timestep, and the prompt conditioning."""
-        _, conditioning = self.reward_model._prepare(x_t, prompt_embeds, pooled_prompt_embeds)
-        rm_sigma, rm_timestep = self.reward_model.noise_level(u, x_t.shape[0])
-        return (Tensor(np.asarray(rm_noise, np.float32)), Tensor(rm_sigma), Tensor(rm_timestep)) + tuple(conditioning)
+        """The reward model's tensors of one step at latents x_t (its `prepare`, less the latents,
+        which the loss replaces by x0_hat): its noise at level u, the level's sigma and timestep, and
+        the prompt conditioning."""
+        return self.reward_model.prepare(x_t, prompt_embeds, pooled_prompt_embeds, u=u, noise=rm_noise)[1:]
 
     def draw(self, rng: np.random.Generator, rows: np.ndarray, x_t: np.ndarray, settings: "ReFLSettings",
              mine: slice) -> Tuple:
@@ -103,14 +101,13 @@ class PixelReFLObjective:
         v = self.generator.velocity(x_t, timestep, encoder_hidden_states, pooled, positions)   # (B, C, h, w)
         x0_hat = x_t - sigma * v
         images = mint.clamp(self.vae.construct(x0_hat) / 2 + 0.5, 0.0, 1.0)                   # (B, 3, 8h, 8w)
-        reward = self.reward_model.pixel_construct(images, rows, cols_t, input_ids, attention_mask)[-1]   # (B, 1)
+        reward = self.reward_model.forward_pixels(images, rows, cols_t, input_ids, attention_mask)   # (B, 1)
         return mint.nn.functional.relu(REFL_TARGET - reward).mean() * self.grad_scale
 
     def reward_inputs(self, x_t: Tensor, prompt_embeds, pooled_prompt_embeds, input_ids, attention_mask) -> Tuple:
         """The resize-and-crop matrices of the decoded size and the batch's prompt tokens (B, L)."""
-        height, width = x_t.shape[2] * self.upscale, x_t.shape[3] * self.upscale
-        rows, cols_t = self.reward_model._resize(height, width, self.antialias)
-        return (rows, cols_t) + self.reward_model._tokens(input_ids, attention_mask, x_t.shape[0])
+        size = (x_t.shape[0], 3, x_t.shape[2] * self.upscale, x_t.shape[3] * self.upscale)   # the decoded images
+        return self.reward_model.prepare_pixels(size, input_ids, attention_mask, self.antialias)[1:]
 
     def draw(self, rng: np.random.Generator, rows: np.ndarray, x_t: np.ndarray, settings: "ReFLSettings",
              mine: slice) -> Tuple:

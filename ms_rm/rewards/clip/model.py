@@ -225,8 +225,19 @@ class CLIPModel(CompiledCell):
 
     def reward(self, pixel_values, input_ids) -> Tensor:
         """(B, 1) cosine of each image's and its text's embeddings (preprocessed pixel values
-        (B, 3, S, S), token ids (B, L)); CLIPScorer adds the image preprocessing and tokenizer."""
-        return mint.sum(self.encode_images(pixel_values) * self.encode_text(input_ids), dim=-1, keepdim=True)
+        (B, 3, S, S), token ids (B, L)); CLIPScorer adds the image preprocessing and tokenizer.
+        `forward(*prepare(...))`, compiled in graph mode."""
+        return self.run("forward", *self.prepare(pixel_values, input_ids))
+
+    def prepare(self, pixel_values, input_ids) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Pixel values (B, 3, S, S) and token ids (B, L), checked, with the text's host tensors:
+        `forward`'s tensors (pixel values, token ids, pooled-token one-hot, causal bias)."""
+        return (self._pixel_values(pixel_values),) + self.text_inputs(input_ids)
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor, pooled_one_hot: Tensor, bias: Tensor) -> Tensor:
+        """(B, 1) cosine of `prepare`'s tensors: pure, differentiable with respect to the pixels."""
+        return mint.sum(self.image_embeds(pixel_values) * self.text_embeds(input_ids, pooled_one_hot, bias),
+                        dim=-1, keepdim=True)
 
     def score(self, pixel_values, input_ids) -> List[float]:
         """One cosine per (image, text), as floats."""
@@ -283,9 +294,12 @@ class CLIPModel(CompiledCell):
 
     def encode_images(self, pixel_values) -> Tensor:
         """(B, 3, S, S) pixel values as CLIPImageProcessor returns them -> (B, P) normalised embeddings."""
+        return self.run("image_embeds", self._pixel_values(pixel_values))
+
+    def _pixel_values(self, pixel_values) -> Tensor:
         size = self.config.vision.image_size
         pixel_values = pixel_values if isinstance(pixel_values, Tensor) else Tensor(np.asarray(pixel_values))
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size) or pixel_values.shape[0] == 0:
             raise InputError(f"pixel_values must be (B, 3, {size}, {size}) (preprocessed images), got "
                              f"{tuple(pixel_values.shape)}")
-        return self.run("image_embeds", pixel_values.astype(ms.float32))
+        return pixel_values.astype(ms.float32)

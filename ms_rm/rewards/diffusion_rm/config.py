@@ -109,9 +109,7 @@ class RewardModelConfig:
         n = self.num_transformer_layers
         top = self.backbone.max_cut
         if not 1 <= n <= top:
-            why = (f": the base transformer has {self.backbone.num_layers} blocks and its last one has no text "
-                   "output") if top < self.backbone.num_layers else f" (the base transformer's {top} blocks)"
-            return f"num_transformer_layers ({n}) must be in 1..{top}{why}"
+            return f"num_transformer_layers ({n}) must be in 1..{top}{self.backbone.max_cut_note}"
         needs_guidance = getattr(self.backbone, "guidance_embeds", False)
         if needs_guidance and (self.guidance_scale is None or not math.isfinite(self.guidance_scale)):
             return ("the backbone embeds a guidance scale (guidance_embeds): set model.guidance_scale to the value "
@@ -126,7 +124,7 @@ class RewardModelConfig:
                         "taps in block order)")
             if taps[0] < 0 or taps[-1] > n:
                 return f"{key} {list(taps)} must lie in 0..{n} (num_transformer_layers = {n})"
-            if taps[0] == 0 and self.backbone.family == "zimage":
+            if taps[0] < self.backbone.min_tap:        # Z-Image: after main layers 1..n only
                 return (f"{key} {list(taps)}: the Z-Image reference collects taps after main layers 1..{n} only, "
                         "not at depth 0")
         if self.width % self.head.num_attn_heads:
@@ -138,7 +136,7 @@ class RewardModelConfig:
             return f"u_convention '{self.u_convention}' must be one of {U_CONVENTIONS}"
         if self.time_convention not in TIME_CONVENTIONS:
             return f"time_convention '{self.time_convention}' must be one of {TIME_CONVENTIONS}"
-        if self.backbone.family != "flux" and self.time_convention != "reference":
+        if self.time_convention not in self.backbone.time_conventions:
             return f"time_convention '{self.time_convention}' applies to FLUX backbones only"
         return None
 

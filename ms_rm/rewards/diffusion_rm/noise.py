@@ -8,12 +8,15 @@ The table is the one diffusers' FlowMatchEulerDiscreteScheduler builds in __init
 * "index" (older training runs, the Flow-GRPO-MS integration): row int(u * n) of the
   descending table, so u = 0.9 gives sigma 0.25 at shift 3, and u = 1.0 is out of range.
 
-Noise is drawn on the host with numpy, so a seed gives the same noise on every device.
+Noise is drawn on the host with numpy, so a seed gives the same noise on every device. Where it
+comes from is a NoisePolicy: the model holds one (fresh noise, unseeded) for calls that pass neither
+noise nor seed; a scorer holds its own (fresh or fixed, seeded, several draws, shared per prompt,
+per sample) and passes what it draws to the model's `prepare`.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -89,3 +92,64 @@ def draw_noise(shape: Tuple[int, ...], seed: Optional[int] = None,
     elif rng is None:
         rng = np.random.default_rng()
     return rng.standard_normal(shape, dtype=np.float32)
+
+
+NOISE_POLICIES = ("fresh", "fixed")
+
+
+class NoisePolicy:
+    """Where a reward call's noise comes from.
+
+    noise="fresh": new noise on every call, from a generator seeded once with `seed` when given (a
+    reproducible sequence); noise="fixed": the same noise on every call (drawn from `seed`).
+    num_draws, levels: the leading axes of `draw` (independent draws to average, noise levels of an
+    ensemble).
+    """
+
+    def __init__(self, seed: Optional[int] = None, noise: str = "fresh", num_draws: int = 1, levels: int = 1):
+        if noise not in NOISE_POLICIES:
+            raise ConfigError(f"noise must be one of {NOISE_POLICIES}, got {noise!r}")
+        if noise == "fixed" and seed is None:
+            raise ConfigError("noise='fixed' needs a seed")
+        if not isinstance(num_draws, int) or isinstance(num_draws, bool) or num_draws < 1:
+            raise ConfigError(f"num_noise_draws must be a positive integer, got {num_draws!r}")
+        self.seed, self.noise, self.num_draws, self.levels = seed, noise, num_draws, levels
+        self._rng = np.random.default_rng(seed)
+
+    def _stream(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed) if self.noise == "fixed" else self._rng
+
+    def sample(self, shape: Tuple[int, ...]) -> np.ndarray:
+        """Noise of exactly `shape` (one draw), float32."""
+        return self._stream().standard_normal(tuple(shape), dtype=np.float32)
+
+    def draw(self, shape: Tuple[int, ...], groups: Optional[Sequence[Any]] = None,
+             sample_ids: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Noise for one call of a batch `shape` (B, C, H, W): (num_draws, levels, B, C, H, W).
+
+        `groups` (one key per sample) makes samples with equal keys share their noise.
+        `sample_ids` (one integer per sample) draws each sample's noise from (seed, id) instead: the
+        same for a sample whatever the batch, its position in it or the other samples (a sharded
+        run then scores exactly as one process does).
+        """
+        batch = shape[0]
+        lead = (self.num_draws, self.levels)
+        if sample_ids is not None:
+            if groups is not None:
+                raise ConfigError("sample_ids and shared noise per group (groups / common_noise) exclude each other")
+            if self.seed is None:
+                raise ConfigError("per-sample noise (sample_ids) needs the scorer's seed")
+            if len(sample_ids) != batch:
+                raise InputError(f"sample_ids must have one id per sample ({batch}), got {len(sample_ids)}")
+            per_sample = lead + tuple(shape[1:])
+            return np.stack([np.random.default_rng([self.seed, int(i)]).standard_normal(per_sample, dtype=np.float32)
+                             for i in sample_ids], axis=2)
+        rng = self._stream()
+        if groups is None:
+            return rng.standard_normal(lead + tuple(shape), dtype=np.float32)
+        if len(groups) != batch:
+            raise InputError(f"groups must have one key per sample ({batch}), got {len(groups)}")
+        keys = {}
+        index = np.array([keys.setdefault(g, len(keys)) for g in groups])
+        unique = rng.standard_normal(lead + (len(keys),) + tuple(shape[1:]), dtype=np.float32)
+        return unique[:, :, index]

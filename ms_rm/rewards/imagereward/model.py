@@ -12,6 +12,11 @@ as the package's `ImageReward.score_gard` computes it. Calls:
   differentiable with respect to the pixels;
 * `stages(...)`: image features, [CLS] feature and reward by name, for parity checks.
 
+Each call is `forward(*prepare(...))` (preprocessed pixels) or `forward_pixels(*prepare_pixels(...))`
+(pixels in [0, 1]): `prepare*` checks the inputs once and builds the host tensors (token tensors,
+resize-and-crop matrices); `forward*` is the pure tensor program, composable under ms.jit and
+ms.value_and_grad (the pixel ReFL calls `forward_pixels` inside its loss).
+
 Prompts become tokens with `ImageRewardTokenizer` (tokenizer.py); images from files or PIL
 become pixels with ms_rm.scoring.imagereward, which also offers score / inference_rank.
 The tensor part runs compiled ("graph") or eagerly ("pynative"), with the same numbers.
@@ -128,9 +133,36 @@ class ImageReward(CompiledCell):
         x = mint.matmul(x, ops.broadcast_to_shape(cols_t, (b, c, w, s)))              # (B, 3, S, S)
         return (x - ops.expand(self.pixel_mean, x)) / ops.expand(self.pixel_std, x)
 
-    def pixel_construct(self, pixels: Tensor, rows: Tensor, cols_t: Tensor, input_ids: Tensor,
-                        attention_mask: Tensor):
-        return self.construct(self.transform(pixels, rows, cols_t), input_ids, attention_mask)
+    def forward(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The reward (B, 1) of `prepare`'s tensors: pure, differentiable."""
+        return self.construct(pixels, input_ids, attention_mask)[-1]
+
+    def forward_pixels(self, pixels: Tensor, rows: Tensor, cols_t: Tensor, input_ids: Tensor,
+                       attention_mask: Tensor) -> Tensor:
+        """The reward (B, 1) of `prepare_pixels`' tensors, pixels in [0, 1] through the ReFL transform:
+        pure, differentiable with respect to the pixels."""
+        return self.forward(self.transform(pixels, rows, cols_t), input_ids, attention_mask)
+
+    # --- host-side preparation: the public `prepare` / `prepare_pixels` ---------------------------
+    def prepare(self, pixels, input_ids, attention_mask) -> Tuple[Tensor, Tensor, Tensor]:
+        """Preprocessed pixels (B, 3, S, S) and prompt tokens (B, L), checked: `forward`'s tensors."""
+        x = self._pixels(pixels)
+        return (x,) + self._tokens(input_ids, attention_mask, x.shape[0])
+
+    def prepare_pixels(self, pixels, input_ids, attention_mask, antialias: bool = True) -> Tuple:
+        """Pixels (B, 3, H, W) in [0, 1] and prompt tokens (B, L), checked, with the ReFL transform's
+        resize-and-crop matrices (`_resize`): `forward_pixels`' tensors. `pixels` may be only the
+        images' shape (B, 3, H, W), for a trainer that makes the images inside its loss: the first
+        tensor is then None."""
+        if isinstance(pixels, tuple) and all(isinstance(v, int) for v in pixels):
+            if len(pixels) != 4 or pixels[1] != 3:
+                raise InputError(f"pixels' shape must be (B, 3, H, W), got {pixels}")
+            x, shape = None, pixels
+        else:
+            x = self._pixels(pixels, size=False)
+            shape = tuple(x.shape)
+        rows, cols_t = self._resize(shape[2], shape[3], antialias)
+        return (x, rows, cols_t) + self._tokens(input_ids, attention_mask, shape[0])
 
     # --- host-side checks -----------------------------------------------------------------------
     def _tokens(self, input_ids, attention_mask, batch: int) -> Tuple[Tensor, Tensor]:
@@ -174,34 +206,28 @@ class ImageReward(CompiledCell):
     # --- public calls ------------------------------------------------------------------------
     def stages(self, pixels, input_ids, attention_mask) -> Dict[str, Tensor]:
         """image_features, text_features ([CLS]) and reward of preprocessed pixels, by name."""
-        x = self._pixels(pixels)
-        image, cls, reward = self.run("construct", x, *self._tokens(input_ids, attention_mask, x.shape[0]))
+        image, cls, reward = self.run("construct", *self.prepare(pixels, input_ids, attention_mask))
         return {"image_features": image, "text_features": cls, "reward": reward}
 
     def reward(self, pixels, input_ids, attention_mask) -> Tensor:
         """Rewards (B, 1) of preprocessed pixels (B, 3, S, S) and prompt tokens (B, L)."""
-        return self.stages(pixels, input_ids, attention_mask)["reward"]
+        return self.run("forward", *self.prepare(pixels, input_ids, attention_mask))
 
     def reward_of_pixels(self, pixels, input_ids, attention_mask, antialias: bool = True) -> Tensor:
         """Rewards (B, 1) of images (B, 3, H, W) in [0, 1] through the ReFL transform (`_resize`)."""
-        x = self._pixels(pixels, size=False)
-        rows, cols_t = self._resize(x.shape[2], x.shape[3], antialias)
-        return self.run("pixel_construct", x, rows, cols_t, *self._tokens(input_ids, attention_mask, x.shape[0]))[-1]
+        return self.run("forward_pixels", *self.prepare_pixels(pixels, input_ids, attention_mask, antialias))
 
     def reward_and_pixel_grad(self, pixels, input_ids, attention_mask, antialias: bool = True):
         """(rewards (B, 1), d sum(rewards) / d pixels (B, 3, H, W)) of images in [0, 1]."""
-        x = self._pixels(pixels, size=False)
-        rows, cols_t = self._resize(x.shape[2], x.shape[3], antialias)
-        ids, mask = self._tokens(input_ids, attention_mask, x.shape[0])
 
         def total(p, r, c, i, m):
-            reward = self.pixel_construct(p, r, c, i, m)[-1]
+            reward = self.forward_pixels(p, r, c, i, m)
             return reward.sum(), reward
 
         grad_fn = ms.value_and_grad(total, grad_position=0, has_aux=True)
         if self.mode == "graph":
             grad_fn = jit(grad_fn, self, name="pixel_reward_and_grad")
-        (_, reward), grad = grad_fn(x, rows, cols_t, ids, mask)
+        (_, reward), grad = grad_fn(*self.prepare_pixels(pixels, input_ids, attention_mask, antialias))
         return reward, grad
 
     def score(self, pixels, input_ids, attention_mask) -> List[float]:
