@@ -62,8 +62,6 @@ def test_the_reward_backbone_is_the_transformer_cut_after_its_deepest_tap():
     assert np.array_equal(velocity.asnumpy(), whole.output(image[-1], temb, 8, 8).asnumpy())
 
 
-def test_a_cut_needs_both_tap_lists_and_refuses_flux_options():
+def test_a_cut_needs_both_tap_lists():
     with pytest.raises(ConfigError, match="both visual_taps and text_taps"):
         SD3Transformer(CONFIG, (1,), None)
-    with pytest.raises(ConfigError, match="embed no guidance"):
-        SD3Transformer(CONFIG, (1,), (1,), guidance_scale=3.5)

@@ -106,24 +106,20 @@ def unpatchify(x: Tensor, height: int, width: int, patch: int) -> Tensor:
     return x.reshape(b, channels, height * patch, width * patch)
 
 
-class SD3Transformer(PooledTextBackbone, nn.Cell):      # PooledTextBackbone: the Backbone protocol (w-api)
+class SD3Transformer(PooledTextBackbone, nn.Cell):      # PooledTextBackbone: the Backbone protocol
     """SD3Transformer2DModel, whole (visual_taps and text_taps None) or cut after its deepest tap.
 
     Tap depth 0 is the embedded input (patch embedding + positions for image tokens, the
     context_embedder output for text); depth k >= 1 is the stream after block k. The whole
     network taps the image stream after every block and the text stream after every block but
-    the last (context_pre_only, whose text output diffusers returns as None).
-    guidance_scale / time_convention: the reward backbones' common arguments, which SD3 refuses
-    (it embeds no guidance and takes the timestep one way only).
+    the last (context_pre_only, whose text output diffusers returns as None). FLUX's options
+    (guidance, time convention) never reach it (Backbone.from_reward_config); a config that sets
+    them for SD3 is refused by RewardModelConfig.
     """
 
     def __init__(self, bb: SD3BackboneConfig, visual_taps: Optional[Tuple[int, ...]] = None,
-                 text_taps: Optional[Tuple[int, ...]] = None, guidance_scale: Optional[float] = None,
-                 time_convention: str = "reference"):
+                 text_taps: Optional[Tuple[int, ...]] = None):
         super().__init__()
-        if guidance_scale is not None or time_convention != "reference":
-            raise ConfigError(f"guidance_scale {guidance_scale} / time_convention '{time_convention}': SD3 "
-                              "transformers embed no guidance and take the timestep one way only")
         if (visual_taps is None) != (text_taps is None):
             raise ConfigError("an SD3 transformer cut takes both visual_taps and text_taps (neither: the whole "
                               "network)")

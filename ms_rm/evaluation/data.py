@@ -29,6 +29,7 @@ import numpy as np
 
 from ..core.config import is_number
 from ..core.errors import InputError, MissingDependencyError
+from ..io.files import read_text
 
 
 @dataclass(frozen=True)
@@ -148,13 +149,7 @@ def data_kind(path: str) -> str:
 
 def _items(path: str):
     """(where, dict) per item of a .json list or per line of a .jsonl file."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise InputError(f"{path}: preference data file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read the preference data ({e})") from None
+    text = read_text(path, "preference data file", InputError)
     if not text.strip():
         raise InputError(f"{path}: the file is empty")
     if path.endswith(".json"):

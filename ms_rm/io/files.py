@@ -22,15 +22,25 @@ PathLike = Union[str, os.PathLike]
 
 # --- reading --------------------------------------------------------------------------------------
 
-def read_json(path: PathLike, what: str = "JSON file", error: Type[MsRmError] = ConfigError) -> dict:
-    """A JSON object from `path`; `error` (naming the file and `what` it should be) otherwise."""
+def read_text(path: PathLike, what: str, error: Type[MsRmError] = ConfigError) -> str:
+    """The UTF-8 text of `path`; `error` naming the file and `what` it should be otherwise."""
     path = os.fspath(path)
     try:
         with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+            return f.read()
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read the {what} ({e})") from None
+
+
+def read_json(path: PathLike, what: str = "JSON file", error: Type[MsRmError] = ConfigError) -> dict:
+    """A JSON object from `path`; `error` (naming the file and `what` it should be) otherwise."""
+    path = os.fspath(path)
+    text = read_text(path, what, error)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise error(f"{path}: cannot read the {what} ({e})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: the {what} must hold a JSON object, got {type(data).__name__}")
@@ -41,13 +51,7 @@ def read_config_file(path: PathLike) -> dict:
     """A JSON or YAML config file as a dict (YAML only for files not named .json: the reference
     also dumps its training YAML); ConfigError names the file on any problem."""
     path = os.fspath(path)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    text = read_text(path, "config file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as json_error:

@@ -28,6 +28,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 
+from ..core.config import is_int
 from ..core.errors import ConfigError, InputError
 from ..core.inputs import as_float_tensor, check_finite
 from ..rewards.clip import (CLIPModel, load_clip_model, load_image_processing, load_tokenizer, pixel_values,
@@ -84,7 +85,7 @@ class CLIPScorer:
             raise ConfigError(f"scale must be one of {SCALES}, got {scale!r}")
         if size_policy not in CLIP_SIZE_POLICIES:
             raise ConfigError(f"size_policy must be one of {CLIP_SIZE_POLICIES} for a CLIP scorer, got {size_policy!r}")
-        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+        if max_batch is not None and not is_int(max_batch, 1):
             raise ConfigError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         for path, what in ((model_path, "model_path"), (processor_path, "processor_path"),
                            (tokenizer_path, "tokenizer_path"), (image_processor_path, "image_processor_path")):

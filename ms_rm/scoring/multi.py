@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from ..core.config import is_number
 from ..core.errors import ConfigError, InputError
 from .scorers import SCORERS
 
@@ -29,7 +30,7 @@ class MultiScorer:
         self.scorers = dict(scorers)
         self.score_fn: Dict[str, Any] = {}
         for name, weight in self.scorers.items():
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            if not is_number(weight, finite=False):
                 raise ConfigError(f"weight of scorer '{name}' must be a number, got {weight!r}")
             config = scorer_configs.get(name)
             if config is not None and not isinstance(config, Mapping):

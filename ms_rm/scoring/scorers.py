@@ -34,6 +34,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint
 
+from ..core.config import is_int
 from ..core.errors import ConfigError, InputError
 from ..backbones.protocol import take_rows
 from ..core.inputs import as_float_tensor
@@ -116,7 +117,7 @@ class DiffusionRMScorer:
         # the scorer's noise policy: what it draws for a call goes to the model's prepare (noise=)
         self.noise_policy = NoisePolicy(seed, noise, num_noise_draws,
                                         1 if ensemble_u is None else max(1, len(ensemble_u)))
-        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+        if max_batch is not None and not is_int(max_batch, 1):
             raise ConfigError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         self.u = u                      # None: the recommended u of each kind of input (see default_u)
         self.ensemble_u = None if ensemble_u is None else [float(v) for v in ensemble_u]

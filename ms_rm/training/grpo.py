@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..core.config import is_number
 from ..core.errors import InputError
 
 STD_EPS = 1e-4                              # Flow-GRPO's denominator guard
@@ -67,7 +68,7 @@ def mixed_advantages(prompts: Sequence[Any], rewards, extra_rewards, weight: flo
                      global_std: bool = False) -> np.ndarray:
     """group_advantages(rewards) + weight x group_advantages(extra_rewards)."""
     _check(prompts, extra_rewards, "extra_rewards")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight):
+    if not is_number(weight):
         raise InputError(f"weight must be a finite number, got {weight!r}")
     return (group_advantages(prompts, rewards, global_std)
             + weight * group_advantages(prompts, extra_rewards, global_std))

@@ -20,7 +20,7 @@ Shapes: B batch, L tokens (77), N = 1 + patches, D tower width, P projection_dim
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -211,11 +211,6 @@ class CLIPModel(CompiledCell):
             return os.path.isfile(config) and read_json(config, "CLIPModel config").get("model_type") == "clip"
         except ConfigError:                   # unreadable: not recognised (the caller's error says what it wanted)
             return False
-
-    @classmethod
-    def parameter_shapes(cls, config: CLIPConfig) -> Dict[str, Tuple[int, ...]]:
-        """{parameter name: shape} of the model `config` describes."""
-        return {p.name: tuple(p.shape) for p in cls(config).get_parameters()}
 
     @classmethod
     def convert(cls, *sources: str, out: Optional[str] = None, **options: Any) -> str:

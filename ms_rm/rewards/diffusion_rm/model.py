@@ -33,7 +33,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, mint
 from mindspore.common.initializer import initializer
-from mindspore.nn.utils import no_init_parameters
 
 from ...backbones import BACKBONES
 from ...backbones.protocol import Backbone, take_rows
@@ -89,27 +88,19 @@ class DiffusionRM(CompiledCell):
     def __init__(self, config: Any, dtype: ms.Type = ms.float32, mode: str = "graph"):
         super().__init__(mode)
         self.config: RewardModelConfig = config_from_any(config)
-        self.compute_dtype = ops.compute_dtype(dtype)
         c = self.config
-        with no_init_parameters():
+        with self.parameters_in(dtype):
             self.backbone: Backbone = BACKBONES[c.backbone.family].from_reward_config(c)
             self.reward_head = RewardHead(self.config)
             if self.config.use_logistic:
                 self.eta3 = Parameter(initializer(ETA3_INIT, (), ms.float32), name="eta3")
                 self.eta4 = Parameter(initializer(ETA4_INIT, (), ms.float32), name="eta4")
-        for param in self.get_parameters():
-            param.set_dtype(self.compute_dtype)
         self.schedule = NoiseSchedule(self.config.scheduler)
         self.noise_policy = NoisePolicy()               # fresh noise when neither noise nor seed is given
         # (H, W, text shape) -> the backbone's host-computed tensors for that input shape, least recently used first
         self._host_inputs: "OrderedDict[Tuple[int, ...], Tuple[Tensor, ...]]" = OrderedDict()
 
     # --- construction from checkpoints -------------------------------------------------
-    @classmethod
-    def parameter_shapes(cls, config: RewardModelConfig) -> Dict[str, Tuple[int, ...]]:
-        """{parameter name: shape} of the model `config` describes (no memory is allocated)."""
-        return {p.name: tuple(p.shape) for p in cls(config).get_parameters()}
-
     @classmethod
     def from_pretrained(cls, path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
                         verify: bool = False) -> "DiffusionRM":

@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ...core.config import is_int
 from ...core.errors import ConfigError, InputError
 from ...core.flow_match import SchedulerConfig, training_table
 from .config import U_CONVENTIONS
@@ -86,7 +87,7 @@ def draw_noise(shape: Tuple[int, ...], seed: Optional[int] = None,
                rng: Optional[np.random.Generator] = None) -> np.ndarray:
     """Standard normal float32 noise: from `seed` if given (deterministic), else from `rng`."""
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        if not is_int(seed, 0):
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         rng = np.random.default_rng(int(seed))
     elif rng is None:
@@ -111,7 +112,7 @@ class NoisePolicy:
             raise ConfigError(f"noise must be one of {NOISE_POLICIES}, got {noise!r}")
         if noise == "fixed" and seed is None:
             raise ConfigError("noise='fixed' needs a seed")
-        if not isinstance(num_draws, int) or isinstance(num_draws, bool) or num_draws < 1:
+        if not is_int(num_draws, 1):
             raise ConfigError(f"num_noise_draws must be a positive integer, got {num_draws!r}")
         self.seed, self.noise, self.num_draws, self.levels = seed, noise, num_draws, levels
         self._rng = np.random.default_rng(seed)

@@ -31,7 +31,6 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, mint, nn
-from mindspore.nn.utils import no_init_parameters
 
 from ...core import ops
 from ...core.compile_cache import jit
@@ -82,23 +81,15 @@ class ImageReward(CompiledCell):
                  mode: str = "graph"):
         super().__init__(mode)
         self.config = config
-        self.compute_dtype = ops.compute_dtype(dtype)
-        with no_init_parameters():
+        with self.parameters_in(dtype):
             self.visual_encoder = VisionTransformer(config.vision)
             self.text_encoder = TextEncoder(config.text, config.vision.width)
             self.mlp = MLP(config.text.width, tuple(config.mlp_widths))
-        for param in self.get_parameters():
-            param.set_dtype(self.compute_dtype)
         self.pixel_mean = Tensor(np.asarray(PIXEL_MEAN, np.float32).reshape(1, 3, 1, 1))
         self.pixel_std = Tensor(np.asarray(PIXEL_STD, np.float32).reshape(1, 3, 1, 1))
         self._matrices: "OrderedDict[Tuple[int, int, bool], Tuple[Tensor, Tensor]]" = OrderedDict()
 
     # --- construction ----------------------------------------------------------------------
-    @classmethod
-    def parameter_shapes(cls, config: ImageRewardConfig) -> Dict[str, Tuple[int, ...]]:
-        """{parameter name: shape} of the model `config` describes (no memory is allocated)."""
-        return {p.name: tuple(p.shape) for p in cls(config).get_parameters()}
-
     @classmethod
     def from_pretrained(cls, path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
                         verify: bool = False) -> "ImageReward":
