@@ -1,5 +1,5 @@
 """Test setup: MindSpore on the CPU with blocking dispatch, torch on 2 threads, no compilation cache from
-the environment, --run-slow."""
+the environment, --run-slow, and the fast tier (`-m fast`, tests/fast_tier.py)."""
 
 import os
 
@@ -17,6 +17,11 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    from fast_tier import FAST_TESTS
+
+    for item in items:                           # the fast tier: `python -m pytest -m fast -q`
+        if item.nodeid.split("[")[0] in FAST_TESTS:
+            item.add_marker(pytest.mark.fast)
     if config.getoption("--run-slow"):
         return
     slow = [item for item in items if "slow" in item.keywords]

@@ -394,3 +394,23 @@ def test_the_link_check_finds_a_broken_link(tmp_path):
                                    "```\n[in code](d.md)\n```\n[self](#a-title)\n")
     (tmp_path / "b.md").write_text("# B\n\n## The part\n")
     assert check_links([tmp_path / "a.md"]) == ["a.md: c.md does not exist", "a.md: b.md#no-such names no heading"]
+
+
+def test_the_fast_tier_covers_every_package_with_tests_that_exist_and_are_not_slow():
+    """tests/fast_tier.py names every package of ms_rm (and ms_rm_parity); each entry is a test
+    function of that file, not marked slow (conftest.py marks them `fast`)."""
+    import ast
+
+    from fast_tier import FAST_TIER
+
+    packages = {_module_name(p.parent) for p in PACKAGE.rglob("__init__.py")} | {"ms_rm_parity"}
+    assert set(FAST_TIER) == packages, (sorted(packages - set(FAST_TIER)), sorted(set(FAST_TIER) - packages))
+    for package, tests in FAST_TIER.items():
+        assert tests, package
+        for test in tests:
+            path, name = test.split("::")
+            functions = {node.name: node for node in ast.parse((ROOT / path).read_text()).body
+                         if isinstance(node, ast.FunctionDef)}
+            assert name in functions, f"{package}: {test} names no test"
+            slow = [d for d in functions[name].decorator_list if ast.unparse(d) == "pytest.mark.slow"]
+            assert not slow, f"{package}: {test} is marked slow"
