@@ -222,3 +222,34 @@ def test_prompt_table_keeps_each_distinct_prompt_once_and_returns_rows_in_order(
     assert embeds.shape == (3, 3, 8) and pooled.shape == (3, 5)
     with pytest.raises(InputError, match="not encoded beforehand"):
         table.rows(["a fish"])
+
+
+def test_eval_of_diffusion_rm_on_image_pairs_matches_torch(world, capsys):
+    """`ms-rm eval` of Diffusion-RM on image pairs (SD3 VAE and text encoders in MindSpore): each
+    cached score is the torch pipeline's for that image and the pair's prompt, with the pair's
+    noise (drawn from (seed, the pair's index), the same for chosen and rejected); the accuracy
+    is the fraction the torch scores order right."""
+    from ms_rm.cli import main
+
+    root = world["root"]
+    pairs = [("a.png", "b.png", world["prompts"]["a.png"]), ("c.png", "a.png", world["prompts"]["c.png"])]
+    (root / "prefs.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
+                                             for c, r, p in pairs))
+    assert main(["eval", str(root / "prefs.jsonl"), "--out", str(root / "eval"), "--reward", "diffusion-rm",
+                 world["model"], f"vae={world['pipeline'] / 'vae'}", f"text_encoders={world['pipeline']}",
+                 f"max_sequence_length={T5_TOKENS}", f"u={U}", "--seed", str(SEED), "--no-progress",
+                 "--no-plot"]) == 0
+    cached = {}
+    for line in (root / "eval" / "scores" / "diffusion-rm.jsonl").read_text().splitlines()[1:]:
+        row = json.loads(line)
+        path, prompt, u, noise = row["key"].split("\t")
+        cached[(path, noise)] = row["score"]
+    # the torch pipeline on each side's images, with each pair's prompt and its index as the noise id
+    chosen = torch_scores(dict(world, prompts={c: p for c, _, p in pairs}), [c for c, _, _ in pairs])
+    rejected = torch_scores(dict(world, prompts={r: p for _, r, p in pairs}), [r for _, r, _ in pairs])
+    ours_chosen = np.array([cached[(str(root / c), f"noise={i}")] for i, (c, _, _) in enumerate(pairs)])
+    ours_rejected = np.array([cached[(str(root / r), f"noise={i}")] for i, (_, r, _) in enumerate(pairs)])
+    assert max_rel_error(ours_chosen, chosen) <= PIPELINE_BOUND, (ours_chosen, chosen)
+    assert max_rel_error(ours_rejected, rejected) <= PIPELINE_BOUND, (ours_rejected, rejected)
+    report = json.loads((root / "eval" / "report.json").read_text())
+    assert report["rewards"]["diffusion-rm"]["results"][0]["accuracy"] == np.mean(chosen > rejected)
