@@ -289,6 +289,7 @@ def test_reference_parquet_pairs_read_as_the_reference_bucket_dataset_does(tmp_p
     pa = import_extra("pyarrow", "pyarrow", "eval")
     import pyarrow.parquet as pq
     from ms_rm.evaluation import read_latent
+    from ms_rm.evaluation.data import ParquetLatents
 
     rng = np.random.default_rng(3)
     latents = rng.standard_normal((3, 2, 16, 4, 4), dtype=np.float32)
@@ -300,11 +301,14 @@ def test_reference_parquet_pairs_read_as_the_reference_bucket_dataset_does(tmp_p
 
     table = pa.table({"prompt": ["a", "b", "c"], "latent1": [npy(x) for x in latents[:, 0]],
                       "latent2": [npy(x) for x in latents[:, 1]]})
-    pq.write_table(table, tmp_path / "val.parquet", row_group_size=2)
+    pq.write_table(table, tmp_path / "val.parquet", row_group_size=2)          # rows 0-1, then row 2
     pairs = read_pairs(str(tmp_path / "val.parquet"))
     assert [p.prompt for p in pairs] == ["a", "b", "c"]
-    np.testing.assert_array_equal(read_latent(pairs[2].chosen), latents[2, 0])
-    np.testing.assert_array_equal(read_latent(pairs[2].rejected), latents[2, 1])
+    reader = ParquetLatents()
+    for k, pair in enumerate(pairs):
+        np.testing.assert_array_equal(read_latent(pair.chosen, reader), latents[k, 0])
+        np.testing.assert_array_equal(read_latent(pair.rejected, reader), latents[k, 1])
+    np.testing.assert_array_equal(read_latent(pairs[0].rejected), latents[0, 1])      # without a reader
     pq.write_table(pa.table({"prompt": ["a"]}), tmp_path / "other.parquet")
     with pytest.raises(InputError, match="other.parquet: not the reference's preference parquet"):
         read_pairs(str(tmp_path / "other.parquet"))

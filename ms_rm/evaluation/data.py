@@ -19,11 +19,12 @@ are two samples. Errors name the file and the line (or item) at fault.
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -66,6 +67,7 @@ class Ranking:
 
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
+LATENT_COLUMNS = ("latent1", "latent2")        # the reference's parquet: chosen, rejected
 RANKING_LAYOUTS = {                            # name: (generations key, ranks key)
     "imagereward": ("generations", "ranking"),
     "hpdv2": ("image_path", "rank"),
@@ -120,14 +122,34 @@ def read_rankings(path: str, check_files: bool = True) -> List[Ranking]:
     return rankings
 
 
-def read_latent(sample: Sample, parquet_cache: Optional[Dict] = None) -> np.ndarray:
-    """A sample's latents (C, H, W) float32, from its .npy file or parquet row."""
+class ParquetLatents:
+    """Latents out of the reference's parquet files, read a row group at a time (the reference's
+    own reading: `read_row_group`); the group read last is kept, so samples in file order read
+    each group once. Never the whole file."""
+
+    def __init__(self):
+        self.files: Dict[str, Tuple[Any, List[int]]] = {}      # path -> (ParquetFile, first row of each group)
+        self.group: Optional[Tuple[Tuple[str, int], Any]] = None
+
+    def cell(self, sample: Sample) -> bytes:
+        if sample.path not in self.files:
+            parquet = _parquet_file(sample.path)
+            sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            self.files[sample.path] = (parquet, np.cumsum([0] + sizes[:-1]).tolist())
+        parquet, starts = self.files[sample.path]
+        group = bisect.bisect_right(starts, sample.row) - 1
+        if self.group is None or self.group[0] != (sample.path, group):
+            self.group = ((sample.path, group), parquet.read_row_group(group, columns=list(LATENT_COLUMNS)))
+        return self.group[1].column(sample.column)[sample.row - starts[group]].as_py()
+
+
+def read_latent(sample: Sample, parquet: Optional[ParquetLatents] = None) -> np.ndarray:
+    """A sample's latents (C, H, W) float32, from its .npy file or parquet row (pass one
+    ParquetLatents for a run over many rows)."""
     if sample.row is None:
         array = _load_npy(sample.path, lambda: np.load(sample.path, allow_pickle=False))
     else:
-        table = _parquet_table(sample.path) if parquet_cache is None else \
-            parquet_cache.setdefault(sample.path, _parquet_table(sample.path))
-        cell = table.column(sample.column)[sample.row].as_py()
+        cell = (parquet or ParquetLatents()).cell(sample)
         array = _load_npy(f"{sample.path} row {sample.row} column {sample.column}",
                           lambda: np.load(io.BytesIO(cell), allow_pickle=False))
     if array.ndim == 4 and array.shape[0] == 1:
@@ -197,24 +219,29 @@ def _load_npy(where: str, load):
         raise InputError(f"{where}: not a readable .npy array ({e})") from None
 
 
-def _parquet_table(path: str):
+def _parquet_file(path: str):
+    """The pyarrow ParquetFile of a preference parquet, its columns checked."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise MissingDependencyError("reading .parquet preference data needs pyarrow: pip install ms-rm[eval]") from None
     try:
-        return pq.read_table(path, columns=["prompt", "latent1", "latent2"])
+        parquet = pq.ParquetFile(path)
     except FileNotFoundError:
         raise InputError(f"{path}: preference data file not found") from None
-    except Exception as e:      # pyarrow's errors (ArrowInvalid, a missing column) have no common base worth naming
-        raise InputError(f"{path}: not the reference's preference parquet (columns prompt, latent1, latent2): {e}") \
-            from None
+    except Exception as e:      # pyarrow's errors (ArrowInvalid, ...) have no common base worth naming
+        raise InputError(f"{path}: not a readable parquet file ({e})") from None
+    missing = [c for c in ("prompt",) + LATENT_COLUMNS if c not in parquet.schema_arrow.names]
+    if missing:
+        raise InputError(f"{path}: not the reference's preference parquet (columns prompt, latent1, latent2): "
+                         f"no {missing}")
+    return parquet
 
 
 def _parquet_pairs(path: str) -> List[Pair]:
-    table = _parquet_table(path)
+    prompts = _parquet_file(path).read(columns=["prompt"]).column("prompt").to_pylist()   # the latents stay on disk
     pairs = []
-    for row, prompt in enumerate(table.column("prompt").to_pylist()):
+    for row, prompt in enumerate(prompts):
         where = f"{path} row {row}"
         if not isinstance(prompt, str) or not prompt:
             raise InputError(f"{where}: the pair has no prompt")

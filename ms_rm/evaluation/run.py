@@ -31,7 +31,7 @@ from ..core.errors import InputError
 from ..scoring.runs import score_pairs
 from . import metrics
 from .cache import ScoreCache
-from .data import Pair, Ranking, Sample, read_latent
+from .data import Pair, ParquetLatents, Ranking, Sample, read_latent
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,14 @@ def latent_reward(label: str, scorer, text_conds: Callable[[Sequence[str]], Dict
     encoder_attention_mask) of a batch."""
     if getattr(scorer, "seed", None) is None:
         raise InputError(f"{label}: evaluating Diffusion-RM needs a seed (the noise is drawn per pair from it)")
-    tables: Dict = {}
+    parquet = ParquetLatents()
 
     def score(samples, prompts, noise_ids, u_value):
         mine = world.shard(len(samples))
         by_shape: Dict[Tuple[int, ...], List[int]] = {}
         latents = {}
         for i in range(mine.start, mine.stop):
-            latents[i] = read_latent(samples[i], tables)
+            latents[i] = read_latent(samples[i], parquet)
             by_shape.setdefault(latents[i].shape, []).append(i)
         scores = np.zeros(len(samples), np.float32)
         with tqdm(total=mine.stop - mine.start, unit="sample", desc=f"{label} u={u_value}",
