@@ -13,7 +13,6 @@ from helpers import converted_checkpoint, ms_rm_command, msrun
 
 from ms_rm import InputError
 from ms_rm.evaluation import metrics, read_pairs, read_rankings
-from ms_rm.evaluation.cache import ScoreCache
 from ms_rm.evaluation.data import Sample
 from ms_rm.evaluation.run import EvalReward, evaluate_pairs, evaluate_rankings
 from ms_rm_parity import upstream_eval
