@@ -3,8 +3,9 @@
 No preference images ship in any installable package, so the sample is made here: a tiny random
 Diffusion-RM (the parity cases' builder, converted by `ms-rm convert`), 48 pairs of random latents
 over 4 prompts, and the "human" choice in each pair taken to be the one the same model scores
-higher on the clean latents (u = 0, no noise). Evaluating that model over a grid of u then shows
-what the u curve measures: at u = 0 it agrees with the labels by construction (100%), and as the
+higher at u = 0 (the scheduler table's smallest noise level, sigma = 1/1000). Evaluating that
+model over a grid of u then shows what the u curve measures: at u = 0 it agrees with the labels
+it made (100% here; the noise at sigma 1/1000 hardly moves a score), and as the
 noise level rises the noise drowns the latents and the accuracy falls toward chance. It says
 nothing about the released models: the paper's figures need the released data and checkpoints.
 
@@ -49,7 +50,7 @@ def make(out: str, seed: int = 0) -> list:
              pooled_projections=pooled)
     latents = rng.standard_normal((PAIRS, 2, backbone.in_channels, 8, 8), dtype=np.float32)
     which = np.arange(PAIRS) % len(PROMPTS)
-    clean = DiffusionRMScorer(model=model, seed=seed)              # u = 0: the noise is multiplied by 0
+    clean = DiffusionRMScorer(model=model, seed=seed)              # u = 0: the table's smallest sigma (1/1000)
     scores = [clean.score_latents(latents[:, k], embeds[which], pooled[which], u=0.0) for k in range(2)]
     rows = []
     for i in range(PAIRS):

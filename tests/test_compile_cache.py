@@ -124,3 +124,23 @@ def test_the_library_reads_ms_rm_compile_cache_unless_told_otherwise(tmp_path):
     assert second["reused"] == 1 and second["rewards"] == first["rewards"]
     off = _run(tmp_path, "-", 0, "2", environment=root)
     assert off["directory"] is None and off["compiled"] == 0
+
+
+def test_turning_the_cache_off_after_the_environment_turned_it_on_turns_mindspores_off_too(tmp_path, monkeypatch):
+    """use_compile_cache(None) after MS_RM_COMPILE_CACHE started a cache: MindSpore's own cache is off
+    again (it would reload graphs by position with ms_rm's signature check gone)."""
+    import mindspore as ms
+    from ms_rm.core import compile_cache
+
+    for name in ("_cache", "_configured", "_graphs_compiled"):
+        monkeypatch.setattr(compile_cache, name, getattr(compile_cache, name))       # restored afterwards
+    started = compile_cache._Cache(str(tmp_path))
+    started.directory = str(tmp_path / "graphs")                  # as after its first compile
+    monkeypatch.setattr(compile_cache, "_cache", started)
+    ms.set_context(enable_compile_cache=True, compile_cache_path=str(tmp_path / "graphs"))
+    try:
+        compile_cache.use_compile_cache(None)
+        assert not ms.get_context("enable_compile_cache")
+        assert compile_cache.compile_cache_status()["directory"] is None
+    finally:
+        ms.set_context(enable_compile_cache=False)

@@ -13,6 +13,7 @@ from helpers import converted_checkpoint, ms_rm_command, msrun
 
 from ms_rm import InputError
 from ms_rm.evaluation import metrics, read_pairs, read_rankings
+from ms_rm.evaluation.cache import ScoreCache
 from ms_rm.evaluation.data import Sample
 from ms_rm.evaluation.run import EvalReward, evaluate_pairs, evaluate_rankings
 from ms_rm_parity import upstream_eval
@@ -126,7 +127,7 @@ def test_readers_read_both_ranking_layouts_with_ties_and_gaps(tmp_path):
     (second,) = read_rankings(hpd)
     assert second.ranks == (2.0, 1.0)
     pairs = read_pairs(_write(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "img/a.png", "rejected": "img/b.png"}]))
-    assert pairs[0].chosen.key() != pairs[0].rejected.key()     # same bytes, two files: two samples
+    assert pairs[0].chosen.path == str(tmp_path / "img" / "a.png")
 
 
 @pytest.mark.parametrize("items, message", [
@@ -192,6 +193,41 @@ def test_an_interrupted_or_extended_run_scores_nothing_twice(tmp_path):
         evaluate_pairs(_fake_pairs(2), [other], str(tmp_path))
 
 
+def test_a_run_killed_while_scoring_keeps_every_chunk_it_finished(tmp_path, monkeypatch):
+    from ms_rm.evaluation import run
+
+    monkeypatch.setattr(run, "CHUNK", 4)
+    reward, calls = _counting_reward()
+    inner = reward.score
+
+    def dies_on_the_third_chunk(samples, *rest):
+        if len(calls) >= 8:
+            raise KeyboardInterrupt
+        return inner(samples, *rest)
+
+    reward.score = dies_on_the_third_chunk
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_pairs(_fake_pairs(6), [reward], str(tmp_path))
+    cached = (tmp_path / "scores" / "fake.jsonl").read_text().split("\n")[1:-1]
+    assert len(cached) == 8                                  # two chunks of 4 written before the third died
+    reward.score = inner
+    calls.clear()
+    evaluate_pairs(_fake_pairs(6), [reward], str(tmp_path))
+    assert len(calls) == 4                                   # only what the killed run had not finished
+
+
+def test_a_prompt_with_unicode_line_breaks_round_trips_through_the_data_and_the_cache(tmp_path):
+    prompt = "a lighthouse\u2028at dusk\u0085, \u2029calm"
+    _images(tmp_path / "img", ["a.png", "b.png"])
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "chosen": "img/a.png", "rejected": "img/b.png"},
+                               ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_pairs(str(path))[0].prompt == prompt
+    cache = ScoreCache(str(tmp_path / "c.jsonl"), {"kind": "x"})
+    cache.add([(f"/img/a.png\t{prompt}", 0.5)])
+    assert ScoreCache(str(tmp_path / "c.jsonl"), {"kind": "x"})[f"/img/a.png\t{prompt}"] == 0.5
+
+
 def test_rankings_report_each_metric_and_the_combination(tmp_path):
     from ms_rm.evaluation.data import Ranking
 
@@ -252,12 +288,17 @@ def test_diffusion_rm_accuracy_at_each_u_equals_score_calls_by_hand(latent_pairs
     pairs = [json.loads(line) for line in open(data)]
     rows = [["a cat", "a dog", "a bird"].index(p["prompt"]) for p in pairs]
     ehs, pooled = table["encoder_hidden_states"][rows], table["pooled_projections"][rows]
+    cached = {json.loads(line)["key"]: json.loads(line)["score"]
+              for line in (root / "out" / "scores" / "diffusion-rm.jsonl").read_text().split("\n")[1:-1]}
     for result in report["rewards"]["diffusion-rm"]["results"]:
         scores = {side: scorer.score_latents(np.stack([np.load(root / p[side]) for p in pairs]), ehs, pooled,
                                              u=result["u"], sample_ids=list(range(len(pairs))))   # a pair's noise: its index
                   for side in ("chosen", "rejected")}
         by_hand = np.mean(np.array(scores["chosen"]) > np.array(scores["rejected"]))
         assert result["accuracy"] == by_hand
+        for side in ("chosen", "rejected"):                  # and every sample's score, with its pair's noise
+            ours = [cached[f"{root / p[side]}\t{p['prompt']}\tu={result['u']!r}\tnoise={i}"] for i, p in enumerate(pairs)]
+            np.testing.assert_allclose(ours, scores[side], rtol=1e-6, atol=1e-7)
     assert {r["u"] for r in report["rewards"]["diffusion-rm"]["results"]} == {0.2, 0.6, 0.4}   # 0.4: the headline u
 
 

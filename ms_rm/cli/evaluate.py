@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 DISTRIBUTED = True                  # under msrun: each rank scores its shard of what the cache lacks
 
+PATH_OPTIONS = {"vae", "text_encoders", "prompt_embeddings", "processor", "tokenizer", "image_processor"}
+# what a score does not depend on, so the cache's record of the reward leaves it out (the keys carry u)
+NOT_IN_CACHE_RECORD = ("label", "weight", "u")
 OPTIONS = {                         # kind: the KEY=VALUE options it takes (besides label and weight)
     "diffusion-rm": ("vae", "text_encoders", "prompt_embeddings", "u", "normalize", "max_sequence_length"),
     "clip": ("processor", "tokenizer", "image_processor", "scale"),
@@ -57,7 +60,7 @@ def parse_reward(values: Sequence[str]) -> Dict:
         key, sep, value = item.partition("=")
         if not sep or key not in allowed:
             raise ConfigError(f"--reward {kind}: '{item}' is not one of its KEY=VALUE options ({', '.join(allowed)})")
-        spec[key] = value
+        spec[key] = os.path.abspath(value) if key in PATH_OPTIONS else value
     spec.setdefault("label", kind)
     return spec
 
@@ -90,7 +93,7 @@ def _reward(spec: Dict, prompts: List[str], latent: bool, folder: str, args: arg
     from ..evaluation import image_reward, latent_reward
 
     kind, label = spec["kind"], spec["label"]
-    description = {k: v for k, v in spec.items() if k not in ("label", "weight")}
+    description = {k: v for k, v in spec.items() if k not in NOT_IN_CACHE_RECORD}
     common = dict(batch_size=args.batch_size, world=args.world, progress=not args.no_progress and args.world.is_main)
     if kind == "diffusion-rm":
         return _diffusion_rm(spec, description, prompts, latent, folder, args, common)
@@ -157,7 +160,8 @@ def _encode_prompts(spec, prompts, folder, joint_attention_dim, args):
     from ..scoring.runs import PromptTable
 
     encoder = SD3PromptEncoder.from_pretrained(text_encoder_folder(spec.get("vae"), spec.get("text_encoders")),
-                                               max_sequence_length=int(spec.get("max_sequence_length", 128)),
+                                               max_sequence_length=_count(spec.get("max_sequence_length", "128"),
+                                                                          "max_sequence_length"),
                                                joint_attention_dim=joint_attention_dim, mode="pynative")
     folder = os.path.join(folder, spec["label"])             # one table per reward
     os.makedirs(folder)
@@ -195,6 +199,18 @@ def _number(value: str, what: str) -> float:
         raise ConfigError(f"{what}: not a number: {value!r}") from None
 
 
+def _count(value: str, what: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{what}: a positive integer, got {value!r}")
+    return int(value)
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a non-negative integer, got {text!r}")
+    return int(text)
+
+
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
@@ -224,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Diffusion-RM: measure accuracy at each of these noise levels (the curve as a PNG)")
     parser.add_argument("--draws", type=_positive, default=1, help="Diffusion-RM: noise draws averaged per sample "
                                                               "(default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (each pair's from (seed, its index)) "
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the noise (each pair's from (seed, its index)) "
                                                              "and of the bootstrap (default 0)")
     parser.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap resamples of the 95%% interval")
     parser.add_argument("--batch-size", type=_positive, default=8, help="samples scored at a time")

@@ -111,6 +111,8 @@ def use_compile_cache(root: Optional[str]) -> None:
     if root and _graphs_compiled:
         raise RuntimeError(f"use_compile_cache must be called before the first graph is compiled; this process "
                            f"compiled {_graphs_compiled} already")
+    if not root and _cache is not None and _cache.directory is not None:
+        ms.set_context(enable_compile_cache=False)      # a cache the environment turned on: MindSpore's too
     _cache = _Cache(root) if root else None
     _configured = True
 

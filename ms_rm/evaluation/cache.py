@@ -1,9 +1,13 @@
 """Scores kept per sample on disk, so an interrupted or extended evaluation scores nothing twice.
 
 One JSON-lines file per reward: a first line {"reward": description} (which model, which options:
-a file written for another reward is refused), then {"key": ..., "score": ...} per sample, appended
-and flushed a batch at a time. A run killed mid-write leaves at most a partial last line, which
-the next run drops (with a warning) before it appends: every score written whole is kept.
+a file written for another reward is refused), then {"key": ..., "score": ...} per sample,
+appended and flushed a chunk at a time. A run killed mid-write leaves at most a partial last line,
+which the next run drops (with a warning) before it appends: every score written whole is kept.
+Lines are split on "\\n" only (JSON escapes it inside strings; a prompt may hold other line breaks).
+
+Under msrun every rank reads the file with the same checks (`writer=False` on all but the main
+rank: nothing is written or truncated there), so every rank sees the same scores or fails alike.
 """
 
 from __future__ import annotations
@@ -19,12 +23,13 @@ logger = logging.getLogger(__name__)
 
 
 class ScoreCache:
-    def __init__(self, path: str, description: Mapping):
-        self.path, self.description = path, json.loads(json.dumps(dict(description)))
+    def __init__(self, path: str, description: Mapping, writer: bool = True):
+        self.path, self.writer = path, writer
+        self.description = json.loads(json.dumps(dict(description)))
         self.scores: Dict[str, float] = {}
         if os.path.exists(path):
             self._read()
-        else:
+        elif writer:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._append_lines([{"reward": self.description}])
 
@@ -35,22 +40,25 @@ class ScoreCache:
         return self.scores[key]
 
     def add(self, items: Iterable[Tuple[str, float]]) -> None:
+        """Record scores (written to the file by the writer only)."""
         rows = [{"key": key, "score": float(score)} for key, score in items]
-        self._append_lines(rows)
+        if self.writer:
+            self._append_lines(rows)
         self.scores.update((row["key"], row["score"]) for row in rows)
 
     def _read(self) -> None:
         with open(self.path, "rb") as f:
             data = f.read()
         complete = data[:data.rfind(b"\n") + 1]             # whole lines only
-        if len(complete) < len(data):
+        if len(complete) < len(data) and self.writer:
             logger.warning("%s: dropping a partial last line (an interrupted run); %d bytes",
                            self.path, len(data) - len(complete))
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
-        lines = complete.decode("utf-8").splitlines()
+        lines = complete.decode("utf-8").split("\n")[:-1]
         if not lines:
-            self._append_lines([{"reward": self.description}])
+            if self.writer:
+                self._append_lines([{"reward": self.description}])
             return
         try:
             header = json.loads(lines[0])["reward"]

@@ -184,7 +184,7 @@ def _items(path: str):
         items = [(f"{path} item {k}", item) for k, item in enumerate(data)]
     else:
         items = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):     # JSON lines end in \n only
             if not line.strip():
                 continue
             try:
@@ -239,6 +239,7 @@ def _parquet_file(path: str):
 
 
 def _parquet_pairs(path: str) -> List[Pair]:
+    path = os.path.abspath(path)                         # a sample's key: the same file wherever it is named from
     prompts = _parquet_file(path).read(columns=["prompt"]).column("prompt").to_pylist()   # the latents stay on disk
     pairs = []
     for row, prompt in enumerate(prompts):

@@ -128,55 +128,52 @@ class Scored:
     by_u: Dict[Optional[float], np.ndarray] = field(default_factory=dict)
 
 
+CHUNK = 256                 # samples scored between two cache writes (per worker): what an interruption can lose
+
+
 def score_all(reward: EvalReward, samples: Sequence[Sample], prompts: Sequence[str], noise_ids: Sequence[int],
               out: str, world: World = World()) -> Scored:
-    """Scores of the samples (cached in out/scores/<label>.jsonl): only what the cache lacks is scored."""
-    cache = ScoreCache(os.path.join(out, "scores", f"{reward.label}.jsonl"), reward.description) \
-        if world.is_main else None
-    known = _cached_keys(out, reward) if not world.is_main else cache.scores
+    """Scores of the samples (cached in out/scores/<label>.jsonl): only what the cache lacks is
+    scored, CHUNK samples per worker at a time, each chunk written to the cache as it is done."""
+    cache = ScoreCache(os.path.join(out, "scores", f"{reward.label}.jsonl"), reward.description,
+                       writer=world.is_main)
     scored = Scored()
     for u in (reward.us if reward.noisy else [None]):
         keys = [_key(s, p, n, u, reward.noisy) for s, p, n in zip(samples, prompts, noise_ids)]
-        todo = list(dict.fromkeys(k for k in keys if k not in known))        # distinct, in order
+        todo = list(dict.fromkeys(k for k in keys if k not in cache))        # distinct, in order
+        _same_on_every_rank(world, len(todo), f"{reward.label}: the samples left to score")
         if todo:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            rows = [first[k] for k in todo]
             logger.info("%s%s: scoring %d samples (%d cached)", reward.label, "" if u is None else f" u={u}",
                         len(todo), len(set(keys)) - len(todo))
-            values = reward.score([samples[i] for i in rows], [prompts[i] for i in rows],
-                                  [noise_ids[i] for i in rows], u)
-            if not np.all(np.isfinite(values)):
-                bad = [todo[i] for i in np.flatnonzero(~np.isfinite(values))[:3]]
-                raise InputError(f"{reward.label}: non-finite scores for {bad}; nothing of them was cached")
-            if cache is not None:
-                cache.add(zip(todo, values))
-            known = dict(known)
-            known.update(zip(todo, values.tolist()))
-        scored.by_u[u] = np.array([known[k] for k in keys], np.float64)
+            step = CHUNK * world.size
+            for start in range(0, len(todo), step):
+                chunk = todo[start:start + step]
+                rows = [first[k] for k in chunk]
+                values = reward.score([samples[i] for i in rows], [prompts[i] for i in rows],
+                                      [noise_ids[i] for i in rows], u)
+                if not np.all(np.isfinite(values)):
+                    bad = [chunk[i] for i in np.flatnonzero(~np.isfinite(values))[:3]]
+                    raise InputError(f"{reward.label}: non-finite scores for {bad}; nothing of them was cached")
+                cache.add(zip(chunk, values.tolist()))
+        scored.by_u[u] = np.array([cache[k] for k in keys], np.float64)
     return scored
+
+
+def _same_on_every_rank(world: World, count: int, what: str) -> None:
+    """Every rank must have the same work list: they read one cache (a folder on a filesystem all
+    workers share); a mismatch fails on every rank instead of leaving some in a collective."""
+    if world.size == 1:
+        return
+    counts = world.gather_rows(np.array([[count]], np.float32), world.size)[:, 0]
+    if len(set(counts.tolist())) > 1:
+        raise InputError(f"{what} differ between the workers ({counts.astype(int).tolist()}): --out must be a "
+                         "folder every worker reads the same (a shared filesystem)")
 
 
 def _key(sample: Sample, prompt: str, noise_id: int, u: Optional[float], noisy: bool) -> str:
     key = f"{sample.key()}\t{prompt}"
     return f"{key}\tu={u!r}\tnoise={noise_id}" if noisy else key
-
-
-def _cached_keys(out: str, reward: EvalReward) -> Dict[str, float]:
-    """A worker's read-only view of the main rank's cache (nothing when it does not exist yet)."""
-    path = os.path.join(out, "scores", f"{reward.label}.jsonl")
-    if not os.path.exists(path):
-        return {}
-    import json
-
-    scores = {}
-    with open(path, "rb") as f:
-        for line in f.read().split(b"\n")[1:]:
-            try:
-                row = json.loads(line)
-                scores[row["key"]] = float(row["score"])
-            except (ValueError, KeyError, TypeError):
-                continue                    # a partial line: the main rank drops it
-    return scores
 
 
 # --- evaluation ------------------------------------------------------------------------------------

@@ -155,8 +155,6 @@ def score_pairs(scorer, pairs: Sequence[Pair], batch_size: int = 8, progress: bo
     images)."""
     if batch_size < 1:
         raise InputError(f"batch size must be positive, got {batch_size}")
-    if len(pairs) < world.size:
-        raise InputError(f"{len(pairs)} pairs for {world.size} workers: run fewer workers than pairs")
     if noise_ids is not None and len(noise_ids) != len(pairs):
         raise InputError(f"{len(noise_ids)} noise ids for {len(pairs)} pairs")
     ids = range(len(pairs)) if noise_ids is None else [int(i) for i in noise_ids]
