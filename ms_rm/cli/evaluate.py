@@ -20,11 +20,10 @@ reported when any reward has one).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _reward(spec: Dict, prompts: List[str], latent: bool, folder: str, args: argparse.Namespace):
-    from ..evaluation import image_reward, latent_reward
+    from ..evaluation import image_reward
 
     kind, label = spec["kind"], spec["label"]
     description = {k: v for k, v in spec.items() if k not in NOT_IN_CACHE_RECORD}
