@@ -21,7 +21,6 @@ large-weight cases' MATRIX_SCALE.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from typing import Callable, Dict, Iterator, List, Tuple
 

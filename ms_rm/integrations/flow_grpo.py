@@ -48,8 +48,6 @@ import sys
 import types
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
-
 from ..core.errors import ConfigError, InputError, MsRmError
 from ..io.files import read_config_file
 from ..rewards.diffusion_rm import DiffusionRM
