@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     import mindspore as ms
     import torch
 
+    from .aesthetic_parity import AESTHETIC_CASES, run_aesthetic_case
     from .cases import CASES
     from .clip_parity import CLIP_CASES, run_clip_case
     from .encoders import ENCODER_CASES, run_encoder_case
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
                   **{n: (d, run_flow_case) for n, d in FLOW_CASES.items()},
                   **{n: (d, run_refl_case) for n, d in REFL_CASES.items()},
                   **{n: (d, run_clip_case) for n, d in CLIP_CASES.items()},
-                  **{n: (d, run_imagereward_case) for n, d in IMAGEREWARD_CASES.items()}}
+                  **{n: (d, run_imagereward_case) for n, d in IMAGEREWARD_CASES.items()},
+                  **{n: (d, run_aesthetic_case) for n, d in AESTHETIC_CASES.items()}}
     if args.list:
         width = max(map(len, list(CASES) + list(fp32_cases)))
         for case in CASES.values():
