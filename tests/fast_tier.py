@@ -42,6 +42,10 @@ FAST_TIER = {
         "tests/test_noise.py::test_bad_u_is_refused",
         "tests/test_public_api.py::test_prepare_then_forward_is_reward",
     ],
+    "ms_rm.rewards.aesthetic": [
+        "tests/test_aesthetic.py::test_released_vit_l14_and_mlp_build_with_the_references_parameter_counts",
+        "tests/test_aesthetic.py::test_a_wrong_pth_is_a_one_line_error_naming_its_keys",
+    ],
     "ms_rm.rewards.clip": [
         "tests/test_clip.py::test_non_rgb_images_are_converted_as_clip_image_processor_does",
     ],
