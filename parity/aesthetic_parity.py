@@ -80,7 +80,7 @@ def write_tiny_aesthetic(folder: str, seed: int, matrix_scale: float = 1.0):
     return clip_folder, pth, model, mlp, processor
 
 
-def test_images(seed: int):
+def sample_images(seed: int):
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -158,7 +158,7 @@ def aesthetic_stages(folder: str, mode: str, seed: int, matrix_scale: float = 1.
 
     clip_folder, pth, model, mlp, processor = write_tiny_aesthetic(folder, seed, matrix_scale)
     converted = Aesthetic.convert(pth, clip_folder, os.path.join(folder, "converted"), progress=False)
-    images, batches = test_images(seed), _pixel_batches(seed)
+    images, batches = sample_images(seed), _pixel_batches(seed)
     torch32 = _torch_stages(model, mlp, processor, images, batches, torch.float32)
     torch64 = _torch_stages(model, mlp, processor, images, batches, torch.float64)
     return _ms_stages(converted, mode, images, batches), torch32, torch64

@@ -20,11 +20,9 @@ import torch  # noqa: E402
 from ms_rm import CheckpointError, ConfigError, InputError, MultiScorer  # noqa: E402
 from ms_rm.rewards import REWARD_MODELS, load_reward_model  # noqa: E402
 from ms_rm.rewards.aesthetic import Aesthetic, AestheticConfig  # noqa: E402
-from ms_rm.rewards.clip.config import CLIPConfig, ImageProcessing  # noqa: E402
 from ms_rm.scoring.aesthetic import AestheticScorer  # noqa: E402
 from ms_rm.scoring.scorers import SCORERS  # noqa: E402
-from ms_rm_parity.aesthetic_parity import (load_aesthetic_module, test_images as parity_images,  # noqa: E402
-                                           write_tiny_aesthetic)
+from ms_rm_parity.aesthetic_parity import load_aesthetic_module, sample_images, write_tiny_aesthetic  # noqa: E402
 from ms_rm_parity.cli import main as parity_main  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +53,8 @@ def test_parity_case_aesthetic_tiny(tmp_path):
     (report,) = json.loads(out.read_text())["reports"]
     stages = {s["stage"]: s for s in report["stages"]}
     assert report["passed"]
-    assert {"pixel_values", "image_features", "unit_features", "score", "pixels_down_grad", "pixels_up_grad"} <= set(stages)
+    assert {"pixel_values", "image_features", "unit_features", "score", "pixels_down_grad",
+            "pixels_up_grad"} <= set(stages)
     assert stages["pixel_values"]["max_abs"] == 0.0            # CLIPImageProcessor's pixel values, bit for bit
 
 
@@ -72,7 +71,7 @@ def test_parity_case_aesthetic_large_weights_and_listed(tmp_path, capsys):
 def test_scores_follow_the_reference_formula_and_vary(tiny, scorer):
     """The scorer against the formula computed here with the reference's parts: CLIPProcessor's pixel
     values, transformers' get_image_features, / L2 norm, the package's MLP; and not a constant."""
-    images = parity_images(5)
+    images = sample_images(5)
     with torch.no_grad():
         values = tiny["processor"](images=images, return_tensors="pt")["pixel_values"]
         features = tiny["model"].float().get_image_features(pixel_values=values)
@@ -112,7 +111,7 @@ def _imagereward_transform(image, size, mean, std):
 
 
 def test_imagereward_preprocessing_is_the_packages_transform_and_differs_from_clipprocessor(scorer):
-    images = parity_images(7) + [PIL_Image.fromarray(np.random.default_rng(1).integers(0, 256, (29, 31, 4),
+    images = sample_images(7) + [PIL_Image.fromarray(np.random.default_rng(1).integers(0, 256, (29, 31, 4),
                                                                                        dtype=np.uint8), "RGBA")]
     processing = scorer.model.config.processing
     ours = AestheticScorer(model=scorer.model, preprocess="imagereward").preprocess(images)

@@ -58,7 +58,8 @@ def mlp_widths(source: TorchStateFile) -> Tuple[int, Tuple[int, ...]]:
     for i in indices:
         shape = source.shape(f"layers.{i}.weight")
         if len(shape) != 2:
-            raise CheckpointError(f"{source.path}: 'layers.{i}.weight' has shape {shape}, expected (out, in). {HINT_PTH}")
+            raise CheckpointError(f"{source.path}: 'layers.{i}.weight' has shape {shape}, expected (out, in). "
+                                  f"{HINT_PTH}")
         shapes.append(shape)
     for (i, (out, _)), (j, (_, nxt)) in zip(zip(indices, shapes), zip(indices[1:], shapes[1:])):
         if out != nxt:
@@ -82,7 +83,8 @@ def _clip_reason(key: str) -> Optional[str]:
 def read_clip_folder(clip: str, image_processor: Optional[str]) -> Tuple[dict, dict, str]:
     """(config.json, preprocessor_config.json, weights path) of a transformers CLIPModel folder."""
     if not os.path.isdir(clip):
-        raise ConfigError(f"{clip}: not a folder; pass the transformers CLIPModel folder (openai/clip-vit-large-patch14)")
+        raise ConfigError(f"{clip}: not a folder; pass the transformers CLIPModel folder "
+                          "(openai/clip-vit-large-patch14)")
     config = read_json(os.path.join(clip, CONFIG_FILE), "CLIPModel config")
     if config.get("model_type", "clip") != "clip":
         raise ConfigError(f"{os.path.join(clip, CONFIG_FILE)}: model_type {config.get('model_type')!r} is not 'clip'; "

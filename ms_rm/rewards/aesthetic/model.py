@@ -149,7 +149,8 @@ class Aesthetic(CompiledCell):
 
     def stages(self, pixel_values) -> Dict[str, Tensor]:
         """{"image_features", "unit_features", "score"} of preprocessed pixel values."""
-        return dict(zip(("image_features", "unit_features", "score"), self.run("construct", *self.prepare(pixel_values))))
+        parts = self.run("construct", *self.prepare(pixel_values))
+        return dict(zip(("image_features", "unit_features", "score"), parts))
 
     def reward(self, pixel_values, prompts: Any = None) -> Tensor:
         """(B, 1) scores of preprocessed pixel values; `forward(*prepare(...))`, compiled in graph mode.
