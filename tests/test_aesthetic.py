@@ -270,3 +270,25 @@ def test_multiscorer_diffusion_rm_aesthetic_pickscore_as_in_the_docs(tmp_path, t
     np.testing.assert_allclose(out["aesthetic"], AestheticScorer(tiny["converted"])(images), rtol=1e-6)
     expected = sum(w * np.array(out[n]) for n, w in (("diffusion-rm-sd3", 0.6), ("aesthetic", 0.2), ("pickscore", 0.2)))
     np.testing.assert_allclose(out["avg"], expected, rtol=1e-6)
+
+
+def test_ms_rm_aesthetic_inside_a_flow_grpo_ms_fork(tiny, scorer, tmp_path, monkeypatch):
+    """Registered with a stand-in of zhtmike's Flow-GRPO-MS (test_flow_grpo's), `ms-rm-aesthetic` is built by
+    the fork's own MultiScorer and scores the trainer's (B, 3, H, W) float batch as the scorer does."""
+    import importlib
+
+    from test_flow_grpo import _drop_flow_grpo, _stand_in
+
+    from ms_rm.integrations import flow_grpo as integration
+
+    _drop_flow_grpo()
+    monkeypatch.syspath_prepend(_stand_in(tmp_path, "zhtmike"))
+    try:
+        multi = importlib.import_module("flow_grpo.scorer.multi")
+        integration.register({"ms-rm-aesthetic": {"checkpoint_path": tiny["converted"]}})
+        reward_fn = multi.MultiScorer({"ms-rm-aesthetic": 1.0})
+        images = np.random.default_rng(4).uniform(0, 1, (2, 3, 30, 34)).astype(np.float32)
+        details = reward_fn(images, ["a", "b"])
+        np.testing.assert_allclose(details["ms-rm-aesthetic"], scorer(images), rtol=1e-6)
+    finally:
+        _drop_flow_grpo()
