@@ -92,6 +92,7 @@ def test_input_forms_and_batch_splitting_do_not_change_scores(tiny, scorer):
     np.testing.assert_allclose(split, whole, rtol=1e-6, atol=1e-7)
     model = load_reward_model(tiny["converted"])
     np.testing.assert_allclose(model.score([PIL_Image.fromarray(a) for a in arrays]), whole, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model.score(arrays, ["p"] * 3), whole, rtol=1e-6, atol=1e-7)   # a search's batch
 
 
 def _imagereward_transform(image, size, mean, std):
@@ -130,6 +131,16 @@ def test_score_pixels_gradient_against_finite_differences(scorer):
     down = scorer.score_pixels(ms.Tensor(pixels - eps * direction)).asnumpy()[0]
     fd = (float(up) - float(down)) / (2 * eps)
     np.testing.assert_allclose((grad * direction).sum(), fd, rtol=2e-2, atol=1e-6)
+    # a trainer's loss: the images made inside it, the resize tensors prepared from their shape (ReFL's way)
+    model = scorer.model
+    rest = model.prepare_pixels((1, 3, 32, 40))[1:]
+
+    def loss(x):
+        return 2 - model.forward_pixels(x * 1.0, *rest).mean()
+
+    np.testing.assert_allclose(ms.grad(ms.jit(loss))(ms.Tensor(pixels)).asnumpy(), -grad, rtol=1e-5, atol=1e-9)
+    with pytest.raises(InputError, match="shape must be"):
+        model.prepare_pixels((1, 4, 32, 40))
 
 
 # --- the released size ----------------------------------------------------------------------------------
@@ -292,3 +303,25 @@ def test_ms_rm_aesthetic_inside_a_flow_grpo_ms_fork(tiny, scorer, tmp_path, monk
         np.testing.assert_allclose(details["ms-rm-aesthetic"], scorer(images), rtol=1e-6)
     finally:
         _drop_flow_grpo()
+
+
+def test_a_noise_search_takes_the_model_as_a_pixel_reward(tiny, scorer):
+    """ms_rm.search's GenerateAndScore scores the decoded uint8 (K, H, W, 3) images with Aesthetic.score
+    (stand-ins for the generator and the decoder: the search's own tests cover those)."""
+    from ms_rm.search.objectives import GenerateAndScore
+
+    images = np.random.default_rng(6).integers(0, 256, (3, 32, 36, 3), dtype=np.uint8)
+
+    class Generator:
+        def generate(self, ehs, pooled, noises, *rest):
+            return noises
+
+    class Decoder:
+        def to_images(self, latents):
+            return images[: latents.shape[0]]
+
+    model = load_reward_model(tiny["converted"])
+    objective = GenerateAndScore(Generator(), np.zeros((1, 7, 48), np.float32), np.zeros((1, 40), np.float32),
+                                 [(model, 0.5)], decoder=Decoder(), prompt="a cat")
+    scores = objective(np.zeros((3, 16, 4, 4), np.float32))
+    np.testing.assert_allclose(scores, 0.5 * np.array(scorer(list(images))), rtol=1e-6)

@@ -128,7 +128,13 @@ class Aesthetic(CompiledCell):
     def prepare_pixels(self, pixels) -> Tuple[Tensor, ...]:
         """Pixels (B, 3, H, W) in [0, 1] (a tensor, which keeps its gradient), checked, with the
         resize matrices of CLIPImageProcessor's size and crop and its mean / std: `forward_pixels`'
-        tensors."""
+        tensors. `pixels` may be only the images' shape (B, 3, H, W), for a trainer that makes the
+        images inside its loss (ReFL: `forward_pixels(decoded, *prepare_pixels(shape)[1:])`): the
+        first tensor is then None."""
+        if isinstance(pixels, tuple) and all(isinstance(v, int) for v in pixels):
+            if len(pixels) != 4 or pixels[1] != 3 or min(pixels) < 1:
+                raise InputError(f"pixels' shape must be (B, 3, H, W), got {pixels}")
+            return (None,) + self.resize_tensors(pixels[2], pixels[3])
         x = as_float_tensor(pixels, "pixels")
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
             raise InputError(f"pixels must be (B, 3, H, W) in [0, 1] with B > 0, got {tuple(x.shape)}")
@@ -163,8 +169,11 @@ class Aesthetic(CompiledCell):
 
     def score(self, images, prompts: Any = None) -> List[float]:
         """One float per image, without gradient: preprocessed pixel values (B, 3, S, S) float, or
-        PIL images / uint8 (H, W, 3) arrays, preprocessed as CLIPImageProcessor (Flow-GRPO-MS's
+        PIL images / uint8 (H, W, 3) arrays (a list, or a (K, H, W, 3) uint8 batch as ms_rm.search's
+        GenerateAndScore passes a pixel reward), preprocessed as CLIPImageProcessor (Flow-GRPO-MS's
         CLIPProcessor) does. The predictor reads no prompt (`prompts` is ignored)."""
+        if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3:
+            images = list(images)                     # (K, H, W, 3) uint8: what a noise search decodes
         if isinstance(images, (list, tuple)):
             images = pixel_values([_uint8_rgb(image, i) for i, image in enumerate(images)], self.config.processing)
         return [float(v) for v in self.reward(images).asnumpy()[:, 0]]
