@@ -95,6 +95,20 @@ def test_input_forms_and_batch_splitting_do_not_change_scores(tiny, scorer):
     np.testing.assert_allclose(model.score(arrays, ["p"] * 3), whole, rtol=1e-6, atol=1e-7)   # a search's batch
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_clip_preprocessing_is_clipimageprocessors_bit_for_bit(tiny, scorer, mode):
+    """Flow-GRPO-MS's path: scorer.preprocess equals CLIPImageProcessor's pixel values exactly, on images of
+    odd, portrait, landscape, exact and smaller-than-the-crop sizes in each mode."""
+    rng = np.random.default_rng(len(mode))
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    images = []
+    for h, w in ((37, 53), (64, 41), (28, 28), (19, 75), (101, 30)):
+        array = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+        images.append(PIL_Image.fromarray(array[..., 0] if channels == 1 else array, mode=mode))
+    reference = np.stack([tiny["processor"](images=i, return_tensors="np")["pixel_values"][0] for i in images])
+    np.testing.assert_array_equal(scorer.preprocess(images), reference)
+
+
 def _imagereward_transform(image, size, mean, std):
     """ImageReward's AestheticScore preprocessing (OpenAI CLIP's torchvision transform), written out
     here from torchvision's documented semantics (torchvision cannot be installed beside the CPU torch):
@@ -267,9 +281,9 @@ def test_multiscorer_diffusion_rm_aesthetic_pickscore_as_in_the_docs(tmp_path, t
     pickscore = str(tmp_path / "pickscore")
     write_tiny_clip(pickscore, "laion", seed=4)
     multi = MultiScorer({"diffusion-rm-sd3": 0.6, "aesthetic": 0.2, "pickscore": 0.2},
-                        {"diffusion-rm-sd3": {"checkpoint_path": diffusion_rm, "seed": 0},
-                         "aesthetic": {"checkpoint_path": tiny["converted"]},
-                         "pickscore": {"model_path": pickscore}})
+                        {"diffusion-rm-sd3": {"checkpoint_path": diffusion_rm, "seed": 0, "mode": "pynative"},
+                         "aesthetic": {"checkpoint_path": tiny["converted"], "mode": "pynative"},
+                         "pickscore": {"model_path": pickscore, "mode": "pynative"}})
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 16, 16, 12), dtype=np.float32)          # the tiny SD3.5 case's sizes
     embeds = rng.standard_normal((2, 7, 48), dtype=np.float32)
