@@ -250,6 +250,21 @@ def test_unreadable_images_and_bad_inputs_are_one_line_errors(scorer, tmp_path):
         AestheticScorer(model=scorer.model, preprocess="torchvision")
 
 
+def test_do_convert_rgb_false_refuses_non_rgb_images(tiny, tmp_path):
+    processor_folder = tmp_path / "no-rgb"
+    processor_folder.mkdir()
+    with open(os.path.join(tiny["clip"], "preprocessor_config.json")) as f:
+        settings = dict(json.load(f), do_convert_rgb=False)
+    (processor_folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    out = Aesthetic.convert(tiny["pth"], tiny["clip"], str(tmp_path / "c"), image_processor=str(processor_folder),
+                            progress=False)
+    strict = AestheticScorer(out, mode="pynative")
+    gray = PIL_Image.fromarray(np.zeros((30, 30), np.uint8), mode="L")
+    with pytest.raises(InputError, match="images\\[0\\] is a L image .* do_convert_rgb=false"):
+        strict([gray])
+    assert len(strict([gray.convert("RGB")])) == 1
+
+
 # --- registry, command line, MultiScorer --------------------------------------------------------------------
 
 def test_registered_as_reward_model_and_scorer_and_in_the_flow_grpo_names():

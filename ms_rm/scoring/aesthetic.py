@@ -78,6 +78,10 @@ class AestheticScorer:
             return (unit - mean) / std
         uint8 = []
         for i, image in enumerate(items):
+            mode = getattr(image, "mode", "RGB")
+            if mode != "RGB" and not processing.do_convert_rgb:
+                raise InputError(f"images[{i}] is a {mode} image and the preprocessor config sets "
+                                 "do_convert_rgb=false: convert it to RGB first")
             if hasattr(image, "convert") and hasattr(image, "size"):
                 uint8.append(np.asarray(image.convert("RGB"), dtype=np.uint8))          # CLIPImageProcessor's
             else:

@@ -175,13 +175,18 @@ class Aesthetic(CompiledCell):
         if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3:
             images = list(images)                     # (K, H, W, 3) uint8: what a noise search decodes
         if isinstance(images, (list, tuple)):
-            images = pixel_values([_uint8_rgb(image, i) for i, image in enumerate(images)], self.config.processing)
+            processing = self.config.processing
+            images = pixel_values([_uint8_rgb(image, i, processing.do_convert_rgb) for i, image in enumerate(images)],
+                                  processing)
         return [float(v) for v in self.reward(images).asnumpy()[:, 0]]
 
 
-def _uint8_rgb(image: Any, index: int) -> np.ndarray:
+def _uint8_rgb(image: Any, index: int, convert_rgb: bool = True) -> np.ndarray:
     """A PIL image (converted to RGB, as CLIPImageProcessor's do_convert_rgb) or a uint8 (H, W, 3) array."""
     if hasattr(image, "convert") and hasattr(image, "size"):
+        if image.mode != "RGB" and not convert_rgb:
+            raise InputError(f"images[{index}] is a {image.mode} image and the preprocessor config sets "
+                             "do_convert_rgb=false: convert it to RGB first")
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
