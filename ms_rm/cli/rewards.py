@@ -42,6 +42,7 @@ SCORE_COMMANDS: Dict[str, Dict[str, Command]] = {          # registry name -> {i
 CONVERT_COMMANDS: Dict[str, Command] = {
     "diffusion-rm": convert.DIFFUSION_RM,
     "imagereward": convert.IMAGEREWARD,
+    "blip-score": convert.BLIP_SCORE,
 }
 
 
