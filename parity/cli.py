@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from .refl_parity import REFL_CASES, run_refl_case
     from .harness import run_case, run_checkpoint
     from .imagereward import IMAGEREWARD_CASES, run_imagereward_case
+    from .blip_score import BLIP_SCORE_CASES, run_blip_score_case
 
     # Cases outside the reward-model case table, fp32 only: name -> (description, runner).
     fp32_cases = {**{n: (d, run_encoder_case) for n, d in ENCODER_CASES.items()},
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                   **{n: (d, run_refl_case) for n, d in REFL_CASES.items()},
                   **{n: (d, run_clip_case) for n, d in CLIP_CASES.items()},
                   **{n: (d, run_imagereward_case) for n, d in IMAGEREWARD_CASES.items()},
-                  **{n: (d, run_aesthetic_case) for n, d in AESTHETIC_CASES.items()}}
+                  **{n: (d, run_aesthetic_case) for n, d in AESTHETIC_CASES.items()},
+                  **{n: (d, run_blip_score_case) for n, d in BLIP_SCORE_CASES.items()}}
     if args.list:
         width = max(map(len, list(CASES) + list(fp32_cases)))
         for case in CASES.values():

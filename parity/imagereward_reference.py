@@ -21,7 +21,7 @@ the test side:
   timm.models.layers) and a `_cfg` that vit.py imports but ImageReward never calls;
 * fairscale (an sdist that needs building) is a stand-in whose checkpoint_wrapper refuses to run:
   vit.py wraps blocks with it only for gradient checkpointing, which ImageReward never enables;
-* `torchvision.transforms` is a stand-in while ImageReward.py is imported (removed right after, so
+* `torchvision.transforms` is a stand-in while ImageReward.py and models/BLIPScore.py are imported (removed right after, so
   nothing else sees it); its classes only build the PIL preprocessing the parity does not call
   (the preprocessing is checked against PIL and torch's interpolate instead, see ms_rm_parity.imagereward);
 * BLIP_Pretrain.__init__ downloads bert-base-uncased's tokenizer and hard-codes ViT-L: the tiny
@@ -162,13 +162,15 @@ def _load_modules() -> types.SimpleNamespace:
         Normalize=_Transform, InterpolationMode=types.SimpleNamespace(BICUBIC="bicubic"))
     try:
         image_reward = importlib.import_module("ImageReward.ImageReward")
+        blip_score = importlib.import_module("ImageReward.models.BLIPScore")
     finally:
         for key, value in saved.items():
             if value is None:
                 sys.modules.pop(key, None)
             else:
                 sys.modules[key] = value
-    return types.SimpleNamespace(vit=vit, med=med, blip=blip, blip_pretrain=blip_pretrain, image_reward=image_reward)
+    return types.SimpleNamespace(vit=vit, med=med, blip=blip, blip_pretrain=blip_pretrain, image_reward=image_reward,
+                                 blip_score=blip_score)
 
 
 def med_config(config) -> "object":

@@ -52,6 +52,9 @@ FAST_TIER = {
     "ms_rm.rewards.imagereward": [
         "tests/test_imagereward.py::test_config_round_trips_and_refuses_nonsense",
     ],
+    "ms_rm.rewards.blip_score": [
+        "tests/test_blip_score.py::test_config_round_trips_and_refuses_nonsense",
+    ],
     "ms_rm.scoring": [
         "tests/test_jpeg.py::test_pil_images_of_every_mode_score_as_the_fork",
         "tests/test_images.py::test_crop_takes_the_centre_multiple_of_16",

@@ -2,7 +2,7 @@
 
 The command itself is the registry's (`ms-rm convert --reward NAME`, ms_rm.cli.rewards); these
 are its per-model forms: Diffusion-RM's (the default), ImageReward's (also `ms-rm
-convert-imagereward`), and `signature_command(cls)`, which derives the arguments of any other
+convert-imagereward`), the BLIP score's, and `signature_command(cls)`, which derives the arguments of any other
 registered model from its `convert` classmethod's signature.
 """
 
@@ -13,6 +13,7 @@ import inspect
 from typing import List
 
 from ..rewards import REWARD_MODELS
+from ..rewards.blip_score import BLIPScore
 from ..rewards.diffusion_rm import DiffusionRM
 from ..rewards.imagereward import ImageReward
 from .command import Command
@@ -67,6 +68,25 @@ def _add_imagereward_arguments(ir: argparse.ArgumentParser) -> None:
     ir.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def run_blip_score(args: argparse.Namespace) -> int:
+    out = BLIPScore.convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.no_progress,
+                            config=args.config)
+    print(out)
+    return 0
+
+
+def _add_blip_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="BLIP's model_large.pth (BLIP_Pretrain's state dict under 'model')")
+    parser.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
+    parser.add_argument("--config", help="BLIP's med_config.json (the text encoder's BertConfig; the other sizes are "
+                                         "read off the checkpoint) or an ms_rm BLIP score config JSON (default: "
+                                         "every size read off the checkpoint, the rest BLIP's)")
+    parser.add_argument("--dtype", choices=["keep", "fp32", "bf16", "fp16"], default="keep",
+                        help="stored dtype: keep each tensor's source dtype (default), or cast all")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 DIFFUSION_RM = Command(
     help="convert a reference (torch) Diffusion-RM checkpoint to MindSpore",
     description="Convert a reference-format Diffusion-RM checkpoint (config.json + checkpoint/ with backbone_lora/ + "
@@ -78,6 +98,13 @@ IMAGEREWARD = Command(
     description="Convert ImageReward.pt (the image-reward package's state dict) into a MindSpore checkpoint folder "
                 "(ms_rm_config.json, model.safetensors, manifest.json).",
     add_arguments=_add_imagereward_arguments, run=run_imagereward)
+
+BLIP_SCORE = Command(
+    help="convert BLIP's released model_large.pth to the BLIP score in MindSpore",
+    description="Convert BLIP's model_large.pth (what the image-reward package's BLIPScore loads) into a MindSpore "
+                "checkpoint folder (ms_rm_config.json, model.safetensors, manifest.json); every key not used is "
+                "listed in the manifest.",
+    add_arguments=_add_blip_score_arguments, run=run_blip_score)
 
 
 # --- any other registered model: the arguments of its convert(...) ---------------------------------

@@ -37,10 +37,12 @@ SCORE_COMMANDS: Dict[str, Dict[str, Command]] = {          # registry name -> {i
     "diffusion-rm": {"latents": score.LATENTS, "pixels": score_images.IMAGES},
     "clip": {"pixels": score_images.CLIP},
     "imagereward": {"pixels": score_images.IMAGEREWARD},
+    "blip-score": {"pixels": score_images.BLIP_SCORE},
 }
 CONVERT_COMMANDS: Dict[str, Command] = {
     "diffusion-rm": convert.DIFFUSION_RM,
     "imagereward": convert.IMAGEREWARD,
+    "blip-score": convert.BLIP_SCORE,
 }
 
 

@@ -1,6 +1,7 @@
 """`ms-rm score-images`: score image files against prompts (VAE + text encoders + reward model);
 `ms-rm score-clip`: the same with a CLIP scorer (PickScore, CLIP score) from a Hugging Face folder;
-`ms-rm score-imagereward`: the same with ImageReward (a folder written by ms-rm convert-imagereward).
+`ms-rm score-imagereward`: the same with ImageReward (a folder written by ms-rm convert-imagereward);
+`ms-rm score --reward blip-score`: the same with the BLIP score.
 
 Each is also `ms-rm score --reward NAME` (diffusion-rm with --input-kind pixels, clip,
 imagereward; ms_rm.cli.rewards), built from the same Command."""
@@ -18,6 +19,7 @@ from ..encoders.sd3_encoder import text_encoder_folder
 from ..rewards import REWARD_MODELS
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
+from ..scoring.blip_score import BLIPScoreScorer
 from ..scoring.clip import CLIPScorer
 from ..scoring.imagereward import ImageRewardScorer
 from ..scoring.runs import PromptTable, read_pairs, score_pairs, write_jsonl
@@ -106,6 +108,12 @@ def run_imagereward(args: argparse.Namespace) -> int:
     return _score(scorer, pairs, args)
 
 
+def run_blip_score(args: argparse.Namespace) -> int:
+    pairs = _pairs(args)
+    scorer = BLIPScoreScorer(args.model, tokenizer=args.tokenizer, mode=args.mode, max_batch=args.batch_size)
+    return _score(scorer, pairs, args)
+
+
 def run_model(args: argparse.Namespace) -> int:
     """A pixels reward model that scores (images, prompts) itself: `score(images, prompts)` of the
     model --reward names, loaded from its folder."""
@@ -166,6 +174,13 @@ def _add_imagereward_arguments(ir: argparse.ArgumentParser) -> None:
     _add_pair_arguments(ir)
 
 
+def _add_blip_score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a folder written by ms-rm convert --reward blip-score")
+    parser.add_argument("--tokenizer", required=True,
+                        help="folder with bert-base-uncased's vocab.txt (BLIP's tokenizer; nothing is downloaded)")
+    _add_pair_arguments(parser)
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the model's folder (as ms-rm convert --reward NAME writes it)")
     _add_pair_arguments(parser)
@@ -187,6 +202,12 @@ IMAGEREWARD = Command(
     description="Score image files against prompts with ImageReward in MindSpore (the package's preprocessing and "
                 "BLIP tokenizer). One score per pair on stdout (score, image).",
     add_arguments=_add_imagereward_arguments, run=run_imagereward)
+
+BLIP_SCORE = Command(
+    help="score image files against prompts with the BLIP score",
+    description="Score image files against prompts with the BLIP score (the image-reward package's BLIPScore: the "
+                "cosine of BLIP's image and text features) in MindSpore. One score per pair on stdout (score, image).",
+    add_arguments=_add_blip_score_arguments, run=run_blip_score)
 
 
 def pixels_command(cls) -> Command:

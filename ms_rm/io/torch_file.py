@@ -16,7 +16,7 @@ import ctypes.util
 import os
 import pickle
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -59,9 +59,12 @@ def _refusal(error: Exception) -> str:
 class TorchStateFile(TensorSource):
     """A torch state dict file: {name: tensor}, read tensor by tensor as numpy arrays."""
 
-    def __init__(self, path: str, non_float_ok: Callable[[str], bool] = lambda key: False):
+    def __init__(self, path: str, non_float_ok: Callable[[str], bool] = lambda key: False,
+                 entry: Optional[str] = None):
         """non_float_ok(key): whether a non-float tensor under `key` is accepted (one the caller
-        declares unused, such as an integer index buffer); any other non-float tensor is refused."""
+        declares unused, such as an integer index buffer); any other non-float tensor is refused.
+        entry: the state dict is the file's top-level entry of this name (BLIP's {"model": ...});
+        the names of the file's other top-level entries are kept in `other_entries`."""
         self.path = os.fspath(path)
         try:
             import torch
@@ -87,6 +90,14 @@ class TorchStateFile(TensorSource):
         except Exception as e:   # on corrupt bytes torch's reader can raise almost anything
             raise CheckpointError(f"{self.path}: cannot read: corrupt or truncated torch file "
                                   f"({type(e).__name__}: {_first_reason(e)})") from None
+        self.other_entries: List[str] = []
+        if entry is not None:
+            if not isinstance(state, dict) or not isinstance(state.get(entry), dict):
+                found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
+                raise CheckpointError(f"{self.path}: expected a dict holding the state dict under '{entry}', "
+                                      f"got {found}")
+            self.other_entries = [str(k) for k in state if k != entry]
+            state = state[entry]
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: expected a state dict (name -> tensor), "
                                   f"got {type(state).__name__}")

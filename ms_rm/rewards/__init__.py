@@ -16,12 +16,13 @@ from ..core.errors import CheckpointError
 from ..io.converted import MANIFEST_FILE, manifest_format
 from .aesthetic import Aesthetic
 from .base import INPUT_KINDS, RewardModel
+from .blip_score import BLIPScore
 from .clip import CLIPModel
 from .diffusion_rm import DiffusionRM
 from .imagereward import ImageReward
 
 REWARD_MODELS: Dict[str, Type[RewardModel]] = {cls.name: cls for cls in (DiffusionRM, ImageReward, CLIPModel,
-                                                                    Aesthetic)}
+                                                                    Aesthetic, BLIPScore)}
 
 
 def reward_model_class(path: str) -> Type[RewardModel]:
@@ -46,5 +47,5 @@ def load_reward_model(path: str, dtype: ms.Type = ms.float32, mode: str = "graph
     return reward_model_class(path).from_pretrained(path, dtype=dtype, mode=mode, verify=verify)
 
 
-__all__ = ["Aesthetic", "RewardModel", "REWARD_MODELS", "INPUT_KINDS", "CLIPModel", "DiffusionRM", "ImageReward",
+__all__ = ["Aesthetic", "RewardModel", "REWARD_MODELS", "INPUT_KINDS", "BLIPScore", "CLIPModel", "DiffusionRM", "ImageReward",
            "load_reward_model", "reward_model_class"]

@@ -23,14 +23,16 @@ from .images import load_image, resize_center_crop, split_batch
 class ImageRewardScorer:
     name = "imagereward"
     input_kind = "pixels"
+    model_class = ImageReward         # the BLIP score's scorer (ms_rm.scoring.blip_score) loads its own
 
     def __init__(self, checkpoint_path: Optional[str] = None, tokenizer: Optional[str] = None, *,
                  model: Optional[ImageReward] = None, mode: str = "graph", max_batch: int = 8):
         if (checkpoint_path is None) == (model is None):
-            raise ConfigError("pass exactly one of checkpoint_path (a converted ImageReward folder) or model")
+            raise ConfigError(f"pass exactly one of checkpoint_path (a converted {self.model_class.__name__} folder) "
+                              "or model")
         if tokenizer is None:
             raise ConfigError("tokenizer: pass the folder of bert-base-uncased's tokenizer (vocab.txt)")
-        self.model = model if model is not None else ImageReward.from_pretrained(checkpoint_path, mode=mode)
+        self.model = model if model is not None else self.model_class.from_pretrained(checkpoint_path, mode=mode)
         self.tokenizer = ImageRewardTokenizer(tokenizer, self.model.config.max_length)
         if len(self.tokenizer) > self.model.config.text.vocab_size:
             raise InputError(f"{tokenizer}: {len(self.tokenizer)} tokens with [DEC] and [ENC], more than the "

@@ -42,6 +42,7 @@ from ..rewards.diffusion_rm import DiffusionRM, recommended_u
 from ..rewards.diffusion_rm.model import RewardInputs
 from ..rewards.diffusion_rm.noise import NOISE_POLICIES, NoisePolicy  # noqa: F401  (NOISE_POLICIES: this module's name too)
 from .aesthetic import AestheticScorer
+from .blip_score import BLIPScoreScorer
 from .clip import CLIPScorer, PickScoreScorer
 from .images import SIZE_POLICIES, fitted_size, group_by_size, preprocess, split_batch
 from .imagereward import ImageRewardScorer
@@ -285,4 +286,4 @@ def _rows(tensor: Tensor, indices: List[int]) -> Tensor:
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
                                                        DiffusionRMZImageScorer, PickScoreScorer, CLIPScorer,
                                                        ImageRewardScorer, JpegCompressibilityScorer,
-                                                       JpegIncompressibilityScorer, AestheticScorer)}
+                                                       JpegIncompressibilityScorer, AestheticScorer, BLIPScoreScorer)}

@@ -1,4 +1,5 @@
-"""BLIP's text encoder: BERT (post-norm layers) whose every layer also attends to the image.
+"""BLIP's text encoder: BERT (post-norm layers) whose every layer also attends to the image
+(or, built without an image width, the text-only encoder of med.py's mode='text').
 
 The package's med.py BertModel in "multimodal" mode, as ImageReward calls it: word embeddings plus
 learned absolute positions (no token-type embeddings), LayerNorm; each layer runs self-attention
@@ -94,21 +95,26 @@ class Intermediate(nn.Cell):
 
 
 class Layer(nn.Cell):
-    def __init__(self, config: TextConfig, image_width: int):
+    """image_width None: med.py's mode='text' (no cross-attention, and no parameters for it)."""
+
+    def __init__(self, config: TextConfig, image_width: Optional[int]):
         super().__init__()
         self.attention = Attention(config, config.width)
-        self.crossattention = Attention(config, image_width)
+        self.cross = image_width is not None
+        if self.cross:
+            self.crossattention = Attention(config, image_width)
         self.intermediate = Intermediate(config)
         self.output = Output(config.intermediate, config.width, config.eps)
 
-    def construct(self, x: Tensor, bias: Tensor, image: Tensor) -> Tensor:
+    def construct(self, x: Tensor, bias: Tensor, image: Optional[Tensor]) -> Tensor:
         x = self.attention(x, x, bias)                       # the prompt, padding masked
-        x = self.crossattention(x, image, None)              # every image token is attended
+        if self.cross:
+            x = self.crossattention(x, image, None)          # every image token is attended
         return self.output(self.intermediate(x), x)
 
 
 class Encoder(nn.Cell):
-    def __init__(self, config: TextConfig, image_width: int):
+    def __init__(self, config: TextConfig, image_width: Optional[int]):
         super().__init__()
         self.layer = nn.CellList([Layer(config, image_width) for _ in range(config.layers)])
 
@@ -119,15 +125,18 @@ class Encoder(nn.Cell):
 
 
 class TextEncoder(nn.Cell):
-    """input_ids (B, L) int, attention_mask (B, L) (1 = token), image features (B, N, E) -> (B, L, D)."""
+    """input_ids (B, L) int, attention_mask (B, L) (1 = token), image features (B, N, E) -> (B, L, D).
 
-    def __init__(self, config: TextConfig, image_width: int):
+    image_width None builds the text-only encoder (med.py's mode='text', as BLIP's contrastive text
+    features and the BLIP score use it): no cross-attention layers; call it with image=None."""
+
+    def __init__(self, config: TextConfig, image_width: Optional[int]):
         super().__init__()
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config, image_width)
 
-    def construct(self, input_ids: Tensor, attention_mask: Tensor, image: Tensor) -> Tensor:
+    def construct(self, input_ids: Tensor, attention_mask: Tensor, image: Optional[Tensor] = None) -> Tensor:
         x = self.embeddings(input_ids)
         mask = attention_mask.astype(ms.float32)
         bias = ((1.0 - mask) * MASKED).reshape(mask.shape[0], 1, 1, mask.shape[1])     # (B, 1, 1, L)
-        return self.encoder(x, bias, image.astype(x.dtype))
+        return self.encoder(x, bias, None if image is None else image.astype(x.dtype))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 from ...core.config import MAX_SIZE, get_value, int_tuple, no_unknown, positive
 from ...core.errors import ConfigError
@@ -65,6 +65,40 @@ class TextConfig:
     pad_token_id: int = 0
 
 
+def tower_problems(v: VisionConfig, t: TextConfig, max_length: int) -> List[str]:
+    """What is wrong with a pair of BLIP towers and a prompt length (ImageReward's, the BLIP score's)."""
+    problems = []
+    if v.image_size % v.patch_size:
+        problems.append(f"vision.image_size {v.image_size} is not a multiple of vision.patch_size {v.patch_size}")
+    for name, width, heads in (("vision", v.width, v.heads), ("text", t.width, t.heads)):
+        if width % heads:
+            problems.append(f"{name}.width {width} is not a multiple of {name}.heads {heads}")
+        elif not _power_of_two(width // heads):
+            # ops.attention scales q by d^-0.5, exact (as the package scales the scores) for power-of-two d
+            problems.append(f"{name} head width {width // heads} must be a power of two")
+    if max_length > t.max_positions:
+        problems.append(f"max_length {max_length} exceeds text.max_positions {t.max_positions}")
+    return problems
+
+
+def tower_sections(d: Mapping[str, Any], source: str) -> Dict[str, Any]:
+    """{"vision": VisionConfig, "text": TextConfig} from a config dict's sections of those names."""
+    parts = {}
+    for key, kind in (("vision", VisionConfig), ("text", TextConfig)):
+        section = get_value(d, key, dict, source)
+        where = f"{source} [{key}]"
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        no_unknown(section, fields, where)
+        values = {}
+        for name, f in fields.items():
+            value = get_value(section, name, type(f.default), where, f.default)
+            if isinstance(value, int):
+                value = positive(value, name, where, MAX_SIZE) if name != "pad_token_id" else value
+            values[name] = value
+        parts[key] = kind(**values)
+    return parts
+
+
 @dataclass(frozen=True)
 class ImageRewardConfig:
     vision: VisionConfig = VisionConfig()
@@ -75,18 +109,7 @@ class ImageRewardConfig:
     max_length: int = 35                                    # prompt tokens ([CLS] ... [SEP], padded)
 
     def __post_init__(self):
-        v, t = self.vision, self.text
-        problems = []
-        if v.image_size % v.patch_size:
-            problems.append(f"vision.image_size {v.image_size} is not a multiple of vision.patch_size {v.patch_size}")
-        for name, width, heads in (("vision", v.width, v.heads), ("text", t.width, t.heads)):
-            if width % heads:
-                problems.append(f"{name}.width {width} is not a multiple of {name}.heads {heads}")
-            elif not _power_of_two(width // heads):
-                # ops.attention scales q by d^-0.5, exact (as the package scales the scores) for power-of-two d
-                problems.append(f"{name} head width {width // heads} must be a power of two")
-        if self.max_length > t.max_positions:
-            problems.append(f"max_length {self.max_length} exceeds text.max_positions {t.max_positions}")
+        problems = tower_problems(self.vision, self.text, self.max_length)
         if not self.reward_std > 0:
             problems.append(f"reward_std must be positive, got {self.reward_std}")
         if problems:
@@ -108,19 +131,7 @@ class ImageRewardConfig:
         if d.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"{source}: format_version {d.get('format_version')!r} is not {FORMAT_VERSION}; "
                               "convert again with this ms_rm")
-        parts = {}
-        for key, kind in (("vision", VisionConfig), ("text", TextConfig)):
-            section = get_value(d, key, dict, source)
-            where = f"{source} [{key}]"
-            fields = {f.name: f for f in dataclasses.fields(kind)}
-            no_unknown(section, fields, where)
-            values = {}
-            for name, f in fields.items():
-                value = get_value(section, name, type(f.default), where, f.default)
-                if isinstance(value, int):
-                    value = positive(value, name, where, MAX_SIZE) if name != "pad_token_id" else value
-                values[name] = value
-            parts[key] = kind(**values)
+        parts = tower_sections(d, source)
         defaults = cls()
         return cls(vision=parts["vision"], text=parts["text"],
                    mlp_widths=int_tuple(d, "mlp_widths", source, defaults.mlp_widths),

@@ -65,8 +65,10 @@ def checkpoint_key(name: str) -> str:
     raise ValueError(f"no checkpoint prefix for parameter '{name}'")
 
 
-def unused_reason(key: str) -> Optional[str]:
-    for start, reason in UNUSED.items():
+def unused_reason(key: str, table: Mapping[str, str] = UNUSED) -> Optional[str]:
+    """Why checkpoint key `key` is not used (a `table` entry: the key itself, or a prefix ending in
+    "."), or None."""
+    for start, reason in table.items():
         if key == start or start.endswith(".") and key.startswith(start):
             return reason
     return None
@@ -84,10 +86,10 @@ MED_SIZES = {"vocab_size": ("vocab_size", "embeddings.word_embeddings.weight"),
              "max_position_embeddings": ("max_positions", "embeddings.position_embeddings.weight")}
 
 
-def _shape(source: TorchStateFile, key: str, ndim: int) -> Tuple[int, ...]:
+def _shape(source: TorchStateFile, key: str, ndim: int, what: str = "ImageReward.pt") -> Tuple[int, ...]:
     if key not in source:
         raise CheckpointError(f"{source.path}: no tensor '{key}', which gives the model's sizes. Is this "
-                              "ImageReward.pt? (or pass --config with ms_rm's ImageReward config JSON)")
+                              f"{what}? (or pass --config with ms_rm's config JSON of the model)")
     shape = tuple(source.shape(key))
     if len(shape) != ndim:
         raise CheckpointError(f"{source.path}: tensor '{key}' has shape {shape}, expected {ndim} dimensions")
@@ -126,25 +128,28 @@ def _med_values(med: Mapping[str, Any], source: str) -> Dict[str, Any]:
     return values
 
 
-def infer_config(source: TorchStateFile, med: Optional[Mapping[str, Any]] = None,
-                 med_source: str = "med_config.json") -> ImageRewardConfig:
-    """The config the checkpoint's shapes determine, with what they do not from BLIP's med_config.json
-    `med` (or BLIP's values); a size med_config.json gives that the shapes contradict is a ConfigError."""
-    width, _, patch, patch_w = _shape(source, VISION + "patch_embed.proj.weight", 4)
-    tokens = _shape(source, VISION + "pos_embed", 3)[1]
+def infer_towers(source: TorchStateFile, med: Optional[Mapping[str, Any]] = None,
+                 med_source: str = "med_config.json", vision_prefix: str = VISION, text_prefix: str = TEXT,
+                 what: str = "ImageReward.pt") -> Tuple[VisionConfig, TextConfig]:
+    """The BLIP towers' configs the checkpoint's shapes determine (the ViT under `vision_prefix`, the
+    text encoder under `text_prefix`), with what they do not from BLIP's med_config.json `med` (or
+    BLIP's values); a size med_config.json gives that the shapes contradict is a ConfigError."""
+    VISION, TEXT = vision_prefix, text_prefix
+    width, _, patch, patch_w = _shape(source, VISION + "patch_embed.proj.weight", 4, what)
+    tokens = _shape(source, VISION + "pos_embed", 3, what)[1]
     side = int(round((tokens - 1) ** 0.5))
     if patch != patch_w or side * side != tokens - 1:
         raise CheckpointError(f"{source.path}: '{VISION}patch_embed.proj.weight' {(width, 3, patch, patch_w)} and "
                               f"'{VISION}pos_embed' ({tokens} tokens) are not a square image of square patches")
-    mlp_width = _shape(source, VISION + "blocks.0.mlp.fc1.weight", 2)[0]
+    mlp_width = _shape(source, VISION + "blocks.0.mlp.fc1.weight", 2, what)[0]
     vision = VisionConfig(image_size=side * patch, patch_size=patch, width=width,
                           layers=_count(source, VISION + "blocks."), heads=max(1, width // HEAD_WIDTH),
                           mlp_ratio=mlp_width / width)
-    vocab, text_width = _shape(source, TEXT + "embeddings.word_embeddings.weight", 2)
+    vocab, text_width = _shape(source, TEXT + "embeddings.word_embeddings.weight", 2, what)
     sizes = {"vocab_size": vocab, "width": text_width,
              "layers": _count(source, TEXT + "encoder.layer."),
-             "intermediate": _shape(source, TEXT + "encoder.layer.0.intermediate.dense.weight", 2)[0],
-             "max_positions": _shape(source, TEXT + "embeddings.position_embeddings.weight", 2)[0]}
+             "intermediate": _shape(source, TEXT + "encoder.layer.0.intermediate.dense.weight", 2, what)[0],
+             "max_positions": _shape(source, TEXT + "embeddings.position_embeddings.weight", 2, what)[0]}
     given = _med_values(med, med_source) if med is not None else {}
     for key, (name, where) in MED_SIZES.items():
         if name in given and given[name] != sizes[name]:
@@ -154,6 +159,14 @@ def infer_config(source: TorchStateFile, med: Optional[Mapping[str, Any]] = None
     text = TextConfig(**sizes, heads=given.get("heads", max(1, text_width // HEAD_WIDTH)),
                       eps=given.get("eps", TextConfig.eps),
                       pad_token_id=given.get("pad_token_id", TextConfig.pad_token_id))
+    return vision, text
+
+
+def infer_config(source: TorchStateFile, med: Optional[Mapping[str, Any]] = None,
+                 med_source: str = "med_config.json") -> ImageRewardConfig:
+    """The config the checkpoint's shapes determine, with what they do not from BLIP's med_config.json
+    `med` (or BLIP's values); a size med_config.json gives that the shapes contradict is a ConfigError."""
+    vision, text = infer_towers(source, med, med_source)
     layers = sorted(int(k.split(".")[2]) for k in source.keys()
                     if k.startswith("mlp.layers.") and k.endswith(".weight"))
     widths = [_shape(source, f"mlp.layers.{i}.weight", 2)[0] for i in layers]
@@ -187,19 +200,35 @@ def resolve_config(config: Any, source: TorchStateFile) -> ImageRewardConfig:
 
 @dataclass
 class ConversionPlan:
-    """Every model parameter's key in the checkpoint, and every other key with its reason."""
+    """Every model parameter's key in the checkpoint, and every other key with its reason.
+
+    ImageReward.pt's plan; another BLIP checkpoint (the BLIP score's model_large.pth) subclasses it
+    with its own keys (model_name, checkpoint_key, unused_reason, POSITION_IDS, HINT), how its file
+    is opened (open_source) and how its config is found (resolve_config)."""
 
     source: TorchStateFile
-    config: ImageRewardConfig
+    config: Any
     keys: Dict[str, str] = field(default_factory=dict)           # model name -> checkpoint key
     shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     unused: Dict[str, str] = field(default_factory=dict)         # checkpoint key -> reason
 
+    POSITION_IDS = POSITION_IDS
+    HINT = "Is this ImageReward.pt, and does the config (--config) describe it?"
+
+    model_name = staticmethod(model_name)
+    checkpoint_key = staticmethod(checkpoint_key)
+    unused_reason = staticmethod(unused_reason)
+    resolve_config = staticmethod(resolve_config)
+
+    @classmethod
+    def open_source(cls, path: str) -> TorchStateFile:
+        return TorchStateFile(path, non_float_ok=lambda key: cls.unused_reason(key) is not None)
+
     @classmethod
     def build(cls, path: str, parameter_shapes: ParameterShapes, config: Any = None) -> "ConversionPlan":
-        source = TorchStateFile(path, non_float_ok=lambda key: unused_reason(key) is not None)
+        source = cls.open_source(path)
         try:
-            cfg = resolve_config(config, source)
+            cfg = cls.resolve_config(config, source)
             plan = cls(source, cfg, shapes=parameter_shapes(cfg))
             plan._account()
         except BaseException:
@@ -208,24 +237,24 @@ class ConversionPlan:
         return plan
 
     def _account(self) -> None:
-        hint = "Is this ImageReward.pt, and does the config (--config) describe it?"
-        expected = {checkpoint_key(name) for name in self.shapes}
+        hint = self.HINT
+        expected = {self.checkpoint_key(name) for name in self.shapes}
         found = {}
         for key in self.source.keys():
             if key in expected:
-                found[model_name(key)] = key
+                found[self.model_name(key)] = key
                 continue
-            reason = unused_reason(key)
+            reason = self.unused_reason(key)
             if reason is None:
                 found[key] = key          # reported as unexpected below
             else:
                 self.unused[key] = reason
         check_key_sets(expected, found.values(), self.source.path, hint)
-        if POSITION_IDS in self.unused:
-            ids = np.asarray(self.source.read(POSITION_IDS)).reshape(-1)
+        if self.POSITION_IDS in self.unused:
+            ids = np.asarray(self.source.read(self.POSITION_IDS)).reshape(-1)
             if not np.array_equal(ids, np.arange(ids.size)):
-                raise CheckpointError(f"{self.source.path}: buffer '{POSITION_IDS}' is not 0..{ids.size - 1}; ms_rm "
-                                      "takes text positions in order only")
+                raise CheckpointError(f"{self.source.path}: buffer '{self.POSITION_IDS}' is not 0..{ids.size - 1}; "
+                                      "ms_rm takes text positions in order only")
         self.keys = found
         problems = [f"'{key}' has shape {self.source.shape(key)}, the model expects {self.shapes[name]}"
                     for name, key in found.items() if tuple(self.source.shape(key)) != self.shapes[name]]
@@ -255,10 +284,11 @@ class ConversionPlan:
 
 
 def convert(src: str, out: str, parameter_shapes: ParameterShapes, config: Any = None, dtype: str = "keep",
-            force: bool = False, progress: bool = True) -> str:
-    """ImageReward.pt `src` -> converted folder `out` (written atomically); its path."""
+            force: bool = False, progress: bool = True, plan_class: type = ConversionPlan) -> str:
+    """ImageReward.pt `src` (or, with another `plan_class`, its checkpoint) -> converted folder `out`
+    (written atomically); its path."""
     out = check_new_output(out, force)
-    plan = ConversionPlan.build(src, parameter_shapes, config)
+    plan = plan_class.build(src, parameter_shapes, config)
     try:
         specs = [(name, plan.out_dtype(name, dtype), plan.shapes[name]) for name in plan.names]
         if plan.unused:

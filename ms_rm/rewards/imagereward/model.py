@@ -85,6 +85,10 @@ class ImageReward(CompiledCell):
             self.visual_encoder = VisionTransformer(config.vision)
             self.text_encoder = TextEncoder(config.text, config.vision.width)
             self.mlp = MLP(config.text.width, tuple(config.mlp_widths))
+        self._init_transform()
+
+    def _init_transform(self) -> None:
+        """The ReFL transform's constants and its matrix cache (shared with the BLIP score)."""
         self.pixel_mean = Tensor(np.asarray(PIXEL_MEAN, np.float32).reshape(1, 3, 1, 1))
         self.pixel_std = Tensor(np.asarray(PIXEL_STD, np.float32).reshape(1, 3, 1, 1))
         self._matrices: "OrderedDict[Tuple[int, int, bool], Tuple[Tensor, Tensor]]" = OrderedDict()
