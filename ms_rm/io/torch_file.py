@@ -16,7 +16,7 @@ import ctypes.util
 import os
 import pickle
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -59,9 +59,13 @@ def _refusal(error: Exception) -> str:
 class TorchStateFile(TensorSource):
     """A torch state dict file: {name: tensor}, read tensor by tensor as numpy arrays."""
 
-    def __init__(self, path: str, non_float_ok: Callable[[str], bool] = lambda key: False):
+    def __init__(self, path: str, non_float_ok: Callable[[str], bool] = lambda key: False,
+                 state_key: Optional[str] = None):
         """non_float_ok(key): whether a non-float tensor under `key` is accepted (one the caller
-        declares unused, such as an integer index buffer); any other non-float tensor is refused."""
+        declares unused, such as an integer index buffer); any other non-float tensor is refused.
+        state_key: a training checkpoint's entry that holds the state dict (open_clip's and HPSv2's
+        {'state_dict': {...}, 'epoch': ...}); when the file has it, the state dict is that entry and
+        the file's other entries are listed in `outer` (name -> type), never read as weights."""
         self.path = os.fspath(path)
         try:
             import torch
@@ -87,6 +91,10 @@ class TorchStateFile(TensorSource):
         except Exception as e:   # on corrupt bytes torch's reader can raise almost anything
             raise CheckpointError(f"{self.path}: cannot read: corrupt or truncated torch file "
                                   f"({type(e).__name__}: {_first_reason(e)})") from None
+        self.outer: Dict[str, str] = {}
+        if state_key is not None and isinstance(state, dict) and isinstance(state.get(state_key), dict):
+            self.outer = {str(k): type(v).__name__ for k, v in state.items() if k != state_key}
+            state = state[state_key]
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: expected a state dict (name -> tensor), "
                                   f"got {type(state).__name__}")

@@ -17,9 +17,10 @@ from ..io.converted import MANIFEST_FILE, manifest_format
 from .base import INPUT_KINDS, RewardModel
 from .clip import CLIPModel
 from .diffusion_rm import DiffusionRM
+from .hpsv2 import HPSv2
 from .imagereward import ImageReward
 
-REWARD_MODELS: Dict[str, Type[RewardModel]] = {cls.name: cls for cls in (DiffusionRM, ImageReward, CLIPModel)}
+REWARD_MODELS: Dict[str, Type[RewardModel]] = {cls.name: cls for cls in (DiffusionRM, ImageReward, CLIPModel, HPSv2)}
 
 
 def reward_model_class(path: str) -> Type[RewardModel]:
@@ -44,5 +45,5 @@ def load_reward_model(path: str, dtype: ms.Type = ms.float32, mode: str = "graph
     return reward_model_class(path).from_pretrained(path, dtype=dtype, mode=mode, verify=verify)
 
 
-__all__ = ["RewardModel", "REWARD_MODELS", "INPUT_KINDS", "CLIPModel", "DiffusionRM", "ImageReward",
+__all__ = ["RewardModel", "REWARD_MODELS", "INPUT_KINDS", "CLIPModel", "DiffusionRM", "HPSv2", "ImageReward",
            "load_reward_model", "reward_model_class"]

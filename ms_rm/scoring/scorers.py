@@ -43,6 +43,7 @@ from ..rewards.diffusion_rm.model import RewardInputs
 from ..rewards.diffusion_rm.noise import NOISE_POLICIES, NoisePolicy  # noqa: F401  (NOISE_POLICIES: this module's name too)
 from .clip import CLIPScorer, PickScoreScorer
 from .images import SIZE_POLICIES, fitted_size, group_by_size, preprocess, split_batch
+from .hpsv2 import HPSv2Scorer
 from .imagereward import ImageRewardScorer
 from .jpeg import JpegCompressibilityScorer, JpegIncompressibilityScorer
 
@@ -284,4 +285,4 @@ def _rows(tensor: Tensor, indices: List[int]) -> Tensor:
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
                                                        DiffusionRMZImageScorer, PickScoreScorer, CLIPScorer,
                                                        ImageRewardScorer, JpegCompressibilityScorer,
-                                                       JpegIncompressibilityScorer)}
+                                                       JpegIncompressibilityScorer, HPSv2Scorer)}
