@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from .generator import GENERATOR_CASES, run_generator_case
     from .refl_parity import REFL_CASES, run_refl_case
     from .harness import run_case, run_checkpoint
+    from .hpsv2_parity import HPSV2_CASES, run_hpsv2_case
     from .imagereward import IMAGEREWARD_CASES, run_imagereward_case
 
     # Cases outside the reward-model case table, fp32 only: name -> (description, runner).
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
                   **{n: (d, run_flow_case) for n, d in FLOW_CASES.items()},
                   **{n: (d, run_refl_case) for n, d in REFL_CASES.items()},
                   **{n: (d, run_clip_case) for n, d in CLIP_CASES.items()},
+                  **{n: (d, run_hpsv2_case) for n, d in HPSV2_CASES.items()},
                   **{n: (d, run_imagereward_case) for n, d in IMAGEREWARD_CASES.items()}}
     if args.list:
         width = max(map(len, list(CASES) + list(fp32_cases)))

@@ -37,6 +37,7 @@ SCORE_COMMANDS: Dict[str, Dict[str, Command]] = {          # registry name -> {i
     "diffusion-rm": {"latents": score.LATENTS, "pixels": score_images.IMAGES},
     "clip": {"pixels": score_images.CLIP},
     "imagereward": {"pixels": score_images.IMAGEREWARD},
+    "hpsv2": {"pixels": score_images.HPSV2},
 }
 CONVERT_COMMANDS: Dict[str, Command] = {
     "diffusion-rm": convert.DIFFUSION_RM,

@@ -19,6 +19,7 @@ from ..rewards import REWARD_MODELS
 from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
 from ..scoring.clip import CLIPScorer
+from ..scoring.hpsv2 import HPSv2Scorer
 from ..scoring.imagereward import ImageRewardScorer
 from ..scoring.runs import PromptTable, read_pairs, score_pairs, write_jsonl
 from ..vae.encoder import load_vae_encoder
@@ -106,6 +107,13 @@ def run_imagereward(args: argparse.Namespace) -> int:
     return _score(scorer, pairs, args)
 
 
+def run_hpsv2(args: argparse.Namespace) -> int:
+    pairs = _pairs(args)
+    scorer = HPSv2Scorer(args.model, tokenizer_path=args.tokenizer, mode=args.mode, max_batch=args.batch_size,
+                         verify=args.verify)
+    return _score(scorer, pairs, args)
+
+
 def run_model(args: argparse.Namespace) -> int:
     """A pixels reward model that scores (images, prompts) itself: `score(images, prompts)` of the
     model --reward names, loaded from its folder."""
@@ -166,6 +174,14 @@ def _add_imagereward_arguments(ir: argparse.ArgumentParser) -> None:
     _add_pair_arguments(ir)
 
 
+def _add_hpsv2_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a folder written by ms-rm convert --reward hpsv2")
+    parser.add_argument("--tokenizer", help="CLIP's bpe_simple_vocab_16e6.txt.gz (open_clip's), a CLIP tokenizer's "
+                                            "merges.txt, or a folder with either (default: the model folder)")
+    _add_pair_arguments(parser)
+    parser.add_argument("--verify", action="store_true", help="check the model files' sha256 first")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the model's folder (as ms-rm convert --reward NAME writes it)")
     _add_pair_arguments(parser)
@@ -187,6 +203,13 @@ IMAGEREWARD = Command(
     description="Score image files against prompts with ImageReward in MindSpore (the package's preprocessing and "
                 "BLIP tokenizer). One score per pair on stdout (score, image).",
     add_arguments=_add_imagereward_arguments, run=run_imagereward)
+
+HPSV2 = Command(
+    help="score image files against prompts with HPSv2",
+    description="Score image files against prompts with HPSv2 (a folder ms-rm convert --reward hpsv2 wrote) in "
+                "MindSpore: hpsv2's preprocess_val and open_clip's tokenizer. One score per pair on stdout "
+                "(score, image).",
+    add_arguments=_add_hpsv2_arguments, run=run_hpsv2)
 
 
 def pixels_command(cls) -> Command:
