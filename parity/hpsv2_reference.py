@@ -137,6 +137,10 @@ def open_clip():
     wheels = glob.glob(os.path.join(hpsv2_folder(), "hpsv2-1.2.0-*.whl"))
     if not wheels:
         raise FileNotFoundError(f"{hpsv2_folder()}: no hpsv2-1.2.0 wheel; run, in the checkout, {HPSV2_DOWNLOAD}")
+    try:                                        # transformers records ftfy's and torchvision's absence first, so its
+        import transformers.utils.import_utils  # noqa: F401  (CLIPTokenizer elsewhere in the process is unchanged)
+    except ImportError:
+        pass
     if not os.path.isdir(os.path.join(ftfy_folder(), "ftfy")):
         try:
             import ftfy  # noqa: F401
@@ -149,10 +153,6 @@ def open_clip():
         import torchvision  # noqa: F401
         shimmed = False
     except ImportError:
-        try:                                    # transformers records torchvision's absence first
-            import transformers.utils.import_utils  # noqa: F401
-        except ImportError:
-            pass
         _torchvision_shim()
         shimmed = True
     root = tempfile.mkdtemp(prefix="hpsv2-open-clip-")
@@ -175,3 +175,28 @@ def open_clip():
             for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
                 del sys.modules[name]
     return _MODULE
+
+
+def open_clip3_files(folder: str):
+    """(its tokenize function, its ViT-H-14 model config) from the open-clip-torch 3.3.0 wheel (.deps/open-clip):
+    tokenizer.py has no package imports, so it is executed on its own beside the wheel's BPE file."""
+    import importlib.util
+    import json
+
+    from .clip_parity import open_clip_folder
+
+    wheels = glob.glob(os.path.join(open_clip_folder(), "open_clip_torch-3.3.0-*.whl"))
+    if not wheels:
+        from .clip_parity import OPEN_CLIP_DOWNLOAD
+        raise FileNotFoundError(f"{open_clip_folder()}: no open_clip_torch-3.3.0 wheel; run {OPEN_CLIP_DOWNLOAD}")
+    os.makedirs(folder, exist_ok=True)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for member in ("open_clip/tokenizer.py", "open_clip/bpe_simple_vocab_16e6.txt.gz"):
+            with open(os.path.join(folder, os.path.basename(member)), "wb") as f:
+                f.write(wheel.read(member))
+        config = json.loads(wheel.read("open_clip/model_configs/ViT-H-14.json"))
+    open_clip()                                 # ftfy on the path, after transformers has looked for it
+    spec = importlib.util.spec_from_file_location("open_clip3_tokenizer", os.path.join(folder, "tokenizer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tokenize, config

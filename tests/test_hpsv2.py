@@ -158,6 +158,16 @@ def test_tokenizer_ids_equal_open_clips(tiny):
     np.testing.assert_array_equal(tiny["tokenizer"](PROMPTS).numpy(), reference)    # get_tokenizer(name)
 
 
+def test_open_clip_3_tokenizer_and_vit_h_14_config_agree(tiny, tmp_path):
+    """open-clip-torch 3.3.0's own tokenize (its SimpleTokenizer, 'lower' cleaning) gives the same ids,
+    and its ViT-H-14.json is hpsv2's (VIT_H_14)."""
+    from ms_rm_parity.hpsv2_reference import open_clip3_files
+
+    tokenize, config = open_clip3_files(str(tmp_path / "oc3"))
+    np.testing.assert_array_equal(OpenCLIPTokenizer(tiny["bpe"])(PROMPTS), tokenize(PROMPTS).numpy())
+    assert config == VIT_H_14
+
+
 def test_tokenizer_without_ftfy_differs_only_where_ftfy_repairs(tiny):
     oc = open_clip()
     plain = ["a photo of a cat", "  Two   CATS\n&amp; a dog  ", "it's what we'd've done"]
@@ -227,6 +237,19 @@ def _save(tmp_path, name, payload):
     path = str(tmp_path / name)
     torch.save(payload, path)
     return path
+
+
+def test_a_wrong_map_fails_parity(tiny, tmp_path, monkeypatch):
+    """The comparison can fail: q and k swapped in the in_proj split (shapes still fit) moves the scores
+    far beyond the bound."""
+    from ms_rm.rewards.hpsv2 import conversion
+
+    monkeypatch.setattr(conversion, "_QKV", ("k_proj", "q_proj", "v_proj"))
+    out = HPSv2.convert(tiny["pt"], str(tmp_path / "swapped"), model_config=tiny["config"], progress=False)
+    images, prompts = _images(), ["a red cube", "two cats on a table"]
+    reference = _reference_scores(tiny, images, prompts)
+    swapped = HPSv2Scorer(out, tokenizer_path=tiny["bpe"], mode="pynative")(images, prompts)
+    assert np.abs(np.array(swapped) - reference).max() > 100 * 1.6e-5 * np.abs(reference).max()
 
 
 def test_bad_checkpoints_get_one_line_errors_naming_the_files_keys(tiny, tmp_path):
