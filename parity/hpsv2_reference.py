@@ -200,3 +200,35 @@ def open_clip3_files(folder: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.tokenize, config
+
+
+def img_score_function(model, preprocess_val, root: str):
+    """hpsv2's own `img_score.score(img_path, prompt, cp=...)`, executed from the wheel's source, with its
+    model_dict filled with `model` and `preprocess_val` (so initialize_model, which would download the
+    laion2B ViT-H-14 weights, does nothing) and `root` as its cache folder. The modules it imports that
+    are not the wheel's open_clip (hpsv2.utils' root_path / hps_version_map, clint's progress bar,
+    requests, huggingface_hub: used only to download) are stubs for the call."""
+    from .upstream_eval import hpsv2_folder
+
+    oc = open_clip()
+    wheel = glob.glob(os.path.join(hpsv2_folder(), "hpsv2-1.2.0-*.whl"))[0]
+    with zipfile.ZipFile(wheel) as archive:
+        source = archive.read("hpsv2/img_score.py").decode("utf-8")
+    stubs = {name: types.ModuleType(name) for name in ("hpsv2", "hpsv2.src", "hpsv2.utils", "clint", "clint.textui",
+                                                      "requests", "huggingface_hub")}
+    stubs["hpsv2.utils"].root_path, stubs["hpsv2.utils"].hps_version_map = root, {}
+    stubs["clint.textui"].progress = None
+    stubs["hpsv2.src.open_clip"] = oc
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        namespace = {"__name__": "hpsv2_img_score"}
+        exec(compile(source, f"{wheel}/hpsv2/img_score.py", "exec"), namespace)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    namespace["model_dict"].update(model=model, preprocess_val=preprocess_val)
+    return namespace["score"]

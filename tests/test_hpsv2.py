@@ -95,6 +95,18 @@ def test_scores_match_hpsv2_score_function(tiny, scorer):
     assert len(set(np.round(ours, 6))) == 2
 
 
+def test_scores_equal_hpsv2s_own_img_score_score(tiny, scorer):
+    """hpsv2's img_score.score itself (from the wheel; its model_dict holding the tiny model, cp= the
+    tiny .pt in the released layout, which it loads with load_state_dict(checkpoint['state_dict']))."""
+    from ms_rm_parity.hpsv2_reference import img_score_function
+
+    score = img_score_function(tiny["model"], tiny["preprocess"], os.path.join(tiny["folder"], "hps-root"))
+    images, prompt = _images(sizes=((37, 53), (40, 40), (28, 28))), "a red cube on a table"
+    reference = np.array(score(images, prompt, cp=tiny["pt"]), dtype=np.float64)
+    ours = scorer(images, [prompt] * len(images))
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1.6e-5 * np.abs(reference).max())
+
+
 def test_preprocessing_is_hpsv2s_resize_max_size_and_pad(tiny, scorer):
     """Sizes and pad offsets as hpsv2's ResizeMaxSize, the pad zeros before normalising, images of
     several modes; an unresized image's pixel values are bit for bit hpsv2's; and the 8-bit forms
@@ -131,6 +143,7 @@ def test_preprocessing_is_hpsv2s_resize_max_size_and_pad(tiny, scorer):
     np.testing.assert_allclose(scorer(floats, prompts), whole, rtol=1e-6, atol=1e-7)
     split = HPSv2Scorer(model=scorer.model, tokenizer_path=tiny["bpe"], max_batch=1)(images, prompts)
     np.testing.assert_allclose(split, whole, rtol=1e-6, atol=1e-7)
+    assert scorer.score(arrays, prompts) == scorer(arrays, prompts)        # the search objective's spelling
     np.testing.assert_allclose(scorer.score_pixels(floats, prompts).asnumpy(), whole, rtol=1e-5, atol=1e-6)
 
 

@@ -118,6 +118,10 @@ class HPSv2Scorer:
             scores += [float(v) for v in values.asnumpy()]
         return scores
 
+    def score(self, images: Any, prompts: Sequence[str]) -> List[float]:
+        """`scorer(images, prompts)`, under the name the search objective (ms_rm.search) calls."""
+        return self(images, prompts)
+
     def score_pixels(self, pixels: Any, prompts: Sequence[str]) -> Tensor:
         """(B,) scores of float pixels (B, 3, H, W) in [0, 1], differentiable with respect to them:
         `ms.grad(lambda x: scorer.score_pixels(x, prompts).sum())(pixels)`."""
