@@ -27,17 +27,23 @@ from ms_rm_parity.cli import main as parity_main  # noqa: E402
 from ms_rm_parity.hpsv2_parity import build_tiny, tiny_model_config  # noqa: E402
 from ms_rm_parity.hpsv2_reference import bpe_file, open_clip  # noqa: E402
 
-try:
-    open_clip()                       # the hpsv2 wheel's open_clip, with ftfy (tools/fetch-test-deps)
-except FileNotFoundError as error:    # no .deps: a skip here, a failure in CI (which runs fetch-test-deps)
-    if os.environ.get("CI"):
-        raise
-    pytest.skip(str(error), allow_module_level=True)
+
+
+def _reference():
+    """The hpsv2 wheel's open_clip, with ftfy (tools/fetch-test-deps); without .deps a skip, in CI
+    (which runs fetch-test-deps) a failure."""
+    try:
+        return open_clip()
+    except FileNotFoundError as error:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(folder, torch model, preprocess_val, tokenizer, .pt path, model config path, converted, bpe)."""
+    _reference()
     folder = str(tmp_path_factory.mktemp("hpsv2"))
     model, preprocess_val, tokenizer, pt, config_path = build_tiny(folder, "gelu", seed=5)
     converted = HPSv2.convert(pt, os.path.join(folder, "converted"), model_config=config_path, progress=False)
@@ -71,6 +77,7 @@ def test_parity_case_hpsv2_tiny(tmp_path):
     """`ms-rm parity --case hpsv2-tiny`: pixel values of PIL images of several sizes and modes, image and
     text features, scores, and the pixel gradient within the tolerance policy of the hpsv2 wheel's own
     open_clip, graph mode, both activations."""
+    _reference()
     out = tmp_path / "r.json"
     assert parity_main(["--case", "hpsv2-tiny", "--mode", "graph", "--json", str(out)]) == 0
     reports = json.loads(out.read_text())["reports"]
@@ -82,6 +89,7 @@ def test_parity_case_hpsv2_tiny(tmp_path):
 
 
 def test_parity_case_hpsv2_tiny_large_weights(tmp_path):
+    _reference()
     out = tmp_path / "r.json"
     assert parity_main(["--case", "hpsv2-tiny-large-weights", "--mode", "pynative", "--json", str(out)]) == 0
     assert all(r["passed"] for r in json.loads(out.read_text())["reports"])
@@ -195,7 +203,7 @@ def test_vit_h_14_builds_with_open_clips_parameter_count_and_every_key_maps():
     """The released ViT-H/14 (hpsv2's model config) on torch's meta device (no weights): ms_rm's
     model has open_clip's parameter count (986.1M), and the converter's key map predicts exactly
     open_clip's state-dict keys and shapes."""
-    oc = open_clip()
+    oc = _reference()
     with torch.device("meta"):
         reference = oc.CLIP(**oc.get_model_config("ViT-H-14"))
     assert oc.get_model_config("ViT-H-14") == VIT_H_14
