@@ -375,3 +375,25 @@ def test_cli_convert_and_score(tiny, scorer, tmp_path, capsys):
     assert cli(args) == 0
     printed = [float(line.split("\t")[0]) for line in capsys.readouterr().out.strip().splitlines()]
     np.testing.assert_allclose(printed, scorer(_images(), ["a red cube", "two cats"]), atol=2e-6)
+
+
+def test_eval_on_preference_pairs(tiny, scorer, tmp_path, capsys):
+    """`ms-rm eval pairs.jsonl --reward hpsv2 FOLDER tokenizer=BPE`: each pair's two scores are the scorer's."""
+    from ms_rm.cli import main as cli
+
+    images = _images(sizes=((30, 44), (40, 40), (33, 20), (28, 28)))
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    prompts = ["a red cube", "two cats"]
+    lines = [{"prompt": prompts[0], "chosen": "0.png", "rejected": "1.png"},
+             {"prompt": prompts[1], "chosen": "2.png", "rejected": "3.png"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert cli(["eval", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "eval"), "--reward", "hpsv2",
+                tiny["converted"], f"tokenizer={tiny['bpe']}", "--mode", "pynative", "--no-progress",
+                "--no-plot"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "scores" / "hpsv2.jsonl").read_text().splitlines()]
+    got = {os.path.basename(r["key"].split("\t")[0]): r["score"] for r in rows if "key" in r}
+    expected = scorer(images, [prompts[0], prompts[0], prompts[1], prompts[1]])
+    np.testing.assert_allclose([got[f"{i}.png"] for i in range(4)], expected, atol=2e-6)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert "hpsv2" in json.dumps(report)
