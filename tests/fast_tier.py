@@ -49,6 +49,9 @@ FAST_TIER = {
     "ms_rm.rewards.clip": [
         "tests/test_clip.py::test_non_rgb_images_are_converted_as_clip_image_processor_does",
     ],
+    "ms_rm.rewards.hpsv2": [
+        "tests/test_hpsv2.py::test_unsupported_open_clip_configs_are_config_errors",
+    ],
     "ms_rm.rewards.imagereward": [
         "tests/test_imagereward.py::test_config_round_trips_and_refuses_nonsense",
     ],

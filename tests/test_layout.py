@@ -338,6 +338,7 @@ def test_fetch_test_deps_runs_the_commands_the_parity_errors_name():
     assert _constant(ROOT / "parity" / "imagereward_reference.py", "INSTALL") in script
     assert _constant(ROOT / "parity" / "clip_parity.py", "OPEN_CLIP_DOWNLOAD") in script
     assert _constant(ROOT / "parity" / "upstream_eval.py", "HPSV2_DOWNLOAD") in script
+    assert _constant(ROOT / "parity" / "hpsv2_reference.py", "FTFY_INSTALL") in script
     assert os.access(ROOT / "tools" / "fetch-test-deps", os.X_OK)
 
 

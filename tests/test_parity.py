@@ -168,11 +168,12 @@ def test_builders_draw_at_the_reference_initialisers_scale_and_large_cases_reach
 def test_every_registered_reward_model_has_parity_cases():
     from ms_rm import REWARD_MODELS
 
-    from ms_rm_parity import aesthetic_parity, blip_score, clip_parity, imagereward
+    from ms_rm_parity import aesthetic_parity, blip_score, clip_parity, hpsv2_parity, imagereward
 
     covered = {case.reward_model for case in CASES.values()}
     for module, cases in ((imagereward, imagereward.IMAGEREWARD_CASES), (clip_parity, clip_parity.CLIP_CASES),
-                          (aesthetic_parity, aesthetic_parity.AESTHETIC_CASES), (blip_score, blip_score.BLIP_SCORE_CASES)):
+                          (aesthetic_parity, aesthetic_parity.AESTHETIC_CASES), (blip_score, blip_score.BLIP_SCORE_CASES),
+                          (hpsv2_parity, hpsv2_parity.HPSV2_CASES)):
         covered |= {module.REWARD_MODEL} if cases else set()
     assert set(REWARD_MODELS) <= covered, sorted(set(REWARD_MODELS) - covered)
 

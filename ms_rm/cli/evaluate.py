@@ -12,6 +12,7 @@ has 'generations' or 'image_path'). Each --reward names a kind and its folder, t
   (SD3). The noise levels: --u-grid; the headline u: u=.
 * clip FOLDER (PickScore, CLIP score): processor=, tokenizer=, image_processor=, scale=cosine|logit;
 * imagereward FOLDER: tokenizer=DIR (bert-base-uncased's vocab.txt);
+* hpsv2 FOLDER: tokenizer=FILE (CLIP's bpe_simple_vocab_16e6.txt.gz, a merges.txt, or their folder);
 * any other registered pixels model: its folder.
 Every reward takes label=NAME (default: its kind) and weight=W (its weight in the combination,
 reported when any reward has one).
@@ -41,6 +42,7 @@ OPTIONS = {                         # kind: the KEY=VALUE options it takes (besi
     "diffusion-rm": ("vae", "text_encoders", "prompt_embeddings", "u", "normalize", "max_sequence_length"),
     "clip": ("processor", "tokenizer", "image_processor", "scale"),
     "imagereward": ("tokenizer",),
+    "hpsv2": ("tokenizer",),
 }
 
 
@@ -109,6 +111,11 @@ def _reward(spec: Dict, prompts: List[str], latent: bool, folder: str, args: arg
 
         scorer = ImageRewardScorer(spec["folder"], tokenizer=spec.get("tokenizer"), mode=args.mode,
                                    max_batch=args.batch_size)
+    elif kind == "hpsv2":
+        from ..scoring.hpsv2 import HPSv2Scorer
+
+        scorer = HPSv2Scorer(spec["folder"], tokenizer_path=spec.get("tokenizer"), mode=args.mode,
+                             max_batch=args.batch_size)
     else:
         from ..rewards import REWARD_MODELS
 

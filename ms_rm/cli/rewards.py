@@ -38,6 +38,7 @@ SCORE_COMMANDS: Dict[str, Dict[str, Command]] = {          # registry name -> {i
     "clip": {"pixels": score_images.CLIP},
     "imagereward": {"pixels": score_images.IMAGEREWARD},
     "blip-score": {"pixels": score_images.BLIP_SCORE},
+    "hpsv2": {"pixels": score_images.HPSV2},
 }
 CONVERT_COMMANDS: Dict[str, Command] = {
     "diffusion-rm": convert.DIFFUSION_RM,

@@ -21,6 +21,7 @@ from ..rewards.diffusion_rm import DiffusionRM
 from ..scoring import DiffusionRMScorer
 from ..scoring.blip_score import BLIPScoreScorer
 from ..scoring.clip import CLIPScorer
+from ..scoring.hpsv2 import HPSv2Scorer
 from ..scoring.imagereward import ImageRewardScorer
 from ..scoring.runs import PromptTable, read_pairs, score_pairs, write_jsonl
 from ..vae.encoder import load_vae_encoder
@@ -111,6 +112,10 @@ def run_imagereward(args: argparse.Namespace) -> int:
 def run_blip_score(args: argparse.Namespace) -> int:
     pairs = _pairs(args)
     scorer = BLIPScoreScorer(args.model, tokenizer=args.tokenizer, mode=args.mode, max_batch=args.batch_size)
+def run_hpsv2(args: argparse.Namespace) -> int:
+    pairs = _pairs(args)
+    scorer = HPSv2Scorer(args.model, tokenizer_path=args.tokenizer, mode=args.mode, max_batch=args.batch_size,
+                         verify=args.verify)
     return _score(scorer, pairs, args)
 
 
@@ -179,6 +184,12 @@ def _add_blip_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True,
                         help="folder with bert-base-uncased's vocab.txt (BLIP's tokenizer; nothing is downloaded)")
     _add_pair_arguments(parser)
+def _add_hpsv2_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a folder written by ms-rm convert --reward hpsv2")
+    parser.add_argument("--tokenizer", help="CLIP's bpe_simple_vocab_16e6.txt.gz (open_clip's), a CLIP tokenizer's "
+                                            "merges.txt, or a folder with either (default: the model folder)")
+    _add_pair_arguments(parser)
+    parser.add_argument("--verify", action="store_true", help="check the model files' sha256 first")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +219,12 @@ BLIP_SCORE = Command(
     description="Score image files against prompts with the BLIP score (the image-reward package's BLIPScore: the "
                 "cosine of BLIP's image and text features) in MindSpore. One score per pair on stdout (score, image).",
     add_arguments=_add_blip_score_arguments, run=run_blip_score)
+HPSV2 = Command(
+    help="score image files against prompts with HPSv2",
+    description="Score image files against prompts with HPSv2 (a folder ms-rm convert --reward hpsv2 wrote) in "
+                "MindSpore: hpsv2's preprocess_val and open_clip's tokenizer. One score per pair on stdout "
+                "(score, image).",
+    add_arguments=_add_hpsv2_arguments, run=run_hpsv2)
 
 
 def pixels_command(cls) -> Command:

@@ -60,11 +60,13 @@ class TorchStateFile(TensorSource):
     """A torch state dict file: {name: tensor}, read tensor by tensor as numpy arrays."""
 
     def __init__(self, path: str, non_float_ok: Callable[[str], bool] = lambda key: False,
-                 entry: Optional[str] = None):
+                 entry: Optional[str] = None, entry_required: bool = True):
         """non_float_ok(key): whether a non-float tensor under `key` is accepted (one the caller
         declares unused, such as an integer index buffer); any other non-float tensor is refused.
-        entry: the state dict is the file's top-level entry of this name (BLIP's {"model": ...});
-        the names of the file's other top-level entries are kept in `other_entries`."""
+        entry: the file's top-level entry that holds the state dict (BLIP's {"model": ...}, open_clip's
+        and HPSv2's {"state_dict": ..., "epoch": ...}); the file's other entries are listed in `outer`
+        (name -> type), never read as weights. entry_required=False: a file without that entry is
+        the state dict itself."""
         self.path = os.fspath(path)
         try:
             import torch
@@ -90,14 +92,16 @@ class TorchStateFile(TensorSource):
         except Exception as e:   # on corrupt bytes torch's reader can raise almost anything
             raise CheckpointError(f"{self.path}: cannot read: corrupt or truncated torch file "
                                   f"({type(e).__name__}: {_first_reason(e)})") from None
-        self.other_entries: List[str] = []
+        self.outer: Dict[str, str] = {}
         if entry is not None:
-            if not isinstance(state, dict) or not isinstance(state.get(entry), dict):
+            has_entry = isinstance(state, dict) and isinstance(state.get(entry), dict)
+            if not has_entry and entry_required:
                 found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
                 raise CheckpointError(f"{self.path}: expected a dict holding the state dict under '{entry}', "
                                       f"got {found}")
-            self.other_entries = [str(k) for k in state if k != entry]
-            state = state[entry]
+            if has_entry:
+                self.outer = {str(k): type(v).__name__ for k, v in state.items() if k != entry}
+                state = state[entry]
         if not isinstance(state, dict):
             raise CheckpointError(f"{self.path}: expected a state dict (name -> tensor), "
                                   f"got {type(state).__name__}")

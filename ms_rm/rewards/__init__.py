@@ -19,10 +19,11 @@ from .base import INPUT_KINDS, RewardModel
 from .blip_score import BLIPScore
 from .clip import CLIPModel
 from .diffusion_rm import DiffusionRM
+from .hpsv2 import HPSv2
 from .imagereward import ImageReward
 
 REWARD_MODELS: Dict[str, Type[RewardModel]] = {cls.name: cls for cls in (DiffusionRM, ImageReward, CLIPModel,
-                                                                    Aesthetic, BLIPScore)}
+                                                                    Aesthetic, BLIPScore, HPSv2)}
 
 
 def reward_model_class(path: str) -> Type[RewardModel]:
@@ -47,5 +48,6 @@ def load_reward_model(path: str, dtype: ms.Type = ms.float32, mode: str = "graph
     return reward_model_class(path).from_pretrained(path, dtype=dtype, mode=mode, verify=verify)
 
 
-__all__ = ["Aesthetic", "RewardModel", "REWARD_MODELS", "INPUT_KINDS", "BLIPScore", "CLIPModel", "DiffusionRM", "ImageReward",
+__all__ = ["Aesthetic", "RewardModel", "REWARD_MODELS", "INPUT_KINDS", "BLIPScore", "CLIPModel", "DiffusionRM", "HPSv2",
+           "ImageReward",
            "load_reward_model", "reward_model_class"]

@@ -45,6 +45,7 @@ from .aesthetic import AestheticScorer
 from .blip_score import BLIPScoreScorer
 from .clip import CLIPScorer, PickScoreScorer
 from .images import SIZE_POLICIES, fitted_size, group_by_size, preprocess, split_batch
+from .hpsv2 import HPSv2Scorer
 from .imagereward import ImageRewardScorer
 from .jpeg import JpegCompressibilityScorer, JpegIncompressibilityScorer
 
@@ -286,4 +287,5 @@ def _rows(tensor: Tensor, indices: List[int]) -> Tensor:
 SCORERS: Dict[str, type] = {cls.name: cls for cls in (DiffusionRMSD3Scorer, DiffusionRMFluxScorer,
                                                        DiffusionRMZImageScorer, PickScoreScorer, CLIPScorer,
                                                        ImageRewardScorer, JpegCompressibilityScorer,
-                                                       JpegIncompressibilityScorer, AestheticScorer, BLIPScoreScorer)}
+                                                       JpegIncompressibilityScorer, AestheticScorer, BLIPScoreScorer,
+                                                       HPSv2Scorer)}

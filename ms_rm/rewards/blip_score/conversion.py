@@ -111,7 +111,7 @@ class ConversionPlan(blip.ConversionPlan):
 
     def _account(self) -> None:
         super()._account()
-        for name in self.source.other_entries:
+        for name in self.source.outer:
             self.unused[f"{name} (top-level entry)"] = "not the model's weights: not read"
 
 
