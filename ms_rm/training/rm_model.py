@@ -107,7 +107,7 @@ class Trainee:
     adapted: List[str]                               # modules with LoRA factors, backbone-relative names
 
     def trained(self) -> List[Parameter]:
-        params = self.model.get_parameters()
+        params = list(self.model.get_parameters())
         if self.mode == "full":
             return [p for p in params if not p.name.endswith((".lora_A", ".lora_B"))]
         chosen = [p for p in params if p.name.startswith(HEAD) or p.name in ("eta3", "eta4")]
