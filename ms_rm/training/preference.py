@@ -59,9 +59,10 @@ def preference_loss(kind: str, chosen: Tensor, rejected: Tensor, sigma: Tensor) 
         return -log_sigmoid(delta - BT_MARGIN).mean()
     if kind == "thurstone":
         var = THURSTONE_SCALE * sigma.reshape(-1, 1).astype(delta.dtype) ** 2 + THURSTONE_MIN_VAR     # (B, 1)
+        p = normal_cdf(delta / ops.sqrt(var + var + EPS))
     else:                                   # "thurstone-constant" (kind is checked where it is read: check_loss)
         var = THURSTONE_CONSTANT_VAR
-    p = normal_cdf(delta / ops.sqrt(var + var + EPS))
+        p = normal_cdf(delta / (var + var + EPS) ** 0.5)
     return (1.0 - ops.sqrt(p + EPS)).mean()
 
 
