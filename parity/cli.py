@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from .flow_parity import FLOW_CASES, run_flow_case
     from .generator import GENERATOR_CASES, run_generator_case
     from .refl_parity import REFL_CASES, run_refl_case
+    from .rm_train_parity import RM_TRAIN_CASES, run_rm_train_case
     from .harness import run_case, run_checkpoint
     from .hpsv2_parity import HPSV2_CASES, run_hpsv2_case
     from .imagereward import IMAGEREWARD_CASES, run_imagereward_case
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
                   **{n: (d, run_generator_case) for n, d in GENERATOR_CASES.items()},
                   **{n: (d, run_flow_case) for n, d in FLOW_CASES.items()},
                   **{n: (d, run_refl_case) for n, d in REFL_CASES.items()},
+                  **{n: (v[0], run_rm_train_case) for n, v in RM_TRAIN_CASES.items()},
                   **{n: (d, run_clip_case) for n, d in CLIP_CASES.items()},
                   **{n: (d, run_hpsv2_case) for n, d in HPSV2_CASES.items()},
                   **{n: (d, run_imagereward_case) for n, d in IMAGEREWARD_CASES.items()},

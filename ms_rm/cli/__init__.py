@@ -3,7 +3,7 @@
 Errors that ms_rm raises on purpose print as one line on stderr with exit status 2; --debug
 shows the traceback instead. Under msrun every subcommand joins the job first (ms_rm.core.distributed);
 `score`, `score-images`, `score-clip`, `score-imagereward` and `eval` shard their samples, `refl`
-trains data-parallel.
+and `train-rm` train data-parallel.
 
 `score` and `convert` take `--reward NAME`, any model of the registry (ms_rm.rewards.REWARD_MODELS;
 ms_rm.cli.rewards): a newly registered model gets both commands without a change here.
@@ -17,11 +17,11 @@ import os
 import sys
 from typing import List, Optional
 
-from . import convert, demo, evaluate, flow, generate, parity, refl, rewards, score_images, search
+from . import convert, demo, evaluate, flow, generate, parity, refl, rewards, score_images, search, train_rm
 from .rewards import CommandParser
 
 # each: add_parsers(subparsers); rewards: `score` and `convert` over the reward-model registry
-SUBCOMMANDS = (demo, rewards, convert, score_images, evaluate, generate, refl, search, flow, parity)
+SUBCOMMANDS = (demo, rewards, convert, score_images, evaluate, generate, refl, train_rm, search, flow, parity)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.world.size > 1 and not getattr(sys.modules[args.func.__module__], "DISTRIBUTED", False):
             raise ConfigError(f"ms-rm {args.command} runs in one process; under msrun only score, score-images, "
-                              "score-clip, eval and refl split their work")
+                              "score-clip, eval, refl and train-rm split their work")
         return args.func(args)
     except MsRmError as e:
         if args.debug:

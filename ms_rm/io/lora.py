@@ -182,13 +182,15 @@ class LoraAdapter:
 
 
 # --- writing adapters ----------------------------------------------------------------------------
-def write_adapter(folder: str, factors: Mapping[str, np.ndarray], rank: int, alpha: float, targets) -> None:
+def write_adapter(folder: str, factors: Mapping[str, np.ndarray], rank: int, alpha: float, targets,
+                  exclude=None, init_lora_weights=True) -> None:
     """adapter_config.json + adapter_model.safetensors (peft's format) into an open folder; factors:
     {base_model.model.{module}.lora_A/B.weight: array} (a generator's lora_state())."""
     write_json(os.path.join(folder, ADAPTER_CONFIG), {
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(set(targets)),
-        "exclude_modules": None, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
-        "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+        "exclude_modules": None if exclude is None else sorted(set(exclude)), "lora_dropout": 0.0, "bias": "none",
+        "use_rslora": False, "use_dora": False,
+        "fan_in_fan_out": False, "init_lora_weights": init_lora_weights, "rank_pattern": {}, "alpha_pattern": {},
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "task_type": None,
         "inference_mode": True, "base_model_name_or_path": None, "revision": None})
     write_arrays(os.path.join(folder, ADAPTER_WEIGHTS), {k: np.asarray(v).astype(np.float32) for k, v in factors.items()})

@@ -1,4 +1,5 @@
-"""Reading the reference's torch `.pt` state dicts (rm_head.pt, full_model.pt), safely.
+"""The reference's torch `.pt` state dicts (rm_head.pt, full_model.pt): read safely, and written
+without torch.
 
 This is the one place ms_rm imports torch, inside `TorchStateFile`, and only ever with
 `torch.load(..., weights_only=True)`: a pickle that asks for anything but tensors and plain
@@ -7,6 +8,12 @@ containers is refused before any of it runs.
 Files in torch's zip format are memory-mapped, and each tensor is copied out when read; its
 pages of the mapping are then dropped from the process (madvise MADV_DONTNEED on the clean,
 read-only file mapping), so reading a large head does not leave the whole file resident.
+
+`write_state_dict` writes a state dict in torch's zip format with no torch installed (a trained
+head must be saved where only MindSpore runs): the pickle holds an OrderedDict of
+`torch._utils._rebuild_tensor_v2` calls over one storage per tensor, the globals that
+`torch.load(weights_only=True)` accepts, and each storage is stored uncompressed at a 64-byte
+aligned offset, as torch.save writes it.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ import ctypes.util
 import os
 import pickle
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+import struct
+import zipfile
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..core.errors import CheckpointError, MissingDependencyError
+from .files import atomic_file
 from .tensor_source import TensorSource
 
 
@@ -158,3 +168,68 @@ class TorchStateFile(TensorSource):
 
     def close(self) -> None:
         self._state = {}
+
+
+# --- writing ----------------------------------------------------------------------------------------
+_STORAGE_TYPES = {"float32": "FloatStorage", "float64": "DoubleStorage", "float16": "HalfStorage",
+                  "bfloat16": "BFloat16Storage", "int64": "LongStorage", "int32": "IntStorage"}
+_ALIGNMENT = 64                               # torch.save's storage alignment (mmap-friendly)
+
+
+def _pickle_int(value: int) -> bytes:
+    if -2 ** 31 <= value < 2 ** 31:
+        return b"J" + struct.pack("<i", value)                     # BININT
+    data = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data                    # LONG1
+
+
+def _pickle_str(value: str) -> bytes:
+    data = value.encode("utf-8")
+    return b"X" + struct.pack("<I", len(data)) + data              # BINUNICODE
+
+
+def _pickle_ints(values) -> bytes:
+    return b")" if not values else b"(" + b"".join(_pickle_int(int(v)) for v in values) + b"t"
+
+
+def _state_dict_pickle(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Protocol-2 pickle of OrderedDict{name: tensor}, storage k holding the k-th array."""
+    ordered_dict = b"ccollections\nOrderedDict\n)R"                # OrderedDict()
+    out = [b"\x80\x02", ordered_dict, b"("]
+    for key, (name, array) in enumerate(arrays.items()):
+        strides = [s // array.itemsize for s in array.strides] if array.size else [1] * array.ndim
+        storage = (b"(" + _pickle_str("storage") + b"ctorch\n" + _STORAGE_TYPES[array.dtype.name].encode() + b"\n"
+                   + _pickle_str(str(key)) + _pickle_str("cpu") + _pickle_int(array.size) + b"tQ")   # BINPERSID
+        out += [_pickle_str(name), b"ctorch._utils\n_rebuild_tensor_v2\n(", storage, _pickle_int(0),
+                _pickle_ints(array.shape), _pickle_ints(strides), b"\x89", ordered_dict, b"tR"]
+    out.append(b"u.")                                               # SETITEMS, STOP
+    return b"".join(out)
+
+
+def _aligned(archive: zipfile.ZipFile, fh, name: str, data: bytes) -> None:
+    """One stored (uncompressed) entry whose data starts at a multiple of _ALIGNMENT in the file."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    start = fh.tell() + 30 + len(name.encode()) + 4                 # local header + name + extra field header
+    info.extra = struct.pack("<HH", 0x4246, (-start) % _ALIGNMENT) + b"\0" * ((-start) % _ALIGNMENT)   # "FB" padding
+    archive.writestr(info, data)
+
+
+def write_state_dict(path: str, arrays: Mapping[str, np.ndarray]) -> str:
+    """{name: array} as a torch state dict file `path` (torch.load(path, weights_only=True) reads it
+    back as those tensors; bf16 arrays become bf16 tensors), written atomically; no torch needed."""
+    arrays = {k: np.require(v, requirements="C") for k, v in arrays.items()}         # (0-d stays 0-d)
+    bad = [k for k, v in arrays.items() if v.dtype.name not in _STORAGE_TYPES]
+    if bad:
+        raise CheckpointError(f"{path}: cannot write {bad[:5]} to a torch file: dtypes {sorted(_STORAGE_TYPES)} only")
+    prefix = os.path.splitext(os.path.basename(path))[0] or "archive"
+    with atomic_file(path, "wb") as fh:
+        with zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as archive:
+            _aligned(archive, fh, f"{prefix}/data.pkl", _state_dict_pickle(arrays))
+            _aligned(archive, fh, f"{prefix}/byteorder", b"little")
+            for key, array in enumerate(arrays.values()):
+                data = array.view(np.uint16).tobytes() if array.dtype.name == "bfloat16" else array.astype(
+                    array.dtype.newbyteorder("<")).tobytes()
+                _aligned(archive, fh, f"{prefix}/data/{key}", data)
+            _aligned(archive, fh, f"{prefix}/version", b"3\n")
+    return path
