@@ -29,7 +29,7 @@ MAY_IMPORT = {
     "generators": {"encoders", "backbones", "core", "io"},
     "search": {"core"},
     "flows": {"core", "io"},
-    "training": {"scoring", "generators", "rewards", "core", "io"},
+    "training": {"evaluation", "scoring", "generators", "rewards", "core", "io"},   # validation: the eval code
     "integrations": {"scoring", "encoders", "rewards", "core", "io"},
     "evaluation": {"scoring", "rewards", "core", "io"},
     "cli": {"evaluation", "training", "scoring", "generators", "search", "flows", "rewards", "encoders", "vae",

@@ -312,3 +312,37 @@ def test_steps_equal_the_reference_training_engine(case):
     assert report.passed, report.first_failure()
     stages = {r.stage: r for r in report.stages}
     assert stages["step3:update (significant gradients)"].cosine > 0.9999
+
+
+def test_image_pairs_are_encoded_once_into_latent_pairs(tmp_path):
+    from PIL import Image
+
+    from ms_rm.evaluation.data import read_pairs
+    from ms_rm.scoring.images import load_image, preprocess
+    from ms_rm.training.rm_trainer import encode_image_pairs, read_training_pairs
+    from ms_rm.vae.encoder import load_vae_encoder
+    from ms_rm.core.errors import InputError
+    from ms_rm_parity.vae_reference import build_reference_vae, tiny_vae_config
+
+    torch.manual_seed(0)
+    build_reference_vae(tiny_vae_config(), seed=0).save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "pairs.jsonl").write_text(
+        '{"prompt": "x", "chosen": "a.png", "rejected": "b.png"}\n{"prompt": "y", "chosen": "c.png", "rejected": "a.png"}\n')
+    with pytest.raises(InputError, match="pass --vae"):
+        read_training_pairs([str(tmp_path / "pairs.jsonl")])
+    pairs = read_training_pairs([str(tmp_path / "pairs.jsonl")], images=True)
+    vae = load_vae_encoder(str(tmp_path / "vae"), mode="pynative")
+    latent_pairs = encode_image_pairs(pairs, vae, str(tmp_path / "latents"), progress=False)
+    files = sorted(os.listdir(tmp_path / "latents"))
+    assert files == ["0000000.npy", "0000001.npy", "0000002.npy", "index.json", "pairs.jsonl"]   # a.png once
+    expected = vae.encode(preprocess([load_image(str(tmp_path / "c.png"))], "bucket")[0][None]).asnumpy()[0]
+    np.testing.assert_array_equal(np.load(latent_pairs[1].chosen.path), expected)
+    assert latent_pairs[1].rejected.path == latent_pairs[0].chosen.path
+    again = read_pairs(str(tmp_path / "latents" / "pairs.jsonl"))
+    assert [p.chosen.path for p in again] == [p.chosen.path for p in latent_pairs]
+    stamp = os.path.getmtime(tmp_path / "latents" / "0000000.npy")
+    encode_image_pairs(pairs, vae, str(tmp_path / "latents"), progress=False)                    # kept, not redone
+    assert os.path.getmtime(tmp_path / "latents" / "0000000.npy") == stamp

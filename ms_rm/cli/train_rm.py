@@ -68,10 +68,27 @@ def run(args: argparse.Namespace) -> int:
     paths = config.get("paths") or {}
     out = args.out or os.path.join(base, paths.get("save_dir", "outputs"), paths.get("run_name") or "run")
     data = config.get("data") or {}
-    train_pairs = read_training_pairs(data_files(data.get("train") or {}, base, f"{args.config} [data.train]"))
+    images = args.vae is not None
+    train_pairs = read_training_pairs(data_files(data.get("train") or {}, base, f"{args.config} [data.train]"), images)
     val_pairs = []
     for split, section in (data.get("eval") or {}).items():
-        val_pairs += read_training_pairs(data_files(section or {}, base, f"{args.config} [data.eval.{split}]"))
+        val_pairs += read_training_pairs(data_files(section or {}, base, f"{args.config} [data.eval.{split}]"), images)
+    if images:
+        from ..training.rm_trainer import encode_image_pairs
+        from ..vae.encoder import load_vae_encoder
+
+        if args.world.size > 1:
+            raise ConfigError("--vae: encode the image pairs in one process first (ms-rm train-rm CONFIG --vae DIR "
+                              "--encode-only), then point data.*.pairs at the latent pairs it writes and train under msrun")
+        vae = load_vae_encoder(args.vae, mode=args.mode)
+        cache = os.path.join(out, "latents")
+        train_pairs = encode_image_pairs(train_pairs, vae, os.path.join(cache, "train"), progress=not args.no_progress)
+        val_pairs = encode_image_pairs(val_pairs, vae, os.path.join(cache, "eval"), progress=not args.no_progress)
+        if args.encode_only:
+            logger.info("latent pairs: %s, %s", os.path.join(cache, "train", "pairs.jsonl"),
+                        os.path.join(cache, "eval", "pairs.jsonl"))
+            return 0
+        del vae
     transformer, scheduler = _base_folders(args, config, base)
     start, start_config, head_state = args.start, args.start_config, None
     if args.resume:
@@ -103,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-embeddings", metavar="NPZ", help="every prompt's SD3 embeddings (arrays prompts, "
                                                                   "encoder_hidden_states, pooled_projections)")
     parser.add_argument("--text-encoders", metavar="DIR", help="SD3's text encoders, to embed the prompts once")
+    parser.add_argument("--vae", metavar="DIR", help="the SD3 VAE: encode image pairs once into --out/latents "
+                                                     "(kept: an interrupted encoding resumes)")
+    parser.add_argument("--encode-only", action="store_true", help="with --vae: encode the pairs and stop")
     parser.add_argument("--start", metavar="CHECKPOINT", help="continue from a reference checkpoint folder "
                                                               "(backbone_lora/ + rm_head.pt)")
     parser.add_argument("--start-config", metavar="FILE", help="--start's config.json when it is not beside it")

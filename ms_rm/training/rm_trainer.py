@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import logging
 import os
 import re
@@ -156,14 +157,15 @@ def data_files(section: Mapping, base: str, source: str) -> List[str]:
     return files
 
 
-def read_training_pairs(files: Sequence[str]) -> List[Pair]:
-    """Every pair of the files, latents only (an image pair must be encoded first: `ms-rm train-rm` does)."""
+def read_training_pairs(files: Sequence[str], images: bool = False) -> List[Pair]:
+    """Every pair of the files; image pairs only with images=True (they must be encoded first:
+    encode_image_pairs, which `ms-rm train-rm --vae` runs)."""
     pairs: List[Pair] = []
     for path in files:
         for pair in read_pairs(path):
-            if not (pair.chosen.is_latent and pair.rejected.is_latent):
-                raise InputError(f"{pair.where}: training reads latents (.npy or parquet); encode image pairs first "
-                                 "(ms-rm train-rm encodes a pairs file of images once, cached)")
+            if not images and not (pair.chosen.is_latent and pair.rejected.is_latent):
+                raise InputError(f"{pair.where}: an image pair: training reads latents (.npy or parquet); pass --vae "
+                                 "(the SD3 VAE) to encode the pairs file's images once (cached)")
             pairs.append(pair)
     return pairs
 
@@ -459,3 +461,35 @@ def validate(trainee: Trainee, settings: RMTrainSettings, pairs: Sequence[Pair],
         return run()
     with ema.swapped():
         return run()
+
+
+# --- image pairs -> latent pairs ---------------------------------------------------------------------
+def encode_image_pairs(pairs: Sequence[Pair], vae, out: str, size_policy: str = "bucket",
+                       progress: bool = True) -> List[Pair]:
+    """Image pairs encoded once into .npy latents under `out` (the VAE's posterior mode, scaled as a
+    reward model reads them; sizes fitted by `size_policy`, default the 64-pixel buckets); a latent
+    already there is kept, so an interrupted encoding resumes. Returns the pairs over the latents.
+    `vae`: ms_rm.vae.encoder's model (load_vae_encoder)."""
+    from ..evaluation.data import Sample
+    from ..io.files import atomic_file
+    from ..scoring.images import load_image, preprocess
+
+    os.makedirs(out, exist_ok=True)
+    encoded: Dict[str, str] = {}
+    for pair in pairs:
+        for sample in (pair.chosen, pair.rejected):
+            if not sample.is_latent:
+                encoded.setdefault(sample.path, os.path.join(out, f"{len(encoded):07d}.npy"))
+    todo = [path for path, target in encoded.items() if not os.path.isfile(target)]
+    for path in tqdm(todo, desc="encoding pairs", unit="image", disable=not progress):
+        pixels = preprocess([load_image(path)], size_policy)[0][None]                # (1, 3, H, W) in [-1, 1]
+        latents = vae.encode(pixels).asnumpy()[0]                                     # (C, H/8, W/8)
+        with atomic_file(encoded[path], "wb") as f:
+            np.save(f, latents.astype(np.float32))
+    pick = lambda s: s if s.is_latent else Sample(encoded[s.path])
+    latent_pairs = [Pair(p.prompt, pick(p.chosen), pick(p.rejected), p.where) for p in pairs]
+    write_json(os.path.join(out, "index.json"), encoded)                     # image -> its latents file
+    with atomic_file(os.path.join(out, "pairs.jsonl")) as f:                 # the latent pairs, a pairs file too
+        for p in latent_pairs:
+            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen.path, "rejected": p.rejected.path}) + "\n")
+    return latent_pairs
