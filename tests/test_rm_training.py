@@ -346,3 +346,43 @@ def test_image_pairs_are_encoded_once_into_latent_pairs(tmp_path):
     stamp = os.path.getmtime(tmp_path / "latents" / "0000000.npy")
     encode_image_pairs(pairs, vae, str(tmp_path / "latents"), progress=False)                    # kept, not redone
     assert os.path.getmtime(tmp_path / "latents" / "0000000.npy") == stamp
+
+
+def test_data_parallel_training_equals_one_process(tiny_run, tmp_path):
+    from helpers import msrun, ms_rm_command
+
+    paths = tiny_run["paths"]
+    common = ["train-rm", str(tiny_run["config"]), "--transformer", paths.transformer, "--scheduler", paths.scheduler,
+              "--prompt-embeddings", str(tiny_run["root"] / "prompts.npz"), "--max-steps", "2", "--no-progress"]
+    assert _train(tiny_run, tmp_path / "one", "--max-steps", "2") == 0
+    code, logs = msrun(ms_rm_command(), *common, "--out", tmp_path / "two", log_dir=tmp_path / "logs")
+    assert code == 0, logs[-3000:]
+    one, two = (json.load(open(tmp_path / run / "checkpoints" / "step_00002" / "trainer_state" / "state.json"))
+                for run in ("one", "two"))
+    for a, b in zip(one["history"], two["history"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) + 1e-7, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a, b)
+        assert a["validation"].keys() == b["validation"].keys() if "validation" in a else True
+    # the updates as vectors: AdamW's first steps move near-zero gradients by +-lr on their rounding noise's sign
+    from ms_rm.io.files import read_config_file
+    from ms_rm.training.rm_model import build_trainee
+
+    config = read_config_file(str(tiny_run["config"]))
+    start = build_trainee(config, paths.transformer, paths.scheduler, seed=5).lora_state()     # data.train.seed
+    lora = "checkpoints/step_00002/backbone_lora/adapter_model.safetensors"
+    ours, theirs = _arrays(str(tmp_path / "one" / lora)), _arrays(str(tmp_path / "two" / lora))
+    a = np.concatenate([(ours[k] - start[k]).ravel() for k in sorted(start)])
+    b = np.concatenate([(theirs[k] - start[k]).ravel() for k in sorted(start)])
+    assert np.linalg.norm(a) > 0 and np.linalg.norm(a - b) / np.linalg.norm(a) < 0.02
+    assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.9998
+
+
+@pytest.mark.slow
+def test_it_learns_a_synthetic_preference(tmp_path):
+    from ms_rm_parity.rm_learning import learning_run
+
+    history = learning_run(str(tmp_path), steps=12, eval_every=12, shift=0.04, seed=0)
+    before, after = history[0]["validation"], history[-1]["validation"]
+    assert np.mean([v["accuracy"] for v in before.values()]) < 0.7                   # an untrained head: near chance
+    assert all(v["accuracy"] > 0.9 for v in after.values()), after
+    assert all(after[u]["loss"] < before[u]["loss"] for u in after)
