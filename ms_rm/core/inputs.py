@@ -41,6 +41,15 @@ def check_finite(tensor: Tensor, name: str) -> None:
         raise InputError(f"{name} contains NaN or Inf values")
 
 
+def pixel_batch(pixels: Any, name: str = "pixels") -> Tensor:
+    """Float pixels (B, 3, H, W) in [0, 1] with B > 0 as a tensor, checked finite (a pixel reward's input)."""
+    x = as_float_tensor(pixels, name)
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+        raise InputError(f"{name} must be (B, 3, H, W) in [0, 1] with B > 0, got {tuple(x.shape)}")
+    check_finite(x, name)
+    return x
+
+
 def check_shape(tensor: Tensor, name: str, expected: Tuple[Optional[int], ...], meaning: str) -> None:
     """InputError unless tensor.shape matches `expected` (None matches any size)."""
     shape = tuple(tensor.shape)

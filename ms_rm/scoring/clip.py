@@ -30,7 +30,7 @@ from mindspore import Tensor, mint
 
 from ..core.config import is_int
 from ..core.errors import ConfigError, InputError
-from ..core.inputs import as_float_tensor, check_finite
+from ..core.inputs import pixel_batch
 from ..rewards.clip import (CLIPModel, load_clip_model, load_image_processing, load_tokenizer, pixel_values,
                             resize_matrices, tokenize)
 from ..rewards.clip.config import PREPROCESSOR_FILE
@@ -160,10 +160,7 @@ class CLIPScorer:
     def score_pixels(self, pixels: Any, prompts: Sequence[str]) -> Tensor:
         """(B,) scores of float pixels (B, 3, H, W) in [0, 1], differentiable with respect to them:
         `ms.grad(lambda x: scorer.score_pixels(x, prompts).sum())(pixels)`."""
-        pixels = as_float_tensor(pixels, "pixels")
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
-            raise InputError(f"pixels must be (B, 3, H, W) in [0, 1] with B > 0, got {tuple(pixels.shape)}")
-        check_finite(pixels, "pixels")
+        pixels = pixel_batch(pixels)
         prompts = self._prompts(prompts, pixels.shape[0])
         height, width = pixels.shape[2:]
         if self.size_policy == "error" and (height, width) != self.processing.crop_size:

@@ -26,7 +26,7 @@ from mindspore import Tensor, mint
 
 from ..core.config import is_int
 from ..core.errors import ConfigError, InputError
-from ..core.inputs import as_float_tensor, check_finite
+from ..core.inputs import pixel_batch
 from ..rewards.hpsv2 import HPSv2, OpenCLIPTokenizer, pixel_values, resize_pad_matrices
 from ..rewards.hpsv2.preprocess import MEAN, STD
 from .images import split_batch, to_unit_rgb
@@ -125,10 +125,7 @@ class HPSv2Scorer:
     def score_pixels(self, pixels: Any, prompts: Sequence[str]) -> Tensor:
         """(B,) scores of float pixels (B, 3, H, W) in [0, 1], differentiable with respect to them:
         `ms.grad(lambda x: scorer.score_pixels(x, prompts).sum())(pixels)`."""
-        pixels = as_float_tensor(pixels, "pixels")
-        if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
-            raise InputError(f"pixels must be (B, 3, H, W) in [0, 1] with B > 0, got {tuple(pixels.shape)}")
-        check_finite(pixels, "pixels")
+        pixels = pixel_batch(pixels)
         prompts = self._prompts(prompts, pixels.shape[0])
         key = tuple(pixels.shape[2:])
         if key not in self._matrices:

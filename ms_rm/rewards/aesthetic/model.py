@@ -27,7 +27,7 @@ from mindspore import Tensor, mint
 
 from ...core.compiled import CompiledCell
 from ...core.errors import ConfigError, InputError
-from ...core.inputs import as_float_tensor, check_finite
+from ...core.inputs import as_float_tensor, check_finite, pixel_batch
 from ...core.layers import Linear
 from ...core.weights import load_parameters
 from ...io.converted import ConvertedFolder
@@ -135,10 +135,7 @@ class Aesthetic(CompiledCell):
             if len(pixels) != 4 or pixels[1] != 3 or min(pixels) < 1:
                 raise InputError(f"pixels' shape must be (B, 3, H, W), got {pixels}")
             return (None,) + self.resize_tensors(pixels[2], pixels[3])
-        x = as_float_tensor(pixels, "pixels")
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
-            raise InputError(f"pixels must be (B, 3, H, W) in [0, 1] with B > 0, got {tuple(x.shape)}")
-        check_finite(x, "pixels")
+        x = pixel_batch(pixels)
         return (x.astype(ms.float32),) + self.resize_tensors(x.shape[2], x.shape[3])
 
     def resize_tensors(self, height: int, width: int) -> Tuple[Tensor, ...]:

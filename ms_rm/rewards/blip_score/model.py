@@ -18,7 +18,7 @@ its `construct`. So `reward(pixels, ids, mask)`, `reward_of_pixels` / `forward_p
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Dict
 
 import mindspore as ms
 from mindspore import Tensor, mint
@@ -26,8 +26,6 @@ from mindspore import Tensor, mint
 from ...core import ops
 from ...core.compiled import CompiledCell
 from ...core.layers import Linear
-from ...core.weights import load_parameters
-from ...io.converted import ConvertedFolder
 from ..imagereward.bert import TextEncoder
 from ..imagereward.model import ImageReward
 from ..imagereward.vit import VisionTransformer
@@ -50,6 +48,8 @@ class BLIPScore(ImageReward):
     name = "blip-score"               # the RewardModel protocol (ms_rm.rewards.base)
     input_kind = "pixels"
     format_name = FORMAT_NAME
+    config_class = BLIPScoreConfig
+    conversion = conversion
 
     def __init__(self, config: BLIPScoreConfig = BLIPScoreConfig(), dtype: ms.Type = ms.float32,
                  mode: str = "graph"):
@@ -61,23 +61,6 @@ class BLIPScore(ImageReward):
             self.vision_proj = Linear(config.vision.width, config.embed_dim)
             self.text_proj = Linear(config.text.width, config.embed_dim)
         self._init_transform()
-
-    @classmethod
-    def from_pretrained(cls, path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
-                        verify: bool = False) -> "BLIPScore":
-        """Load a folder written by `ms-rm convert --reward blip-score`, every parameter filled strictly."""
-        with ConvertedFolder(path, verify=verify) as folder:
-            folder.expect_format(FORMAT_NAME)
-            model = cls(BLIPScoreConfig.from_dict(folder.config, folder.config_path), dtype=dtype, mode=mode)
-            load_parameters(model, folder.read, folder.names, folder.weights_path)
-        return model
-
-    @classmethod
-    def convert(cls, src: str, out: str, dtype: str = "keep", force: bool = False, progress: bool = True,
-                config: Any = None) -> str:
-        """BLIP's released model_large.pth (BLIP_Pretrain's state dict under "model") -> a converted folder."""
-        return conversion.convert(src, out, cls.parameter_shapes, config=config, dtype=dtype, force=force,
-                                  progress=progress)
 
     # --- the tensor program ------------------------------------------------------------------
     def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

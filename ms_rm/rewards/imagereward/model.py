@@ -76,6 +76,8 @@ class ImageReward(CompiledCell):
     name = "imagereward"              # the RewardModel protocol (ms_rm.rewards.base)
     input_kind = "pixels"
     format_name = FORMAT_NAME
+    config_class = ImageRewardConfig           # what from_pretrained reads; a subclass (BLIPScore) names its own
+    conversion = conversion                    # the module whose convert() writes its folders
 
     def __init__(self, config: ImageRewardConfig = ImageRewardConfig(), dtype: ms.Type = ms.float32,
                  mode: str = "graph"):
@@ -97,18 +99,20 @@ class ImageReward(CompiledCell):
     @classmethod
     def from_pretrained(cls, path: str, dtype: ms.Type = ms.float32, mode: str = "graph",
                         verify: bool = False) -> "ImageReward":
-        """Load a folder written by `ms-rm convert-imagereward`, every parameter filled strictly."""
+        """Load a folder written by `ms-rm convert-imagereward` (`convert --reward` of the class), every
+        parameter filled strictly."""
         with ConvertedFolder(path, verify=verify) as folder:
-            folder.expect_format(FORMAT_NAME)
-            model = cls(ImageRewardConfig.from_dict(folder.config, folder.config_path), dtype=dtype, mode=mode)
+            folder.expect_format(cls.format_name)
+            model = cls(cls.config_class.from_dict(folder.config, folder.config_path), dtype=dtype, mode=mode)
             load_parameters(model, folder.read, folder.names, folder.weights_path)
         return model
 
     @classmethod
     def convert(cls, src: str, out: str, dtype: str = "keep", force: bool = False, progress: bool = True,
                 config: Any = None) -> str:
-        """The released ImageReward.pt (a torch state dict) -> a converted folder `out`."""
-        return conversion.convert(src, out, cls.parameter_shapes, config=config, dtype=dtype, force=force,
+        """The released checkpoint (ImageReward.pt, a torch state dict; BLIPScore: model_large.pth) -> a
+        converted folder `out`."""
+        return cls.conversion.convert(src, out, cls.parameter_shapes, config=config, dtype=dtype, force=force,
                                   progress=progress)
 
     # --- the tensor program ------------------------------------------------------------------
