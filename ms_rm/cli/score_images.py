@@ -112,6 +112,9 @@ def run_imagereward(args: argparse.Namespace) -> int:
 def run_blip_score(args: argparse.Namespace) -> int:
     pairs = _pairs(args)
     scorer = BLIPScoreScorer(args.model, tokenizer=args.tokenizer, mode=args.mode, max_batch=args.batch_size)
+    return _score(scorer, pairs, args)
+
+
 def run_hpsv2(args: argparse.Namespace) -> int:
     pairs = _pairs(args)
     scorer = HPSv2Scorer(args.model, tokenizer_path=args.tokenizer, mode=args.mode, max_batch=args.batch_size,
@@ -184,6 +187,8 @@ def _add_blip_score_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True,
                         help="folder with bert-base-uncased's vocab.txt (BLIP's tokenizer; nothing is downloaded)")
     _add_pair_arguments(parser)
+
+
 def _add_hpsv2_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a folder written by ms-rm convert --reward hpsv2")
     parser.add_argument("--tokenizer", help="CLIP's bpe_simple_vocab_16e6.txt.gz (open_clip's), a CLIP tokenizer's "
@@ -219,6 +224,7 @@ BLIP_SCORE = Command(
     description="Score image files against prompts with the BLIP score (the image-reward package's BLIPScore: the "
                 "cosine of BLIP's image and text features) in MindSpore. One score per pair on stdout (score, image).",
     add_arguments=_add_blip_score_arguments, run=run_blip_score)
+
 HPSV2 = Command(
     help="score image files against prompts with HPSv2",
     description="Score image files against prompts with HPSv2 (a folder ms-rm convert --reward hpsv2 wrote) in "
