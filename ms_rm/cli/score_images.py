@@ -224,7 +224,6 @@ BLIP_SCORE = Command(
     description="Score image files against prompts with the BLIP score (the image-reward package's BLIPScore: the "
                 "cosine of BLIP's image and text features) in MindSpore. One score per pair on stdout (score, image).",
     add_arguments=_add_blip_score_arguments, run=run_blip_score)
-
 HPSV2 = Command(
     help="score image files against prompts with HPSv2",
     description="Score image files against prompts with HPSv2 (a folder ms-rm convert --reward hpsv2 wrote) in "
