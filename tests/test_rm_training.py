@@ -351,30 +351,38 @@ def test_image_pairs_are_encoded_once_into_latent_pairs(tmp_path):
 def test_data_parallel_training_equals_one_process(tiny_run, tmp_path):
     from helpers import msrun, ms_rm_command
 
+    # AdamW's first steps are sign(gradient) x lr: an element whose gradient is within rounding of zero
+    # steps +-lr by how one machine rounds it. adam_epsilon = 1 (above every gradient element: the norm is
+    # clipped to 1) makes the update a smooth function of the gradient, lr ~ g / (1 + |g|), so the updates
+    # of the two runs differ as their gradients do: the float32 rounding of two half-batch sums against
+    # one whole sum. lr 1 keeps those updates far above the float32 spacing of the parameters they move.
+    config = json.load(open(tiny_run["config"]))
+    config["training"].update(adam_epsilon=1.0, learning_rate=1.0)
+    (tiny_run["root"] / "config_smooth.json").write_text(json.dumps(config))      # beside its data
+    smooth = dict(tiny_run, config=tiny_run["root"] / "config_smooth.json")
     paths = tiny_run["paths"]
-    common = ["train-rm", str(tiny_run["config"]), "--transformer", paths.transformer, "--scheduler", paths.scheduler,
+    common = ["train-rm", str(smooth["config"]), "--transformer", paths.transformer, "--scheduler", paths.scheduler,
               "--prompt-embeddings", str(tiny_run["root"] / "prompts.npz"), "--max-steps", "2", "--no-progress"]
-    assert _train(tiny_run, tmp_path / "one", "--max-steps", "2") == 0
+    assert _train(smooth, tmp_path / "one", "--max-steps", "2") == 0
     code, logs = msrun(ms_rm_command(), *common, "--out", tmp_path / "two", log_dir=tmp_path / "logs")
     assert code == 0, logs[-3000:]
     one, two = (json.load(open(tmp_path / run / "checkpoints" / "step_00002" / "trainer_state" / "state.json"))
                 for run in ("one", "two"))
+    assert len(one["history"]) == len(two["history"]) == 2
     for a, b in zip(one["history"], two["history"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) + 1e-7, (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], (a, b)
-        assert a["validation"].keys() == b["validation"].keys() if "validation" in a else True
-    # the updates as vectors: AdamW's first steps move near-zero gradients by +-lr on their rounding noise's sign
     from ms_rm.io.files import read_config_file
     from ms_rm.training.rm_model import build_trainee
 
-    config = read_config_file(str(tiny_run["config"]))
-    start = build_trainee(config, paths.transformer, paths.scheduler, seed=5).lora_state()     # data.train.seed
+    start = build_trainee(read_config_file(str(smooth["config"])), paths.transformer, paths.scheduler,
+                          seed=5).lora_state()     # data.train.seed
     lora = "checkpoints/step_00002/backbone_lora/adapter_model.safetensors"
     ours, theirs = _arrays(str(tmp_path / "one" / lora)), _arrays(str(tmp_path / "two" / lora))
-    a = np.concatenate([(ours[k] - start[k]).ravel() for k in sorted(start)])
-    b = np.concatenate([(theirs[k] - start[k]).ravel() for k in sorted(start)])
-    assert np.linalg.norm(a) > 0 and np.linalg.norm(a - b) / np.linalg.norm(a) < 0.02
-    assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.9998
+    a = np.concatenate([(ours[k] - start[k]).ravel() for k in sorted(start)]).astype(np.float64)
+    b = np.concatenate([(theirs[k] - start[k]).ravel() for k in sorted(start)]).astype(np.float64)
+    gap = np.linalg.norm(a - b) / np.linalg.norm(a)
+    assert np.linalg.norm(a) > 0 and gap < 1e-4, f"the two-worker update differs from one process's by {gap:.2e}"
 
 
 @pytest.mark.slow

@@ -67,6 +67,7 @@ class RMTrainSettings:
     lr: float = 5e-5                               # training.learning_rate
     weight_decay: float = 0.01                     # training.weight_decay
     max_grad_norm: float = 1.0                     # training.max_grad_norm
+    adam_epsilon: float = 1e-8                     # training.adam_epsilon (ours; torch's AdamW default, the reference's)
     grad_accumulation: int = 1                     # training.gradient_accumulation_steps
     num_epochs: int = 1                            # training.num_epochs
     max_steps: Optional[int] = None                # training.max_steps (ours): stop after this many optimizer steps
@@ -100,6 +101,7 @@ class RMTrainSettings:
             lr=number(training.get("learning_rate", defaults.lr), f"{where} learning_rate", 0),
             weight_decay=number(training.get("weight_decay", defaults.weight_decay), f"{where} weight_decay", 0),
             max_grad_norm=number(training.get("max_grad_norm", defaults.max_grad_norm), f"{where} max_grad_norm"),
+            adam_epsilon=number(training.get("adam_epsilon", defaults.adam_epsilon), f"{where} adam_epsilon", 0),
             grad_accumulation=_int(training, "gradient_accumulation_steps", 1, where, 1),
             num_epochs=_int(training, "num_epochs", 1, where, 1),
             max_steps=None if training.get("max_steps") is None else _int(training, "max_steps", None, where, 1),
@@ -347,7 +349,8 @@ def train_reward_model(trainee: Trainee, settings: RMTrainSettings, train_pairs:
     if settings.max_steps is not None:                   # overrides num_epochs (the data order wraps into new epochs)
         total = settings.max_steps
     params = trainee.trained()
-    optimizer = AdamW(params, settings.lr, weight_decay=settings.weight_decay, max_grad_norm=settings.max_grad_norm)
+    optimizer = AdamW(params, settings.lr, eps=settings.adam_epsilon, weight_decay=settings.weight_decay,
+                      max_grad_norm=settings.max_grad_norm)
     ema = EMA(params, settings.ema_decay) if settings.use_ema else None
     recorded = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(settings).items()}
     start, history = 0, []
