@@ -14,6 +14,13 @@ StableDiffusion3Pipeline(latents=noise, output_type="latent") with the same rand
 blocks of the config), embeddings and noise, GENERATE_STEPS steps with classifier-free guidance
 4.5 (two transformer passes per step); the final latents must agree.
 
+Training (`--sizes train-small train-real`): one Diffusion-RM training step, TRAIN_PAIRS preference
+pairs (chosen and rejected: 2 x TRAIN_PAIRS transformer passes, forward and backward), Thurstone
+loss, LoRA r=64 on the reference's targets, clip and AdamW, from one synthetic reference checkpoint
+(ms_rm_parity.synthetic, written once): ms_rm's PreferenceStep + AdamW against the reference's own
+TrainingEngine.train_step (ms_rm_parity.rm_train_parity); the first step's loss must agree. FLOPs
+counted as 3 x the forward's (the backward twice the forward).
+
 Reported per size: median and spread (min-max) of the timed runs after one warm-up call, the
 first call (MindSpore compiles the graph there), ms/torch time ratio, peak RSS of each process,
 achieved GFLOP/s from an analytic FLOP count (every matmul; elementwise work not counted),
@@ -54,12 +61,13 @@ def sizes() -> Dict[str, dict]:
     small_rm = json.loads(json.dumps(real["rm"]))
     small_rm["model"].update(num_transformer_layers=4, visual_head_idx=[2, 4], text_head_idx=[2, 4])
     small = {"rm": small_rm, "transformer": small_transformer, "latent_hw": (32, 32), "text_tokens": 64}
-    generate_small = dict(small, generate=True)
-    generate_real = dict(real, generate=True)
-    return {"real": real, "small": small, "generate-small": generate_small, "generate-real": generate_real}
+    return {"real": real, "small": small, "generate-small": dict(small, generate=True),
+            "generate-real": dict(real, generate=True), "train-small": dict(small, train=True),
+            "train-real": dict(real, train=True)}
 
 
 GENERATE_STEPS = 2
+TRAIN_PAIRS = 1
 GENERATE_GUIDANCE = 4.5
 
 
@@ -226,6 +234,67 @@ def _torch_generate_worker(spec: dict, batch: int, runs: int, threads: int) -> d
     return _timed(call, runs) | {"build_seconds": build}
 
 
+def write_train_checkpoint(root: str, spec: dict):
+    """The synthetic reference checkpoint both training workers start from (LoRA r=64)."""
+    from .synthetic import write_reference
+
+    return write_reference(root, "sd3", 64, transformer_config=spec["transformer"], rm_config=spec["rm"])
+
+
+def _train_case(spec: dict, root: str):
+    """(paths, rm config, scheduler config, one batch, prompt embeddings, pooled) of a training step."""
+    import types
+
+    paths = types.SimpleNamespace(src=os.path.join(root, "model"), transformer=os.path.join(root, "transformer"),
+                                  scheduler=os.path.join(root, "scheduler"))
+    with open(os.path.join(paths.src, "config.json")) as f:
+        rm_config = json.load(f)
+    rm_config["model"]["model_type"] = "thurstone"
+    chosen, ehs, pooled, noise = _inputs(spec, TRAIN_PAIRS)
+    rejected = np.flip(chosen, axis=0).copy() * 0.5
+    prompts = [f"prompt {i}" for i in range(TRAIN_PAIRS)]
+    batch = {"prompt": prompts, "chosen": chosen, "rejected": rejected, "noise": noise,
+             "u": np.linspace(0.3, 0.6, TRAIN_PAIRS).astype(np.float32)}
+    return (paths, rm_config, _json("scheduler_config.json"), batch, dict(zip(prompts, ehs)),
+            dict(zip(prompts, pooled)))
+
+
+def _ms_train_worker(spec: dict, batch: int, runs: int, threads: int, root: str) -> dict:
+    import mindspore as ms
+
+    from .rm_train_parity import ms_trainer, text_of
+
+    ms.set_device("CPU")
+    ms.set_context(runtime_num_threads=threads)
+    paths, rm_config, _, data, embeddings, pooled = _train_case(spec, root)
+    start = time.perf_counter()
+    _, step, optimizer = ms_trainer(paths, rm_config, "thurstone", "graph")
+    build = time.perf_counter() - start
+    text = text_of(data, embeddings, pooled)
+
+    def call():
+        loss, _, _, grads, _ = step(data["chosen"], data["rejected"], text, data["u"], data["noise"])
+        optimizer.step(grads)
+        return loss.asnumpy()
+
+    return _timed(call, runs) | {"build_seconds": build}
+
+
+def _torch_train_worker(spec: dict, batch: int, runs: int, threads: int, root: str) -> dict:
+    import torch
+
+    from .rm_train_parity import engine_step, reference_engine
+
+    torch.set_num_threads(threads)
+    paths, _, scheduler_config, data, embeddings, pooled = _train_case(spec, root)
+    start = time.perf_counter()
+    engine, _, _ = reference_engine(paths, scheduler_config, embeddings, pooled, "thurstone", True, torch.float32,
+                                    os.path.join(root, "engine"))
+    build = time.perf_counter() - start
+    return _timed(lambda: float(engine_step(engine, data, torch.float32)["train/loss"]), runs) | \
+        {"build_seconds": build}
+
+
 def _gemm_worker(framework: str, m: int, k: int, n: int, threads: int, runs: int = 5) -> dict:
     """GFLOP/s of (m, k) @ (k, n)^T through each framework's Linear, the spelling the models use."""
     a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
@@ -332,19 +401,24 @@ def run(size_names: List[str], runs: int, threads: int, batches: Optional[List[i
 
             flops = generate_flops(SD3BackboneConfig.from_diffusers(spec["transformer"]), h, w, spec["text_tokens"])
         else:
-            flops = reward_flops(config, h, w, spec["text_tokens"])
+            flops = reward_flops(config, h, w, spec["text_tokens"]) * (3 * 2 * TRAIN_PAIRS if spec.get("train") else 1)
         entry = {"flops": flops, "gemm_gflops": gemm, "runs": {}}
-        for fw in ("torch", "ms"):
-            entry["runs"][fw] = _child(["--worker", fw, "--size", name, "--batch", "1", "--runs", str(runs),
-                                        "--threads", str(threads)])
-        if compile_cache and not spec.get("generate"):
+        with tempfile.TemporaryDirectory(prefix="ms_rm_bench_") as root:
+            extra = []
+            if spec.get("train"):
+                write_train_checkpoint(root, spec)
+                extra = ["--train-root", root]
+            for fw in ("torch", "ms"):
+                entry["runs"][fw] = _child(["--worker", fw, "--size", name, "--batch", "1", "--runs", str(runs),
+                                            "--threads", str(threads), *extra])
+        if compile_cache and not spec.get("generate") and not spec.get("train"):
             # a new process, after one earlier run of the same shapes filled the cache
             with tempfile.TemporaryDirectory() as root:
                 cold, warm = (_child(["--worker", "ms", "--size", name, "--batch", "1", "--runs", "1", "--threads",
                                       str(threads), "--cache-root", root]) for _ in range(2))
             entry["compile_cache"] = {"cold_first_call": cold["first_call"], "warm_first_call": warm["first_call"],
                                       "warm_median": warm["median"], "reused": warm["compile_cache"]["reused"]}
-        if batches and not spec.get("generate"):
+        if batches and not spec.get("generate") and not spec.get("train"):
             entry["batch_scaling"] = {fw: {b: _child(["--worker", fw, "--size", name, "--batch", str(b), "--runs",
                                                       str(max(2, runs // 2)), "--threads", str(threads)])["median"]
                                            for b in batches} for fw in ("torch", "ms")}
@@ -370,7 +444,8 @@ def format_report(report: dict) -> str:
     for name, entry in report["sizes"].items():
         ms_r, t_r = np.array(entry["runs"]["ms"]["reward"]), np.array(entry["runs"]["torch"]["reward"])
         rel = float(np.abs(ms_r - t_r).max() / max(np.abs(t_r).max(), 1e-30))
-        what = "latents" if name.startswith("generate") else "reward"
+        what = "latents" if name.startswith("generate") else "first step's loss" if name.startswith("train") \
+            else "reward"
         lines.append(f"{name}: {entry['flops'] / 1e9:.1f} GFLOP per sample; matmul peak torch "
                      f"{entry['gemm_gflops']['torch']:.0f}, MindSpore {entry['gemm_gflops']['ms']:.0f} GFLOP/s; "
                      f"ms_rm {what} vs torch: max rel diff {rel:.1e}")
@@ -403,12 +478,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--size", default="small", help=argparse.SUPPRESS)
     parser.add_argument("--cache-root", help=argparse.SUPPRESS)
+    parser.add_argument("--train-root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker or args.gemm:
         if args.worker:
             spec = sizes()[args.size]
             if spec.get("generate"):
                 work = _ms_generate_worker if args.worker == "ms" else _torch_generate_worker
+            elif spec.get("train"):
+                work = functools.partial(_ms_train_worker if args.worker == "ms" else _torch_train_worker,
+                                         root=args.train_root)
             elif args.worker == "ms":
                 work = functools.partial(_ms_worker, cache_root=args.cache_root)
             else:
@@ -424,11 +503,14 @@ def main(argv=None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", nargs="+", choices=["small", "real", "generate-small", "generate-real"],
+    parser.add_argument("--sizes", nargs="+", choices=list(sizes()),
                         default=["small"], help="configurations: small (seconds) and/or real (SD3.5-M 12 layers, "
                                                 "minutes) reward forwards; generate-small / generate-real: "
                                                 f"{GENERATE_STEPS}-step guided generation (generate-real: all 24 "
-                                                "SD3.5-M blocks, ~10 GB per framework)")
+                                                "SD3.5-M blocks, ~10 GB per framework); train-small / "
+                                                f"train-real: one Diffusion-RM training step of {TRAIN_PAIRS} "
+                                                "pair(s), against the reference's TrainingEngine (needs its "
+                                                "checkout: .deps/diffusion-rm or MS_RM_DIFFUSION_RM_SRC)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs after the warm-up call")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for both frameworks")
     parser.add_argument("--batch-scaling", action="store_true",

@@ -121,8 +121,9 @@ def _torch_name(name: str) -> str:
     return name
 
 
-def _engine_steps(paths, rm_config, scheduler_config, batches, embeddings, pooled, loss: str, add_noise: bool,
-                  dtype, workdir: str) -> Dict[str, np.ndarray]:
+def reference_engine(paths, scheduler_config, embeddings, pooled, loss: str, add_noise: bool, dtype, workdir: str):
+    """The reference's TrainingEngine over the torch reward model of `paths` (a reference checkpoint),
+    with the optimizer scripts/train_sd3.py builds: -> (engine, model, accelerator)."""
     from accelerate import Accelerator
     from diffusers import FlowMatchEulerDiscreteScheduler
     from omegaconf import OmegaConf
@@ -145,7 +146,25 @@ def _engine_steps(paths, rm_config, scheduler_config, batches, embeddings, poole
         "paths": {"save_dir": os.path.join(workdir, "engine")}})
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         {k: v for k, v in scheduler_config.items() if not k.startswith("_")})
-    engine = TrainingEngine(model, optimizer, None, config, noise_scheduler=scheduler, accelerator=accelerator)
+    return TrainingEngine(model, optimizer, None, config, noise_scheduler=scheduler, accelerator=accelerator), \
+        model, accelerator
+
+
+def engine_step(engine, batch, dtype):
+    """One `engine.train_step` on `batch` (prompts, chosen, rejected, and the u and noise its draws
+    return): -> its metrics."""
+    noise = torch.from_numpy(batch["noise"]).to(dtype)
+    engine.timestep_sampling = lambda *a, **kw: torch.from_numpy(batch["u"])
+    with mock.patch.object(torch, "randn_like", lambda x, *a, **kw: noise):
+        return engine.train_step({"prompt": list(batch["prompt"]),
+                                  "latent_chosen": torch.from_numpy(batch["chosen"]).to(dtype),
+                                  "latent_reject": torch.from_numpy(batch["rejected"]).to(dtype)})
+
+
+def _engine_steps(paths, rm_config, scheduler_config, batches, embeddings, pooled, loss: str, add_noise: bool,
+                  dtype, workdir: str) -> Dict[str, np.ndarray]:
+    engine, model, accelerator = reference_engine(paths, scheduler_config, embeddings, pooled, loss, add_noise, dtype,
+                                                  workdir)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     out: Dict[str, np.ndarray] = {}
     captured = {}
@@ -165,15 +184,10 @@ def _engine_steps(paths, rm_config, scheduler_config, batches, embeddings, poole
 
     for k, batch in enumerate(batches, start=1):
         before = {_torch_name(n): p.detach().double().numpy().copy() for n, p in named}
-        noise = torch.from_numpy(batch["noise"]).to(dtype)
-        engine.timestep_sampling = lambda *a, **kw: torch.from_numpy(batch["u"])
         scores.clear()
         with mock.patch.object(accelerator, "clip_grad_norm_", clip_and_capture), \
-                mock.patch.object(torch, "randn_like", lambda x, *a, **kw: noise), \
                 mock.patch.object(model, "forward", recording_forward):
-            metrics = engine.train_step({"prompt": list(batch["prompt"]),
-                                         "latent_chosen": torch.from_numpy(batch["chosen"]).to(dtype),
-                                         "latent_reject": torch.from_numpy(batch["rejected"]).to(dtype)})
+            metrics = engine_step(engine, batch, dtype)
         out.update({f"step{k}:update:{_torch_name(n)}": p.detach().double().numpy() - before[_torch_name(n)]
                     for n, p in named})
         out[f"step{k}:scores_chosen"], out[f"step{k}:scores_rejected"] = scores["list"]
@@ -183,7 +197,9 @@ def _engine_steps(paths, rm_config, scheduler_config, batches, embeddings, poole
     return out
 
 
-def _ms_steps(paths, rm_config, batches, embeddings, pooled, loss: str, mode: str) -> Dict[str, np.ndarray]:
+def ms_trainer(paths, rm_config, loss: str, mode: str):
+    """ms_rm's trainee from the reference checkpoint of `paths`, its compiled step and AdamW:
+    -> (trained parameters, PreferenceStep, AdamW)."""
     from ms_rm.training.optim import AdamW
     from ms_rm.training.rm_model import build_trainee
     from ms_rm.training.rm_trainer import PreferenceStep
@@ -191,14 +207,21 @@ def _ms_steps(paths, rm_config, batches, embeddings, pooled, loss: str, mode: st
     trainee = build_trainee(rm_config, paths.transformer, paths.scheduler, start=os.path.join(paths.src, "checkpoint"),
                             start_config=os.path.join(paths.src, "config.json"), mode=mode)
     params = trainee.trained()
-    step = PreferenceStep(trainee, loss, params)
-    optimizer = AdamW(params, LR, weight_decay=0.01, max_grad_norm=1.0)
+    return params, PreferenceStep(trainee, loss, params), AdamW(params, LR, weight_decay=0.01, max_grad_norm=1.0)
+
+
+def text_of(batch, embeddings, pooled) -> Dict[str, np.ndarray]:
+    return {"encoder_hidden_states": np.stack([embeddings[p] for p in batch["prompt"]]),
+            "pooled_projections": np.stack([pooled[p] for p in batch["prompt"]])}
+
+
+def _ms_steps(paths, rm_config, batches, embeddings, pooled, loss: str, mode: str) -> Dict[str, np.ndarray]:
+    params, step, optimizer = ms_trainer(paths, rm_config, loss, mode)
     out: Dict[str, np.ndarray] = {}
     for k, batch in enumerate(batches, start=1):
         before = {p.name: p.asnumpy().astype(np.float64) for p in params}
-        text = {"encoder_hidden_states": np.stack([embeddings[p] for p in batch["prompt"]]),
-                "pooled_projections": np.stack([pooled[p] for p in batch["prompt"]])}
-        value, s_c, s_r, grads, _ = step(batch["chosen"], batch["rejected"], text, batch["u"], batch["noise"])
+        value, s_c, s_r, grads, _ = step(batch["chosen"], batch["rejected"], text_of(batch, embeddings, pooled),
+                                         batch["u"], batch["noise"])
         out.update({f"step{k}:grad:{p.name}": g.asnumpy() for p, g in zip(params, grads)})
         out[f"step{k}:grad_norm"] = np.asarray(optimizer.step(grads))
         out.update({f"step{k}:update:{p.name}": p.asnumpy().astype(np.float64) - before[p.name] for p in params})

@@ -133,14 +133,17 @@ def write_tensors(folder: str, stem: str, shapes: Dict[str, Tuple[int, ...]], dt
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def write_reference(root: str, family: str = "sd3", lora_rank: int = 64) -> Dict[str, str]:
+def write_reference(root: str, family: str = "sd3", lora_rank: int = 64, transformer_config: dict = None,
+                    rm_config: dict = None) -> Dict[str, str]:
+    """The synthetic reference checkpoint of `family` (module docstring), at its released configs or at
+    the `transformer_config` / `rm_config` given (the benchmark's small size)."""
     from safetensors.numpy import save_file
 
     from .reference import RewardHead
 
     configs = os.path.join(ROOT, "configs", FAMILIES[family][0])
-    transformer_cfg = _json(os.path.join(configs, "transformer_config.json"))
-    rm_cfg = _json(os.path.join(configs, FAMILIES[family][1]))
+    transformer_cfg = transformer_config or _json(os.path.join(configs, "transformer_config.json"))
+    rm_cfg = json.loads(json.dumps(rm_config or _json(os.path.join(configs, FAMILIES[family][1]))))
     paths = {"src": os.path.join(root, "model"), "transformer": os.path.join(root, "transformer"),
              "scheduler": os.path.join(root, "scheduler")}
     n = rm_cfg["model"]["num_transformer_layers"]
