@@ -221,6 +221,27 @@ def test_the_trainers_configuration_as_it_is(fork, checkpoints, batch):
     np.testing.assert_array_equal(scores, _expected(checkpoints["index"], batch, 0.9))
 
 
+def test_the_zyd_trainers_pipeline_not_its_default_model(fork, checkpoints, batch):
+    """zyd-ustc's trainer (scripts/train_sd3.py at f2f8585) gives `pipeline`, its own pipeline object,
+    to diffusion-rm-sd3 only; every other name it configures gets `pipeline_path = --diffusion-rm-
+    pipeline-path or --model`, by default the hub id below, which ms_rm does not download. Given the
+    trainer's pipeline, the scorer uses it, whatever pipeline_path says."""
+    name, multi = fork
+    if not _takes_configs(multi):                      # zhtmike: no configurations, no pipeline
+        return
+    integration.register({"ms-rm-sd3": {"seed": 11, "noise": "fixed"}})
+    config = {"checkpoint_path": checkpoints["index"], "config_path": checkpoints["config"], "u": 0.9}
+    default_model = "stabilityai/stable-diffusion-3.5-medium"
+    with pytest.raises(ConfigError, match=r"not a local folder .* give this scorer the trainer's own pipeline .*"
+                                          r"if reward_name in \[\"diffusion-rm-sd3\", \"ms-rm-sd3\"\]"):
+        multi.MultiScorer({"ms-rm-sd3": 1.0}, {"ms-rm-sd3": {**config, "pipeline_path": default_model}})
+    for given in ({"pipeline": _Pipeline(batch)}, {"pipeline": _Pipeline(batch), "pipeline_path": default_model}):
+        reward_fn = multi.MultiScorer({"ms-rm-sd3": 1.0}, {"ms-rm-sd3": {**config, **given}})
+        scores = reward_fn(batch["latents"], ["a", "b"])["ms-rm-sd3"]    # prompts through the trainer's pipeline
+        assert given["pipeline"].prompts == ["a", "b"]
+        np.testing.assert_array_equal(scores, _expected(checkpoints["index"], batch, 0.9))
+
+
 def test_ready_instances_must_be_the_forks_scorer_type(fork, checkpoints):
     name, multi = fork
     classes = integration.register({})

@@ -5,8 +5,10 @@ Flow-GRPO-MS builds its rewards from a registry, `flow_grpo.scorer.multi.AVAILAB
 `"flow_grpo.scorer." + module` and instantiates the class:
 * zyd-ustc fork: `MultiScorer(scorers, scorer_configs)`: a ready scorer is used only when it is an
   instance of `flow_grpo.scorer.scorer.Scorer`; otherwise `cls(**config)` or `cls()`. Its trainer
-  passes `checkpoint_path`, `config_path`, `u` and `pipeline` to the names in its own list
-  (`diffusion-rm-flux`, `diffusion-rm-sd3`, Flow-GRPO-MS's own scorer) and nothing to other names;
+  (scripts/train_sd3.py) passes `checkpoint_path`, `config_path` and `u` to the names in its own list
+  (`diffusion-rm-flux`, `diffusion-rm-sd3`, Flow-GRPO-MS's own scorers) and nothing to other names;
+  with them its own pipeline object (`pipeline`) to `diffusion-rm-sd3`, and to the others
+  `pipeline_path`: `--diffusion-rm-pipeline-path`, else `--model` (by default a hub id);
 * zhtmike fork: `MultiScorer(scorers)`, always `cls()`.
 
 `register()` adds ms_rm's scorers to that registry as subclasses of Flow-GRPO-MS's `Scorer`, under
@@ -29,8 +31,10 @@ A Diffusion-RM scorer here takes the trainer's arguments as they are:
 * `u` under `u_convention` ("index" by default: Flow-GRPO-MS's own meaning of its `u`, u = 0.9 ->
   sigma 0.25); a checkpoint converted under the other convention is refused, not reinterpreted
   (without `u`, the checkpoint's recommended u for the kind of input);
-* `pipeline`: a mindone `StableDiffusion3Pipeline` whose VAE and text encoders encode the images
-  and prompts (`pipeline_path`: a local diffusers SD3 folder encoded by ms_rm's own encoders);
+* `pipeline`: the trainer's mindone `StableDiffusion3Pipeline`, whose VAE and text encoders encode
+  the images and prompts (`pipeline_path`: a local diffusers SD3 folder encoded by ms_rm's own
+  encoders; a hub id, the zyd-ustc trainer's default `--model`, is refused with the trainer edit that
+  passes its pipeline instead);
 * prompts None -> "" for every image, as Flow-GRPO-MS's scorers do; scores are raw / 5 unless
   `normalize` says otherwise (Flow-GRPO-MS's Diffusion-RM scale).
 A call given `with_latents(images, latents, prompt_embeds, pooled_prompt_embeds)` scores the
@@ -172,8 +176,13 @@ class DiffusionRMAdapter:
                 settings["encoder"] = MindOneSD3Encoder(pipeline)
             else:
                 if not os.path.isdir(pipeline_path):
-                    raise ConfigError(f"{name}: pipeline_path {pipeline_path!r} is not a local folder (ms_rm never "
-                                      "downloads): pass the SD3 pipeline folder, or the trainer's pipeline")
+                    raise ConfigError(
+                        f"{name}: pipeline_path {pipeline_path!r} is not a local folder (ms_rm never downloads; "
+                        "the zyd-ustc trainer passes its --model here, a hub id by default, to every name it "
+                        "configures but diffusion-rm-sd3): give this scorer the trainer's own pipeline as that "
+                        "trainer gives diffusion-rm-sd3 (scripts/train_sd3.py: `if reward_name in "
+                        "[\"diffusion-rm-sd3\", \"ms-rm-sd3\"]:` before `cfg[\"pipeline\"] = rm_pipeline`), or "
+                        "pass a local SD3 pipeline folder (--diffusion-rm-pipeline-path)")
                 from ...encoders.sd3_encoder import SD3Encoder
                 settings["encoder"] = SD3Encoder.from_pretrained(pipeline_path)
         self.scorer = self.scorer_class(model=model, **settings)
