@@ -86,6 +86,10 @@ FAST_TIER = {
     "ms_rm.integrations": [
         "tests/test_flow_grpo.py::test_not_importable_is_one_clear_error",
     ],
+    "ms_rm.integrations.flow_grpo": [
+        "tests/test_flow_grpo.py::test_errors_name_the_fix",
+        "tests/test_flow_grpo.py::test_the_launcher_runs_a_trainer_script_unchanged",
+    ],
     "ms_rm.evaluation": [
         "tests/test_evaluation.py::test_ranking_metrics_equal_the_upstream_functions",
         "tests/test_evaluation.py::test_pairwise_accuracy_and_interval_equal_a_direct_computation",

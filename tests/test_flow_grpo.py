@@ -12,6 +12,7 @@ tests against the real code as well (the closing note of issue 15 reports that r
 import importlib
 import json
 import os
+import subprocess
 import sys
 import textwrap
 
@@ -20,9 +21,10 @@ import pytest
 
 from ms_rm import ConfigError, DiffusionRM, InputError
 from ms_rm.integrations import flow_grpo as integration
+from ms_rm.integrations.flow_grpo import launcher
 from ms_rm.scoring import DiffusionRMSD3Scorer
 
-from helpers import converted_checkpoint
+from helpers import ROOT, converted_checkpoint
 
 B = 2
 
@@ -219,6 +221,27 @@ def test_the_trainers_configuration_as_it_is(fork, checkpoints, batch):
     np.testing.assert_array_equal(scores, _expected(checkpoints["index"], batch, 0.9))
 
 
+def test_the_zyd_trainers_pipeline_not_its_default_model(fork, checkpoints, batch):
+    """zyd-ustc's trainer (scripts/train_sd3.py at f2f8585) gives `pipeline`, its own pipeline object,
+    to diffusion-rm-sd3 only; every other name it configures gets `pipeline_path = --diffusion-rm-
+    pipeline-path or --model`, by default the hub id below, which ms_rm does not download. Given the
+    trainer's pipeline, the scorer uses it, whatever pipeline_path says."""
+    name, multi = fork
+    if not _takes_configs(multi):                      # zhtmike: no configurations, no pipeline
+        return
+    integration.register({"ms-rm-sd3": {"seed": 11, "noise": "fixed"}})
+    config = {"checkpoint_path": checkpoints["index"], "config_path": checkpoints["config"], "u": 0.9}
+    default_model = "stabilityai/stable-diffusion-3.5-medium"
+    with pytest.raises(ConfigError, match=r"not a local folder .* give this scorer the trainer's own pipeline .*"
+                                          r"if reward_name in \[\"diffusion-rm-sd3\", \"ms-rm-sd3\"\]"):
+        multi.MultiScorer({"ms-rm-sd3": 1.0}, {"ms-rm-sd3": {**config, "pipeline_path": default_model}})
+    for given in ({"pipeline": _Pipeline(batch)}, {"pipeline": _Pipeline(batch), "pipeline_path": default_model}):
+        reward_fn = multi.MultiScorer({"ms-rm-sd3": 1.0}, {"ms-rm-sd3": {**config, **given}})
+        scores = reward_fn(batch["latents"], ["a", "b"])["ms-rm-sd3"]    # prompts through the trainer's pipeline
+        assert given["pipeline"].prompts == ["a", "b"]
+        np.testing.assert_array_equal(scores, _expected(checkpoints["index"], batch, 0.9))
+
+
 def test_ready_instances_must_be_the_forks_scorer_type(fork, checkpoints):
     name, multi = fork
     classes = integration.register({})
@@ -287,13 +310,96 @@ def test_the_launcher_runs_a_trainer_script_unchanged(fork_roots, checkpoints, b
                                            "  u_convention: sigma\n  seed: 11\n  noise: fixed\n")
     argv = sys.argv
     try:
-        assert integration.main(["--scorer-config", str(tmp_path / "scorers.yaml"), str(script), "--",
+        assert launcher.main(["--scorer-config", str(tmp_path / "scorers.yaml"), str(script), "--",
                                  "--reward", "ms-rm-sd3"]) == 0
     finally:
         sys.argv = argv
         _drop_flow_grpo()
     rewards = json.load(open(tmp_path / "rewards.json"))
     np.testing.assert_array_equal(rewards["ms-rm-sd3"], _expected(checkpoints["sigma"], batch, 0.4))
+
+
+# The zyd-ustc trainer's scorer set-up and reward call (scripts/train_sd3.py at f2f8585) with two
+# edits: ms-rm-sd3 in its list of configured names, given the trainer's own pipeline as
+# diffusion-rm-sd3 is; and its reward call carries the latents (with_latents).
+TRAINER_PY = '''
+import argparse, copy, json, sys
+import numpy as np
+from flow_grpo.scorer import AVAILABLE_SCORERS, MultiScorer
+from ms_rm.integrations.flow_grpo import with_latents
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-3.5-medium"
+USED = []                                      # what of the pipeline the scorers touched
+
+
+class Vae:
+    config = None
+
+    def __getattr__(self, name):
+        USED.append("vae." + name)
+        raise AssertionError("the VAE was used: the latents were not scored as latents")
+
+
+class Pipeline:                                # the parts of StableDiffusion3PipelineWithSDELogProb at hand
+    scheduler = "sde"
+
+    def __init__(self):
+        self.vae = Vae()
+
+    def encode_prompt(self, *args, **kwargs):
+        USED.append("encode_prompt")
+        raise AssertionError("the text encoders were used: the prompt embeddings were not scored")
+
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--reward", nargs="+", required=True, choices=AVAILABLE_SCORERS.keys())
+parser.add_argument("--model", default=DEFAULT_MODEL)
+parser.add_argument("--diffusion-rm-checkpoint-path")
+parser.add_argument("--diffusion-rm-config-path")
+parser.add_argument("--diffusion-rm-u", type=float, default=0.9)
+parser.add_argument("--diffusion-rm-pipeline-path")
+parser.add_argument("--data")
+args = parser.parse_args()
+pipeline, original_scheduler = Pipeline(), "original"
+scorer_configs = {}
+for reward_name in args.reward:
+    if reward_name in ["diffusion-rm-flux", "diffusion-rm-sd3", "ms-rm-sd3"]:
+        cfg = {"checkpoint_path": args.diffusion_rm_checkpoint_path, "config_path": args.diffusion_rm_config_path,
+               "u": args.diffusion_rm_u}
+        if reward_name in ["diffusion-rm-sd3", "ms-rm-sd3"]:
+            rm_pipeline = copy.copy(pipeline)
+            rm_pipeline.scheduler = original_scheduler
+            cfg["pipeline"] = rm_pipeline
+        else:
+            cfg["pipeline_path"] = args.diffusion_rm_pipeline_path or args.model
+        scorer_configs[reward_name] = cfg
+reward_fn = MultiScorer(dict.fromkeys(args.reward, 1.0), scorer_configs)
+d = args.data
+latents, ehs, pooled = (np.load(f"{d}/{name}.npy") for name in ("latents", "ehs", "pooled"))
+images = [np.zeros((64, 64, 3), np.uint8) for _ in latents]   # output.images: what pixel scorers read
+rewards = reward_fn(with_latents(images, latents, ehs, pooled), ["a cat", "a dog"])
+json.dump({"rewards": rewards, "used": USED}, open(f"{d}/rewards.json", "w"))
+'''
+
+
+def test_python_m_launcher_scores_the_trainers_latents(fork_roots, checkpoints, batch, tmp_path):
+    """`python -m ms_rm.integrations.flow_grpo ... -- train.py`, run as a user runs it (a new process,
+    from the fork's checkout): the trainer's with_latents batch is scored as latents, with neither the
+    pipeline's VAE nor its text encoders, to the numbers of scoring the latents directly."""
+    for name in ("latents", "ehs", "pooled"):
+        np.save(tmp_path / f"{name}.npy", batch[name])
+    (tmp_path / "train.py").write_text(TRAINER_PY)
+    (tmp_path / "scorers.yaml").write_text("ms-rm-sd3:\n  seed: 11\n  noise: fixed\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-m", "ms_rm.integrations.flow_grpo", "--scorer-config", str(tmp_path / "scorers.yaml"),
+         "--", str(tmp_path / "train.py"), "--reward", "ms-rm-sd3", "--diffusion-rm-checkpoint-path",
+         checkpoints["index"], "--diffusion-rm-config-path", checkpoints["config"], "--data", str(tmp_path)],
+        cwd=fork_roots["zyd"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.load(open(tmp_path / "rewards.json"))
+    assert out["used"] == []
+    np.testing.assert_array_equal(out["rewards"]["ms-rm-sd3"], _expected(checkpoints["index"], batch, 0.9))
 
 
 class _Pipeline:

@@ -5,8 +5,10 @@ Flow-GRPO-MS builds its rewards from a registry, `flow_grpo.scorer.multi.AVAILAB
 `"flow_grpo.scorer." + module` and instantiates the class:
 * zyd-ustc fork: `MultiScorer(scorers, scorer_configs)`: a ready scorer is used only when it is an
   instance of `flow_grpo.scorer.scorer.Scorer`; otherwise `cls(**config)` or `cls()`. Its trainer
-  passes `checkpoint_path`, `config_path`, `u` and `pipeline` to the names in its own list
-  (`diffusion-rm-flux`, `diffusion-rm-sd3`, Flow-GRPO-MS's own scorer) and nothing to other names;
+  (scripts/train_sd3.py) passes `checkpoint_path`, `config_path` and `u` to the names in its own list
+  (`diffusion-rm-flux`, `diffusion-rm-sd3`, Flow-GRPO-MS's own scorers) and nothing to other names;
+  with them its own pipeline object (`pipeline`) to `diffusion-rm-sd3`, and to the others
+  `pipeline_path`: `--diffusion-rm-pipeline-path`, else `--model` (by default a hub id);
 * zhtmike fork: `MultiScorer(scorers)`, always `cls()`.
 
 `register()` adds ms_rm's scorers to that registry as subclasses of Flow-GRPO-MS's `Scorer`, under
@@ -17,7 +19,9 @@ a configured scorer; arguments a trainer passes override them. The launcher
 
     python -m ms_rm.integrations.flow_grpo --scorer-config ms_rm_scorers.yaml -- scripts/train_sd3.py ARGS
 
-registers and then runs the trainer script unchanged, so `--reward ms-rm-sd3` is one of its choices.
+(`launcher.py`, run by this package's `__main__.py`, so a trainer's `from ms_rm.integrations.flow_grpo
+import with_latents` and the registered classes share one module) registers and then runs the trainer
+script unchanged, so `--reward ms-rm-sd3` is one of its choices.
 
 A Diffusion-RM scorer here takes the trainer's arguments as they are:
 * `checkpoint_path`: a folder written by `ms-rm convert` (a reference checkpoint is refused with
@@ -27,8 +31,10 @@ A Diffusion-RM scorer here takes the trainer's arguments as they are:
 * `u` under `u_convention` ("index" by default: Flow-GRPO-MS's own meaning of its `u`, u = 0.9 ->
   sigma 0.25); a checkpoint converted under the other convention is refused, not reinterpreted
   (without `u`, the checkpoint's recommended u for the kind of input);
-* `pipeline`: a mindone `StableDiffusion3Pipeline` whose VAE and text encoders encode the images
-  and prompts (`pipeline_path`: a local diffusers SD3 folder encoded by ms_rm's own encoders);
+* `pipeline`: the trainer's mindone `StableDiffusion3Pipeline`, whose VAE and text encoders encode
+  the images and prompts (`pipeline_path`: a local diffusers SD3 folder encoded by ms_rm's own
+  encoders; a hub id, the zyd-ustc trainer's default `--model`, is refused with the trainer edit that
+  passes its pipeline instead);
 * prompts None -> "" for every image, as Flow-GRPO-MS's scorers do; scores are raw / 5 unless
   `normalize` says otherwise (Flow-GRPO-MS's Diffusion-RM scale).
 A call given `with_latents(images, latents, prompt_embeds, pooled_prompt_embeds)` scores the
@@ -39,19 +45,17 @@ images as a plain list. A (B, C, H, W) latent batch passed as `images` (a pipeli
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
-import runpy
 import sys
 import types
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from ..core.errors import ConfigError, InputError, MsRmError
-from ..io.files import read_config_file
-from ..rewards.diffusion_rm import DiffusionRM
-from ..scoring.scorers import SCORERS, DiffusionRMScorer
+from ...core.errors import ConfigError, InputError
+from ...io.files import read_config_file
+from ...rewards.diffusion_rm import DiffusionRM
+from ...scoring.scorers import SCORERS, DiffusionRMScorer
 
 logger = logging.getLogger(__name__)
 
@@ -168,13 +172,18 @@ class DiffusionRMAdapter:
                                   "model scores latents: pass with_latents(images, latents, prompt_embeds, pooled) "
                                   "and no pipeline / pipeline_path")
             if pipeline is not None:
-                from ..encoders.sd3_encoder import MindOneSD3Encoder
+                from ...encoders.sd3_encoder import MindOneSD3Encoder
                 settings["encoder"] = MindOneSD3Encoder(pipeline)
             else:
                 if not os.path.isdir(pipeline_path):
-                    raise ConfigError(f"{name}: pipeline_path {pipeline_path!r} is not a local folder (ms_rm never "
-                                      "downloads): pass the SD3 pipeline folder, or the trainer's pipeline")
-                from ..encoders.sd3_encoder import SD3Encoder
+                    raise ConfigError(
+                        f"{name}: pipeline_path {pipeline_path!r} is not a local folder (ms_rm never downloads; "
+                        "the zyd-ustc trainer passes its --model here, a hub id by default, to every name it "
+                        "configures but diffusion-rm-sd3): give this scorer the trainer's own pipeline as that "
+                        "trainer gives diffusion-rm-sd3 (scripts/train_sd3.py: `if reward_name in "
+                        "[\"diffusion-rm-sd3\", \"ms-rm-sd3\"]:` before `cfg[\"pipeline\"] = rm_pipeline`), or "
+                        "pass a local SD3 pipeline folder (--diffusion-rm-pipeline-path)")
+                from ...encoders.sd3_encoder import SD3Encoder
                 settings["encoder"] = SD3Encoder.from_pretrained(pipeline_path)
         self.scorer = self.scorer_class(model=model, **settings)
         self.channels = model_config.backbone.latent_channels
@@ -268,37 +277,3 @@ def register(configs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> Dict[
     logger.info("registered with Flow-GRPO-MS: %s", ", ".join(classes))
     return classes
 
-
-# --- the launcher ----------------------------------------------------------------------------------
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ms_rm.integrations.flow_grpo",
-        description="Register ms_rm's scorers with Flow-GRPO-MS (names ms-rm-sd3, ms-rm-flux, ...), then run a "
-                    "Flow-GRPO-MS script unchanged with its own arguments.",
-        epilog="example: python -m ms_rm.integrations.flow_grpo --scorer-config ms_rm_scorers.yaml -- "
-               "scripts/train_sd3.py --reward ms-rm-sd3 ...")
-    parser.add_argument("--scorer-config", help="YAML/JSON file: {ms-rm-sd3: {checkpoint_path: ..., u: ..., "
-                                                "u_convention: ...}, ...}, the defaults of each registered scorer")
-    parser.add_argument("script", help="the Flow-GRPO-MS script to run (e.g. scripts/train_sd3.py)")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
-    args = parser.parse_args(argv)
-    configs = read_config_file(args.scorer_config) if args.scorer_config else {}
-    if not os.path.isfile(args.script):
-        parser.error(f"{args.script}: no such script")
-    script_dir = os.path.dirname(os.path.abspath(args.script))
-    sys.path.insert(0, script_dir)                       # as `python script.py` would
-    try:
-        register(configs)
-    except MsRmError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
-    sys.argv = [args.script] + list(script_args)
-    runpy.run_path(args.script, run_name="__main__")
-    return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
