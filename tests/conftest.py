@@ -44,3 +44,17 @@ def _mindspore_cpu():
     except ImportError:
         pass
     yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_graphs():
+    """After each test file: MindSpore keeps every graph it compiled (tens of MB each) until the process
+    ends, models deleted or not; one pytest process compiles hundreds. Release them (and the garbage
+    holding the file's models), so the suite's memory stays that of its largest file."""
+    yield
+    import gc
+
+    import mindspore as ms
+
+    gc.collect()
+    ms.ms_memory_recycle()
