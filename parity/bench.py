@@ -47,8 +47,16 @@ from ms_rm_parity.peak_rss import peak_rss_bytes    # absolute: MindSpore's comp
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sd35m")
 
 
+SIZE_NAMES = ("real", "small", "generate-small", "generate-real", "train-small", "train-real")
+
+
 def _json(name: str) -> dict:
-    with open(os.path.join(CONFIGS, name)) as f:
+    path = os.path.join(CONFIGS, name)
+    if not os.path.isfile(path):
+        from ms_rm.core.errors import ConfigError
+        raise ConfigError(f"the benchmark reads the released configs in a checkout's configs/sd35m/ and {path} is "
+                         "not there: run it from a clone of ms_rm")
+    with open(path) as f:
         return json.load(f)
 
 
@@ -61,9 +69,11 @@ def sizes() -> Dict[str, dict]:
     small_rm = json.loads(json.dumps(real["rm"]))
     small_rm["model"].update(num_transformer_layers=4, visual_head_idx=[2, 4], text_head_idx=[2, 4])
     small = {"rm": small_rm, "transformer": small_transformer, "latent_hw": (32, 32), "text_tokens": 64}
-    return {"real": real, "small": small, "generate-small": dict(small, generate=True),
-            "generate-real": dict(real, generate=True), "train-small": dict(small, train=True),
-            "train-real": dict(real, train=True)}
+    out = {"real": real, "small": small, "generate-small": dict(small, generate=True),
+           "generate-real": dict(real, generate=True), "train-small": dict(small, train=True),
+           "train-real": dict(real, train=True)}
+    assert tuple(out) == SIZE_NAMES
+    return out
 
 
 GENERATE_STEPS = 2
@@ -503,7 +513,7 @@ def main(argv=None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", nargs="+", choices=list(sizes()),
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZE_NAMES),
                         default=["small"], help="configurations: small (seconds) and/or real (SD3.5-M 12 layers, "
                                                 "minutes) reward forwards; generate-small / generate-real: "
                                                 f"{GENERATE_STEPS}-step guided generation (generate-real: all 24 "

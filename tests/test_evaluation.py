@@ -15,8 +15,10 @@ from ms_rm import InputError
 from ms_rm.evaluation import metrics, read_pairs, read_rankings
 from ms_rm.evaluation.cache import ScoreCache
 from ms_rm.evaluation.data import Sample
+from ms_rm.evaluation import run as run_module
 from ms_rm.evaluation.run import EvalReward, evaluate_pairs, evaluate_rankings
 from ms_rm_parity import upstream_eval
+from ms_rm_parity.compare import FP32_BOUND, max_rel_error
 
 
 def _random_rankings(seed, count=300, ties_in_scores=True):
@@ -216,6 +218,27 @@ def test_a_run_killed_while_scoring_keeps_every_chunk_it_finished(tmp_path, monk
     assert len(calls) == 4                                   # only what the killed run had not finished
 
 
+def test_no_rank_leaves_scoring_before_the_main_rank_has_written_the_cache(tmp_path):
+    """Under msrun a rank that went on while the main rank was still writing read a shorter cache in
+    its next call (the trainer's validation reads it twice): the workers' work lists differed."""
+    from ms_rm.core.distributed import World
+
+    snapshots = []
+
+    class MainOfTwo(World):               # the main rank of two, whose peer always has the same rows
+        def gather_rows(self, array, count):
+            return np.concatenate([np.asarray(array, np.float32)] * (self.size if len(array) == 1 else 1))
+
+        def barrier(self):
+            snapshots.append(len((tmp_path / "scores" / "fake.jsonl").read_text().splitlines()))
+
+    reward, _ = _counting_reward(noisy=True, us=(0.3, 0.5))
+    pairs = _fake_pairs(3)
+    samples = [s for p in pairs for s in (p.chosen, p.rejected)]
+    run_module.score_all(reward, samples, ["p"] * 6, list(range(6)), str(tmp_path), MainOfTwo(rank=0, size=2))
+    assert snapshots and snapshots[-1] == 1 + 2 * 6           # header + every sample at both u
+
+
 def test_a_prompt_with_unicode_line_breaks_round_trips_through_the_data_and_the_cache(tmp_path):
     prompt = "a lighthouse\u2028at dusk\u0085, \u2029calm"
     _images(tmp_path / "img", ["a.png", "b.png"])
@@ -298,7 +321,8 @@ def test_diffusion_rm_accuracy_at_each_u_equals_score_calls_by_hand(latent_pairs
         assert result["accuracy"] == by_hand
         for side in ("chosen", "rejected"):                  # and every sample's score, with its pair's noise
             ours = [cached[f"{root / p[side]}\t{p['prompt']}\tu={result['u']!r}\tnoise={i}"] for i, p in enumerate(pairs)]
-            np.testing.assert_allclose(ours, scores[side], rtol=1e-6, atol=1e-7)
+            # the same samples in other batches: float32 GEMM blocking, within the tolerance policy
+            assert max_rel_error(np.array(ours), np.array(scores[side])) <= FP32_BOUND
     assert {r["u"] for r in report["rewards"]["diffusion-rm"]["results"]} == {0.2, 0.6, 0.4}   # 0.4: the headline u
 
 

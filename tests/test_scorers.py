@@ -213,7 +213,9 @@ def test_multi_scorer_with_latent_scorers_only_needs_no_images(model, batch):
 def test_multi_scorer_errors(model, batch):
     with pytest.raises(ConfigError, match="'avg' is reserved"):
         MultiScorer({"avg": 1.0})
-    with pytest.raises(ConfigError, match="unknown scorer 'aesthetic'"):
+    with pytest.raises(ConfigError, match="unknown scorer 'hpsv3': registered are .*'aesthetic'"):
+        MultiScorer({"hpsv3": 1.0})
+    with pytest.raises(ConfigError, match="pass exactly one of checkpoint_path"):     # registered, needs its folder
         MultiScorer({"aesthetic": 1.0})
     with pytest.raises(ConfigError, match="pass exactly one of model_path"):      # registered, needs its folder
         MultiScorer({"pickscore": 1.0})

@@ -52,6 +52,12 @@ class World:
         gathered = ops.AllGather()(Tensor(padded)).asnumpy().reshape((self.size, longest) + array.shape[1:])
         return np.concatenate([gathered[r, :b.stop - b.start] for r, b in enumerate(bounds)])
 
+    def barrier(self) -> None:
+        """Wait until every rank is here (a gather of one number): what the main rank wrote before
+        it is on disk when any rank goes on."""
+        if self.size > 1:
+            self.gather_rows(np.zeros((1, 1), np.float32), self.size)
+
     def mean(self, tensors: Sequence) -> Tuple:
         """The mean over ranks of each tensor (float32 AllReduce sum / size): gradients, losses."""
         if self.size == 1:

@@ -134,7 +134,9 @@ CHUNK = 256                 # samples scored between two cache writes (per worke
 def score_all(reward: EvalReward, samples: Sequence[Sample], prompts: Sequence[str], noise_ids: Sequence[int],
               out: str, world: World = World()) -> Scored:
     """Scores of the samples (cached in out/scores/<label>.jsonl): only what the cache lacks is
-    scored, CHUNK samples per worker at a time, each chunk written to the cache as it is done."""
+    scored, CHUNK samples per worker at a time, each chunk written to the cache as it is done.
+    Under msrun no rank returns before the main rank has written its last chunk, so a cache read
+    next (another call over the same folder) is the same on every rank."""
     cache = ScoreCache(os.path.join(out, "scores", f"{reward.label}.jsonl"), reward.description,
                        writer=world.is_main)
     scored = Scored()
@@ -157,6 +159,7 @@ def score_all(reward: EvalReward, samples: Sequence[Sample], prompts: Sequence[s
                     raise InputError(f"{reward.label}: non-finite scores for {bad}; nothing of them was cached")
                 cache.add(zip(chunk, values.tolist()))
         scored.by_u[u] = np.array([cache[k] for k in keys], np.float64)
+    world.barrier()
     return scored
 
 
