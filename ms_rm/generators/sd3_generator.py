@@ -8,7 +8,8 @@ What `StableDiffusion3Pipeline(..., latents=noise, output_type="latent")` comput
 embeddings: the scheduler's `set_timesteps` schedule (ms_rm.core.flow_match), then per step the
 transformer on [negative, positive] halves when guidance_scale > 1, v = v_uncond + g (v_text -
 v_uncond), and the Euler step; or, with `sde=True`, Flow-GRPO's stochastic step ("sde" or, with
-sde_type="cps", "cps") with its log-probability (ms_rm.generators.sampling). Each transformer call is compiled (graph mode) once per input shape.
+sde_type="cps", "cps") with its log-probability (ms_rm.generators.sampling). Each transformer call
+is compiled (graph mode) once per input shape.
 
 Shapes: latents / noise (B, 16, H, W) in the VAE's scaled space; prompt_embeds (B, T, 4096);
 pooled (B, 2048).
@@ -85,8 +86,9 @@ class SD3Generator(CompiledCell):
                         dtype: ms.Type = ms.float32, mode: str = "graph") -> "SD3Generator":
         """A diffusers SD3 / SD3.5 folder (the pipeline folder, or its transformer/ with a scheduler/
         beside it), every transformer tensor read strictly (bf16 upcast on the CPU). `lora`: a peft
-        adapter folder, merged into the weights (lora_mode "merge": W + scale B A in float32) or
-        kept as separate trainable factors ("train", see add_lora)."""
+        adapter folder, a diffusers LoRA folder (pytorch_lora_weights.safetensors) or that file
+        (ms_rm.io.lora.LoraAdapter), merged into the weights (lora_mode "merge": W + scale B A in
+        float32) or kept as separate trainable factors ("train", see add_lora)."""
         if lora_mode not in ("merge", "train"):
             raise ConfigError(f"lora_mode must be 'merge' or 'train', got {lora_mode!r}")
         path = os.fspath(path)
