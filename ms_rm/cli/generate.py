@@ -107,7 +107,8 @@ def add_parsers(sub) -> None:
     gen.add_argument("--sde", action="store_true", help="sample with Flow-GRPO's stochastic step, writing log_probs")
     gen.add_argument("--sde-type", choices=["sde", "cps"], default="sde",
                      help="with --sde: Flow-GRPO's sde_type, its SDE step (default) or the CPS step")
-    gen.add_argument("--lora", help="a peft adapter folder to merge into the transformer")
+    gen.add_argument("--lora", help="a LoRA to merge into the transformer: a peft adapter folder, a diffusers LoRA "
+                                    "folder (pytorch_lora_weights.safetensors) or that .safetensors file")
     gen.add_argument("--mode", choices=["graph", "pynative"], default="graph")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=run)
