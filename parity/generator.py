@@ -8,9 +8,9 @@ and loaded by `SD3Generator.from_pretrained`:
   `SD3Generator.predict_velocity`, vs diffusers' SD3Transformer2DModel (block outputs through
   forward hooks);
 * sd3-sampling: latents after step 1, 2 and all 4 of `StableDiffusion3Pipeline(latents=noise,
-  output_type="latent")` without and with classifier-free guidance (4.5), plus a 3-step SDE
-  trajectory and the log-probability of every step against Flow-GRPO's `sde_step_with_logprob`
-  (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py), written here in torch from that code;
+  output_type="latent")` without and with classifier-free guidance (4.5), plus 3-step trajectories
+  with Flow-GRPO's `sde_step_with_logprob` (sde_type "sde" and "cps"; ms_rm_parity.flow_grpo_step:
+  Flow-GRPO's own function or the one derived from it) and the log-probability of every step;
 * sd3-lora: a peft LoRA (rank 4 on to_q/k/v/to_out.0, random factors) on the transformer: the
   velocity with the adapter merged (`lora_mode="merge"`) and with separate factors ("train")
   against peft's model, and the gradient of sum(w * Euler step output) with respect to every
@@ -21,7 +21,6 @@ and loaded by `SD3Generator.from_pretrained`:
 
 from __future__ import annotations
 
-import math
 import tempfile
 from typing import Dict, List
 
@@ -38,8 +37,8 @@ from .scales import MATRIX_SCALE
 GENERATOR_CASES = {
     "sd3-transformer": "full SD3.5-style transformer (last block context_pre_only, norm_out, proj_out) vs diffusers: "
                        "temb, every block's image and text stream, velocity",
-    "sd3-sampling": "StableDiffusion3Pipeline latents after steps 1, 2, 4 (guidance 1 and 4.5) and a Flow-GRPO SDE "
-                    "trajectory with its log-probabilities",
+    "sd3-sampling": "StableDiffusion3Pipeline latents after steps 1, 2, 4 (guidance 1 and 4.5) and Flow-GRPO SDE "
+                    "and CPS trajectories with their log-probabilities",
     "sd3-lora": "peft LoRA on the transformer: velocity merged and separate, and the gradient of one step's output "
                 "w.r.t. every LoRA factor vs torch autograd",
     "sd3-vae-decode": "SD3 VAE decoder vs diffusers AutoencoderKL.decode and the pipeline's [0, 1] images",
@@ -94,8 +93,7 @@ def _inputs(seed: int, batch: int = 2):
     cfg = TINY_SD35
     return {"noise": draw(batch, cfg["in_channels"], *LATENT_HW),
             "ehs": draw(batch, TEXT_TOKENS, cfg["joint_attention_dim"]), "pooled": draw(batch, cfg["pooled_projection_dim"]),
-            "neg": draw(batch, TEXT_TOKENS, cfg["joint_attention_dim"]), "neg_pooled": draw(batch, cfg["pooled_projection_dim"]),
-            "sde_noise": draw(SDE_STEPS, batch, cfg["in_channels"], *LATENT_HW)}
+            "neg": draw(batch, TEXT_TOKENS, cfg["joint_attention_dim"]), "neg_pooled": draw(batch, cfg["pooled_projection_dim"])}
 
 
 def diffusers_block_states(transformer, latents, timestep, ehs, pooled, dtype=torch.float32) -> Dict[str, np.ndarray]:
@@ -153,21 +151,12 @@ def _transformer_stages(transformer, generator, a, float64: bool = False) -> Dic
     return stages
 
 
-def torch_sde_step(scheduler_sigmas: torch.Tensor, model_output, sample, sigma, sigma_prev, noise):
-    """Flow-GRPO's sde_step_with_logprob in torch (noise given instead of a generator)."""
-    sigma_max = scheduler_sigmas[1].item()
-    dt = sigma_prev - sigma
-    std_dev_t = torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_max, sigma))) * 0.7
-    prev_sample_mean = (sample * (1 + std_dev_t ** 2 / (2 * sigma) * dt)
-                        + model_output * (1 + std_dev_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
-    prev_sample = prev_sample_mean + std_dev_t * torch.sqrt(-1 * dt) * noise
-    log_prob = (-((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * ((std_dev_t * torch.sqrt(-1 * dt)) ** 2))
-                - torch.log(std_dev_t * torch.sqrt(-1 * dt)) - torch.log(torch.sqrt(2 * torch.as_tensor(math.pi))))
-    return prev_sample, log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-
-
-def _sampling_stages(transformer, generator, a) -> Dict[str, Dict[str, np.ndarray]]:
+def _sampling_stages(transformer, generator, a, seed: int) -> Dict[str, Dict[str, np.ndarray]]:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from ms_rm.generators.sampling import FLOW_GRPO_NOISE_LEVEL, SDE_TYPES
+
+    from .flow_grpo_step import drawn_noise, flow_grpo_function
 
     scheduler_config = {k: v for k, v in SCHEDULER.items() if not k.startswith("_")}
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
@@ -192,24 +181,28 @@ def _sampling_stages(transformer, generator, a) -> Dict[str, Dict[str, np.ndarra
         for k in (1, 2, STEPS):
             ref[f"g{guidance:g}_step_{k}"] = steps[k - 1]
             ours[f"g{guidance:g}_step_{k}"] = run["trajectory"][k].asnumpy()
-    # The SDE: Flow-GRPO samples without guidance in its rollouts' log-probabilities here (guidance 1).
-    scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_config)
-    scheduler.set_timesteps(SDE_STEPS)
-    x = as_torch(a["noise"])
-    with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
-            v = transformer(hidden_states=x, encoder_hidden_states=as_torch(a["ehs"]),
-                            pooled_projections=as_torch(a["pooled"]), timestep=t.expand(x.shape[0])).sample
-            sigma = scheduler.sigmas[i].view(-1, 1, 1, 1)
-            sigma_next = scheduler.sigmas[i + 1].view(-1, 1, 1, 1)
-            x, log_prob = torch_sde_step(scheduler.sigmas, v, x.float(), sigma, sigma_next,
-                                         as_torch(a["sde_noise"][i]))
-            ref[f"sde_step_{i + 1}"], ref[f"sde_log_prob_{i + 1}"] = x.numpy(), log_prob.numpy()
-    run = generator.generate(a["ehs"], a["pooled"], a["noise"], SDE_STEPS, 1.0, sde=True, sde_noise=a["sde_noise"],
-                             return_trajectory=True)
-    for i in range(SDE_STEPS):
-        ours[f"sde_step_{i + 1}"] = run["trajectory"][i + 1].asnumpy()
-        ours[f"sde_log_prob_{i + 1}"] = run["log_probs"][i].asnumpy()
+    # The stochastic steps: Flow-GRPO samples without guidance in its rollouts' log-probabilities here
+    # (guidance 1); the reference draws each step's noise from a generator, ms_rm is given it.
+    for sde_type in SDE_TYPES:
+        step_with_logprob, _ = flow_grpo_function(sde_type)
+        scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_config)
+        scheduler.set_timesteps(SDE_STEPS)
+        x = as_torch(a["noise"])
+        noises = []
+        with torch.no_grad():
+            for i, t in enumerate(scheduler.timesteps):
+                v = transformer(hidden_states=x, encoder_hidden_states=as_torch(a["ehs"]),
+                                pooled_projections=as_torch(a["pooled"]), timestep=t.expand(x.shape[0])).sample
+                noise, draws = drawn_noise(x.shape, seed * 10 + i)
+                noises.append(noise)
+                x, log_prob, _, _ = step_with_logprob(scheduler, v, t.expand(x.shape[0]), x, generator=draws,
+                                                      noise_level=FLOW_GRPO_NOISE_LEVEL, sde_type=sde_type)
+                ref[f"{sde_type}_step_{i + 1}"], ref[f"{sde_type}_log_prob_{i + 1}"] = x.numpy(), log_prob.numpy()
+        run = generator.generate(a["ehs"], a["pooled"], a["noise"], SDE_STEPS, 1.0, sde=True, sde_type=sde_type,
+                                 sde_noise=np.stack(noises), return_trajectory=True)
+        for i in range(SDE_STEPS):
+            ours[f"{sde_type}_step_{i + 1}"] = run["trajectory"][i + 1].asnumpy()
+            ours[f"{sde_type}_log_prob_{i + 1}"] = run["log_probs"][i].asnumpy()
     return {"ours": ours, "ref": ref}
 
 
@@ -329,7 +322,7 @@ def run_generator_case(name: str, modes: List[str], dtype: str, seed: int, ms_de
             else:
                 generator = SD3Generator.from_pretrained(folder, mode=mode)
                 stages = (_transformer_stages(transformer, generator, a, float64=scale != 1.0)
-                          if base == "sd3-transformer" else _sampling_stages(transformer, generator, a))
+                          if base == "sd3-transformer" else _sampling_stages(transformer, generator, a, seed))
             reports.append(Report(name, GENERATOR_CASES[name], mode, dtype, seed, _results(stages),
                                   environment=environment(ms_device, torch_device)))
     return reports

@@ -151,6 +151,23 @@ def test_generate_cli_writes_latents_and_log_probs(folder, generator, tmp_path):
                 "--seed", "3", "--out", str(tmp_path / "sde.npz"), "--no-progress"]) == 0
     with np.load(tmp_path / "sde.npz") as out:
         assert out["log_probs"].shape == (2, 2) and np.isfinite(out["log_probs"]).all()
+        sde_latents = out["latents"]
+    assert cli(["generate", folder, "--embeds", str(tmp_path / "in.npz"), "--steps", "2", "--guidance", "1", "--sde",
+                "--sde-type", "cps", "--seed", "3", "--out", str(tmp_path / "cps.npz"), "--no-progress"]) == 0
+    cps = generator.generate(a["ehs"], a["pooled"], a["noise"], 2, 1.0, sde=True, sde_type="cps", seed=3,
+                             return_trajectory=True)
+    with np.load(tmp_path / "cps.npz") as out:
+        np.testing.assert_allclose(out["latents"], cps["latents"].asnumpy(), rtol=0,
+                                   atol=1e-5 * np.abs(out["latents"]).max())
+        np.testing.assert_allclose(out["log_probs"], np.stack([p.asnumpy() for p in cps["log_probs"]], axis=1),
+                                   rtol=1e-5)
+        assert np.abs(out["latents"] - sde_latents).max() > 1e-2          # another step than "sde"
+    with pytest.raises(ConfigError, match="sde_type must be 'sde' or 'cps'"):
+        generator.generate(a["ehs"], a["pooled"], a["noise"], 2, 1.0, sde=True, sde_type="flow")
+    with pytest.raises(InputError, match="sde_type='cps' chooses the stochastic step: it needs sde=True"):
+        generator.generate(a["ehs"], a["pooled"], a["noise"], 2, 1.0, sde_type="cps")
+    assert cli(["generate", folder, "--embeds", str(tmp_path / "in.npz"), "--sde-type", "cps", "--out",
+                str(tmp_path / "bad.npz")]) == 2
     assert cli(["generate", folder, "--embeds", str(tmp_path / "in.npz"), "--steps", "0", "--out",
                 str(tmp_path / "bad.npz")]) == 2
     assert not os.path.exists(tmp_path / "bad.npz")

@@ -46,6 +46,8 @@ def write_pngs(folder: str, images: np.ndarray) -> None:
 def run(args: argparse.Namespace) -> int:
     if bool(args.embeds) == bool(args.prompt):
         raise InputError("pass either --embeds FILE (prompt embeddings in an .npz) or --prompt TEXT")
+    if args.sde_type != "sde" and not args.sde:
+        raise InputError(f"--sde-type {args.sde_type} chooses the stochastic step: pass --sde too")
     if args.png and os.path.exists(args.png) and not args.force:
         raise InputError(f"{args.png}: already exists; pass --force to replace it")
     arrays = read_inputs(args.embeds, EMBEDS, OPTIONAL) if args.embeds else None
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         noise = initial_noise(batch, generator.config.in_channels, args.height, args.width, args.seed)
     out = generator.generate(arrays["prompt_embeds"], arrays["pooled_prompt_embeds"], noise, args.steps, args.guidance,
                              arrays.get("negative_prompt_embeds"), arrays.get("negative_pooled_prompt_embeds"),
-                             sde=args.sde, seed=args.seed, return_trajectory=args.sde, progress=not args.no_progress)
+                             sde=args.sde, seed=args.seed, return_trajectory=args.sde, progress=not args.no_progress,
+                             sde_type=args.sde_type)
     latents = (out["latents"] if args.sde else out).asnumpy()
     result = {"latents": latents, "noise": np.asarray(noise, np.float32)}
     if args.sde:
@@ -101,8 +104,11 @@ def add_parsers(sub) -> None:
     gen.add_argument("--height", type=int, default=1024, help="pixels, when the embeddings file holds no noise")
     gen.add_argument("--width", type=int, default=1024, help="pixels, when the embeddings file holds no noise")
     gen.add_argument("--seed", type=int, default=None, help="seed of the initial noise (and the SDE noise)")
-    gen.add_argument("--sde", action="store_true", help="sample with Flow-GRPO's SDE step, writing log_probs")
-    gen.add_argument("--lora", help="a peft adapter folder to merge into the transformer")
+    gen.add_argument("--sde", action="store_true", help="sample with Flow-GRPO's stochastic step, writing log_probs")
+    gen.add_argument("--sde-type", choices=["sde", "cps"], default="sde",
+                     help="with --sde: Flow-GRPO's sde_type, its SDE step (default) or the CPS step")
+    gen.add_argument("--lora", help="a LoRA to merge into the transformer: a peft adapter folder, a diffusers LoRA "
+                                    "folder (pytorch_lora_weights.safetensors) or that .safetensors file")
     gen.add_argument("--mode", choices=["graph", "pynative"], default="graph")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=run)

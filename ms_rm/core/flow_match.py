@@ -8,8 +8,8 @@ table (what u indexes), the schedule of an inference run (`set_timesteps`), and 
   sigma_max, n * sigma_min, N) in float64 over the training table's ends, sigma = t / n, shifted
   (again), rounded to float32; or custom sigmas (float32, shifted); a terminal sigma 0 appended;
   timesteps = sigma * n in float32.
-* Euler (ODE) step: x + (sigma_next - sigma) * v, in float32. The SDE step Flow-GRPO samples
-  with: see `sde_step`.
+* Euler (ODE) step: x + (sigma_next - sigma) * v, in float32. The stochastic steps Flow-GRPO samples
+  with ("sde" and "cps"): see ms_rm.generators.sampling.sde_step.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@
 What `StableDiffusion3Pipeline(..., latents=noise, output_type="latent")` computes with given
 embeddings: the scheduler's `set_timesteps` schedule (ms_rm.core.flow_match), then per step the
 transformer on [negative, positive] halves when guidance_scale > 1, v = v_uncond + g (v_text -
-v_uncond), and the Euler step; or, with `sde=True`, Flow-GRPO's SDE step with its log-probability
-(ms_rm.generators.sampling). Each transformer call is compiled (graph mode) once per input shape.
+v_uncond), and the Euler step; or, with `sde=True`, Flow-GRPO's stochastic step ("sde" or, with
+sde_type="cps", "cps") with its log-probability (ms_rm.generators.sampling). Each transformer call
+is compiled (graph mode) once per input shape.
 
 Shapes: latents / noise (B, 16, H, W) in the VAE's scaled space; prompt_embeds (B, T, 4096);
 pooled (B, 2048).
@@ -37,7 +38,7 @@ from ..core.weights import check_key_sets, load_parameters
 from ..io.files import find_weights, read_config_file
 from ..io.lora import LoraAdapter
 from ..io.safetensors_file import open_safetensors
-from .sampling import euler_step, sde_step
+from .sampling import check_sde_type, euler_step, sde_step
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +86,9 @@ class SD3Generator(CompiledCell):
                         dtype: ms.Type = ms.float32, mode: str = "graph") -> "SD3Generator":
         """A diffusers SD3 / SD3.5 folder (the pipeline folder, or its transformer/ with a scheduler/
         beside it), every transformer tensor read strictly (bf16 upcast on the CPU). `lora`: a peft
-        adapter folder, merged into the weights (lora_mode "merge": W + scale B A in float32) or
-        kept as separate trainable factors ("train", see add_lora)."""
+        adapter folder, a diffusers LoRA folder (pytorch_lora_weights.safetensors) or that file
+        (ms_rm.io.lora.LoraAdapter), merged into the weights (lora_mode "merge": W + scale B A in
+        float32) or kept as separate trainable factors ("train", see add_lora)."""
         if lora_mode not in ("merge", "train"):
             raise ConfigError(f"lora_mode must be 'merge' or 'train', got {lora_mode!r}")
         path = os.fspath(path)
@@ -278,14 +280,17 @@ class SD3Generator(CompiledCell):
                  guidance_scale: float = 7.0, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                  sigmas: Optional[Sequence[float]] = None, sde: bool = False, seed: Optional[int] = None,
                  sde_noise=None, return_trajectory: bool = False, progress: bool = False,
-                 stop_after: Optional[int] = None) -> Any:
+                 stop_after: Optional[int] = None, sde_type: str = "sde") -> Any:
         """Latents (B, C, H, W) from initial `noise`, as the SD3 pipeline computes them with
-        output_type="latent". With `sde=True` every step is Flow-GRPO's SDE step, its noise drawn
+        output_type="latent". With `sde=True` every step is Flow-GRPO's stochastic step of
+        `sde_type` ("sde" or "cps"; ms_rm.generators.sampling.sde_step), its noise drawn
         from the stream [seed, 1] (or given as `sde_noise` (N, B, C, H, W)). With return_trajectory, a dict:
         latents after every step ("trajectory", (N + 1) arrays from the noise on), the sigmas and
         timesteps and, for SDE sampling, the log-probability of every step ("log_probs", N x (B,)).
         stop_after: take only the first that many steps of the schedule (a training recipe that
         needs the latents of step k)."""
+        if check_sde_type(sde_type) != "sde" and not sde:
+            raise InputError(f"sde_type={sde_type!r} chooses the stochastic step: it needs sde=True")
         latents, ehs, pooled, guided = self._conditioning(noise, prompt_embeds, pooled_prompt_embeds,
                                                           negative_prompt_embeds, negative_pooled_prompt_embeds,
                                                           guidance_scale)
@@ -314,9 +319,10 @@ class SD3Generator(CompiledCell):
             sigma, sigma_next = Tensor(sigma_values[i]), Tensor(sigma_values[i + 1])
             if sde:
                 shape = (batch, 1, 1, 1)
-                x, log_prob, _, _ = sde_step(x, v, mint.broadcast_to(sigma, shape), mint.broadcast_to(sigma_next, shape),
-                                             float(sigma_values[1]), noise=sde_noise[i])
-                log_probs.append(log_prob)
+                step = sde_step(x, v, mint.broadcast_to(sigma, shape), mint.broadcast_to(sigma_next, shape),
+                                float(sigma_values[1]), noise=sde_noise[i], sde_type=sde_type)
+                x = step.prev_sample
+                log_probs.append(step.log_prob)
             else:
                 x = euler_step(x, v, sigma, sigma_next)
             trajectory.append(x)

@@ -1,2 +1,2 @@
-"""Files in and out: safetensors and torch readers (one TensorSource surface), the peft LoRA
-merge, JSON / YAML reading, atomic writes, and ms_rm's converted-checkpoint folder."""
+"""Files in and out: safetensors and torch readers (one TensorSource surface), the LoRA merge
+(peft and diffusers formats), JSON / YAML reading, atomic writes, and ms_rm's converted-checkpoint folder."""
